@@ -1,0 +1,125 @@
+//! BIDS discovery: walk a dataset, parse entities, resolve sidecars by the inheritance
+//! principle, and group files into acquisitions (all echoes of one series, magnitude paired
+//! with phase) and multi-orientation sets.
+//!
+//! Raw datasets give `MEGRE` series (and `GRE`/`T2starw` with `echo-`). Derivative datasets
+//! give precomputed field maps: `*_desc-local_fieldmap` (only inversion runs) or
+//! `*_desc-total_fieldmap` (background removal and inversion run), each with a
+//! `*_desc-brain_mask` beside it.
+
+mod discover;
+mod entities;
+
+pub use discover::discover;
+pub use entities::Entities;
+
+use std::path::PathBuf;
+
+/// Which participants and sessions to process (labels without `sub-`/`ses-`); empty = all.
+#[derive(Clone, Debug, Default)]
+pub struct Filter {
+    pub participants: Vec<String>,
+    pub sessions: Vec<String>,
+}
+
+/// One echo of a raw series.
+#[derive(Clone, Debug)]
+pub struct Echo {
+    /// Echo time in seconds (the BIDS unit).
+    pub echo_time: f64,
+    pub phase: PathBuf,
+    /// The magnitude image of the same echo, when the dataset has one.
+    pub magnitude: Option<PathBuf>,
+    /// For a 4D file holding all echoes along t: which frame is this echo.
+    pub frame: Option<usize>,
+}
+
+/// Units of a precomputed field map, from its sidecar's `Units`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum FieldUnits {
+    Ppm,
+    Hz,
+    Rad,
+    RadPerSecond,
+}
+
+/// What an acquisition starts from.
+#[derive(Clone, Debug)]
+pub enum Source {
+    /// Multi-echo magnitude/phase, echoes sorted by echo time.
+    Raw { echoes: Vec<Echo> },
+    /// A field map computed elsewhere, in `units`, with a brain mask.
+    FieldMap {
+        kind: FieldKind,
+        field: PathBuf,
+        units: FieldUnits,
+        mask: PathBuf,
+        /// Echo time in seconds, needed only when `units` is `Rad`.
+        echo_time: Option<f64>,
+    },
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FieldKind {
+    /// Total field: background removal still has to run.
+    Total,
+    /// Local (tissue) field: only inversion runs.
+    Local,
+}
+
+/// One series to reconstruct into one `Chimap`.
+#[derive(Clone, Debug)]
+pub struct Acquisition {
+    /// Entities of the source files minus `echo` and `part` (kept for output names).
+    pub entities: Entities,
+    /// The BIDS suffix of the source (`MEGRE`, `GRE`, `T2starw`, `fieldmap`).
+    pub suffix: String,
+    pub source: Source,
+    /// B0 strength in tesla (`MagneticFieldStrength`), when known.
+    pub field_strength: Option<f64>,
+    /// Unit B0 direction in the voxel frame, from the affine of the first file.
+    pub b0_direction: [f64; 3],
+    /// Grid of the first file (spatial dims) and voxel size in mm.
+    pub dims: [usize; 3],
+    pub voxel_size: [f64; 3],
+    /// Merged sidecar of the first phase (or field) file, after inheritance.
+    pub sidecar: serde_json::Map<String, serde_json::Value>,
+    /// Paths relative to the dataset root of every input file (for `Sources`).
+    pub inputs: Vec<PathBuf>,
+}
+
+impl Acquisition {
+    /// A readable name such as `sub-01_ses-2_acq-tilt_run-1`.
+    pub fn name(&self) -> String {
+        self.entities.prefix()
+    }
+}
+
+/// Series of one session that differ only in `acq-`/`run-` and whose B0 directions differ.
+#[derive(Clone, Debug)]
+pub struct OrientationSet {
+    pub subject: String,
+    pub session: Option<String>,
+    /// Indices into `Discovery::acquisitions`.
+    pub members: Vec<usize>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DatasetType {
+    Raw,
+    Derivative,
+}
+
+/// Everything found in a dataset.
+#[derive(Debug)]
+pub struct Discovery {
+    pub root: PathBuf,
+    pub dataset_type: DatasetType,
+    /// `Name` from `dataset_description.json`, if present.
+    pub name: Option<String>,
+    pub acquisitions: Vec<Acquisition>,
+    pub orientation_sets: Vec<OrientationSet>,
+    /// Series that were found but cannot be processed, each with the reason (the file and
+    /// the fix). They make the run fail without stopping the other acquisitions.
+    pub problems: Vec<(String, crate::Error)>,
+}

@@ -1,0 +1,34 @@
+//! chimap: quantitative susceptibility mapping from multi-echo gradient-echo phase.
+//!
+//! The modules are listed in the order data flows through a participant-level run:
+//!
+//! ```text
+//! bids ─▶ io ─▶ preprocess ─▶ checks ─▶ inversion ─▶ derivatives
+//!  discover   NIfTI   scale, unwrap,   local-field   TKD, …      Chimap, masks,
+//!  group      read/   echo fit, mask,  QC verdicts               fields, sidecars
+//!             write   background
+//! ```
+//!
+//! `physics` (dipole kernel, FFT, units, B0 direction) is shared by `preprocess`,
+//! `inversion` and `simulate`; `pipeline` is the only module that knows the order of the
+//! stages; `cli` turns arguments and the YAML config into `pipeline` settings.
+
+pub mod error;
+pub mod volume;
+
+pub mod bids;
+pub mod io;
+pub mod physics;
+pub mod preprocess;
+pub mod checks;
+pub mod inversion;
+pub mod derivatives;
+pub mod simulate;
+pub mod pipeline;
+pub mod cli;
+
+pub use error::{Error, Result};
+pub use volume::{Geometry, Mask, Volume};
+
+/// Version recorded in every sidecar and in `dataset_description.json`.
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");
