@@ -30,9 +30,15 @@ pub enum Error {
 
 impl Error {
     pub fn input(path: impl AsRef<Path>, msg: impl Into<String>) -> Self {
-        Error::Input { path: path.as_ref().to_path_buf(), msg: msg.into() }
+        Error::Input {
+            path: path.as_ref().to_path_buf(),
+            msg: msg.into(),
+        }
     }
     pub fn io(path: impl AsRef<Path>, source: std::io::Error) -> Self {
-        Error::Io { path: path.as_ref().to_path_buf(), source }
+        Error::Io {
+            path: path.as_ref().to_path_buf(),
+            source,
+        }
     }
 }

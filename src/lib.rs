@@ -13,19 +13,22 @@
 //! `inversion` and `simulate`; `pipeline` is the only module that knows the order of the
 //! stages; `cli` turns arguments and the YAML config into `pipeline` settings.
 
+// Voxel loops index several arrays with the same (i, j, k); iterator chains hide that.
+#![allow(clippy::needless_range_loop)]
+
 pub mod error;
 pub mod volume;
 
 pub mod bids;
+pub mod checks;
+pub mod cli;
+pub mod derivatives;
+pub mod inversion;
 pub mod io;
 pub mod physics;
-pub mod preprocess;
-pub mod checks;
-pub mod inversion;
-pub mod derivatives;
-pub mod simulate;
 pub mod pipeline;
-pub mod cli;
+pub mod preprocess;
+pub mod simulate;
 
 pub use error::{Error, Result};
 pub use volume::{Geometry, Mask, Volume};

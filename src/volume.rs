@@ -27,7 +27,10 @@ impl Geometry {
     pub fn from_affine(affine: [[f64; 4]; 4]) -> Self {
         let mut voxel_size = [0.0; 3];
         for (c, v) in voxel_size.iter_mut().enumerate() {
-            *v = (0..3).map(|r| affine[r][c] * affine[r][c]).sum::<f64>().sqrt();
+            *v = (0..3)
+                .map(|r| affine[r][c] * affine[r][c])
+                .sum::<f64>()
+                .sqrt();
         }
         Geometry { affine, voxel_size }
     }
@@ -43,8 +46,16 @@ pub struct Volume {
 
 impl Volume {
     pub fn new(dims: [usize; 3], data: Vec<f32>, geometry: Geometry) -> Self {
-        assert_eq!(data.len(), dims[0] * dims[1] * dims[2], "volume data does not match dims");
-        Volume { dims, data, geometry }
+        assert_eq!(
+            data.len(),
+            dims[0] * dims[1] * dims[2],
+            "volume data does not match dims"
+        );
+        Volume {
+            dims,
+            data,
+            geometry,
+        }
     }
 
     pub fn zeros(dims: [usize; 3], geometry: Geometry) -> Self {
