@@ -6,6 +6,8 @@
 //! Writing produces float32 (or int16 for scanner-style data) with the source geometry,
 //! atomically: a temporary name in the same folder, then a rename.
 
+mod json;
 mod nifti_io;
 
+pub use json::{partial_path, read_json, write_atomic, write_json};
 pub use nifti_io::{read_header, read_image, write_volume, write_volume_i16, Header, Image};
