@@ -8,6 +8,7 @@
 
 mod json;
 mod nifti_io;
+mod xform;
 
 pub use json::{partial_path, read_json, write_atomic, write_json};
 pub use nifti_io::{read_header, read_image, write_volume, write_volume_i16, Header, Image};
