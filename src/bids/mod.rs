@@ -6,9 +6,22 @@
 //! give precomputed field maps: `*_desc-local_fieldmap` (only inversion runs) or
 //! `*_desc-total_fieldmap` (background removal and inversion run), each with a
 //! `*_desc-brain_mask` beside it.
+//!
+//! Rules worth knowing:
+//! - a MEGRE file without `part-` is a magnitude image (BIDS default); a series needs phase;
+//! - a per-series problem (missing `EchoTime`, grids that disagree, no mask, ...) goes into
+//!   [`Discovery::problems`], labelled with the series name, and the other series still run;
+//! - when both `desc-local` and `desc-total` maps exist for the same entities, the local one
+//!   is used (it is further along the pipeline);
+//! - an orientation set holds every series of its group (same entities but `acq`/`run`) as
+//!   soon as two of them differ in B0 direction by more than 1°; repeats of one orientation
+//!   stay in the set since they still add data.
 
 mod discover;
 mod entities;
+mod sidecar;
+#[cfg(test)]
+mod tests;
 
 pub use discover::discover;
 pub use entities::Entities;

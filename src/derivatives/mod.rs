@@ -1,1 +1,174 @@
-//! TODO
+//! The BIDS derivative dataset that a run writes: its `dataset_description.json`, the names
+//! of outputs (derived from the source entities), and each map with its JSON sidecar.
+//!
+//! Outputs of one acquisition go to `sub-<label>/[ses-<label>/]anat/` under names such as
+//! `sub-01_ses-1_acq-ori1_desc-tkd_Chimap.nii.gz`. Every file is written atomically, and the
+//! `Chimap` is written last, so its presence marks a finished acquisition (reruns skip it
+//! unless `--overwrite`).
+
+use std::path::{Path, PathBuf};
+
+use serde_json::{json, Value};
+
+use crate::bids::Entities;
+use crate::{io, Error, Result, Volume};
+
+/// Name of the source dataset in BIDS URIs (`bids:raw:sub-01/anat/…`).
+pub const SOURCE_LINK: &str = "raw";
+
+/// A derivative dataset being written.
+pub struct Derivatives {
+    root: PathBuf,
+}
+
+impl Derivatives {
+    /// Creates (or reuses) `root` and writes `dataset_description.json` and `.bidsignore`.
+    pub fn create(root: &Path, source_root: &Path, command_line: &str) -> Result<Self> {
+        std::fs::create_dir_all(root).map_err(|e| Error::io(root, e))?;
+        let source = std::fs::canonicalize(source_root).map_err(|e| Error::io(source_root, e))?;
+        let source_uri = format!("file://{}", source.display());
+        let description = json!({
+            "Name": "chimap: quantitative susceptibility maps",
+            "BIDSVersion": "1.10.0",
+            "DatasetType": "derivative",
+            "GeneratedBy": [{
+                "Name": "chimap",
+                "Version": crate::VERSION,
+                "Description": format!("QSM from multi-echo gradient-echo phase; command line: {command_line}"),
+            }],
+            "SourceDatasets": [{ "URL": source_uri }],
+            "DatasetLinks": { SOURCE_LINK: source_uri },
+        });
+        io::write_json(&root.join("dataset_description.json"), &description)?;
+        io::write_atomic(&root.join(".bidsignore"), b"*.html\nlogs/\nfigures/\n")?;
+        Ok(Derivatives {
+            root: root.to_path_buf(),
+        })
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// Folder of an acquisition's outputs.
+    pub fn folder(&self, entities: &Entities) -> PathBuf {
+        let mut dir = self.root.join(format!("sub-{}", entities.sub));
+        if let Some(ses) = &entities.ses {
+            dir = dir.join(format!("ses-{ses}"));
+        }
+        dir.join("anat")
+    }
+
+    /// Path of one output: `<prefix>[_desc-<desc>]_<suffix>.nii.gz`.
+    pub fn path(&self, entities: &Entities, desc: Option<&str>, suffix: &str) -> PathBuf {
+        let mut name = entities.prefix();
+        if let Some(d) = desc {
+            name.push_str(&format!("_desc-{d}"));
+        }
+        name.push_str(&format!("_{suffix}.nii.gz"));
+        self.folder(entities).join(name)
+    }
+
+    /// Writes a map and its sidecar (same name, `.json`), atomically, creating folders.
+    pub fn write(&self, path: &Path, volume: &Volume, sidecar: &Value) -> Result<()> {
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+        }
+        io::write_volume(path, volume)?;
+        io::write_json(&sidecar_path(path), sidecar)
+    }
+
+    /// True when the output and its sidecar both exist (a finished earlier run).
+    pub fn exists(path: &Path) -> bool {
+        path.is_file() && sidecar_path(path).is_file()
+    }
+}
+
+/// `x.nii.gz` → `x.json`.
+pub fn sidecar_path(path: &Path) -> PathBuf {
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let stem = name
+        .strip_suffix(".nii.gz")
+        .or_else(|| name.strip_suffix(".nii"))
+        .unwrap_or(&name);
+    path.with_file_name(format!("{stem}.json"))
+}
+
+/// The BIDS URI of a file of the source dataset, given its path relative to that root.
+pub fn source_uri(relative: &Path) -> String {
+    let parts: Vec<String> = relative
+        .components()
+        .map(|c| c.as_os_str().to_string_lossy().into_owned())
+        .collect();
+    format!("bids:{SOURCE_LINK}:{}", parts.join("/"))
+}
+
+/// A mask as a 0/1 volume on the grid of `like`.
+pub fn mask_volume(like: &Volume, mask: &[bool]) -> Volume {
+    like.with_data(mask.iter().map(|&m| if m { 1.0 } else { 0.0 }).collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entities() -> Entities {
+        Entities {
+            sub: "01".into(),
+            ses: Some("2".into()),
+            acq: Some("ori1".into()),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn sidecar_names_replace_the_nifti_extension() {
+        assert_eq!(
+            sidecar_path(Path::new("/a/x_Chimap.nii.gz")),
+            PathBuf::from("/a/x_Chimap.json")
+        );
+        assert_eq!(
+            sidecar_path(Path::new("x_mask.nii")),
+            PathBuf::from("x_mask.json")
+        );
+    }
+
+    #[test]
+    fn source_uris_use_the_dataset_link() {
+        assert_eq!(
+            source_uri(Path::new(
+                "sub-01/anat/sub-01_echo-1_part-phase_MEGRE.nii.gz"
+            )),
+            "bids:raw:sub-01/anat/sub-01_echo-1_part-phase_MEGRE.nii.gz"
+        );
+    }
+
+    #[test]
+    fn dataset_description_is_a_derivative_with_provenance() {
+        let src = tempfile::tempdir().unwrap();
+        let out = tempfile::tempdir().unwrap();
+        let root = out.path().join("deriv");
+        let d = Derivatives::create(&root, src.path(), "chimap in out participant").unwrap();
+        let desc = io::read_json(&root.join("dataset_description.json")).unwrap();
+        assert_eq!(desc["DatasetType"], "derivative");
+        assert_eq!(desc["GeneratedBy"][0]["Name"], "chimap");
+        assert_eq!(desc["GeneratedBy"][0]["Version"], crate::VERSION);
+        assert!(desc["GeneratedBy"][0]["Description"]
+            .as_str()
+            .unwrap()
+            .contains("chimap in out participant"));
+        assert!(desc["DatasetLinks"]["raw"]
+            .as_str()
+            .unwrap()
+            .starts_with("file:///"));
+        let p = d.path(&entities(), Some("tkd"), "Chimap");
+        assert!(
+            p.ends_with("sub-01/ses-2/anat/sub-01_ses-2_acq-ori1_desc-tkd_Chimap.nii.gz"),
+            "{}",
+            p.display()
+        );
+    }
+}
