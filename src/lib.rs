@@ -20,7 +20,6 @@ pub mod error;
 pub mod volume;
 
 pub mod bids;
-pub mod checks;
 pub mod cli;
 pub mod derivatives;
 pub mod inversion;

@@ -1,3 +1,3 @@
-fn main() {
-    println!("chimap {}", chimap::VERSION);
+fn main() -> std::process::ExitCode {
+    chimap::cli::main()
 }

@@ -1,1 +1,154 @@
-//! TODO
+//! The command line: arguments, configuration merge, logging setup and exit codes. Nothing
+//! below this module prints to stdout or exits.
+
+pub mod args;
+mod logging;
+
+use std::process::ExitCode;
+
+use clap::Parser;
+
+use crate::bids::Filter;
+use crate::pipeline::{self, Config, Settings};
+use crate::{Error, Result};
+use args::{Cli, Command, RunArgs};
+
+/// Exit status for runs where some acquisitions failed.
+const EXIT_FAILED: u8 = 1;
+/// Exit status for unusable arguments, configuration or dataset.
+const EXIT_USAGE: u8 = 2;
+
+/// Parses the process arguments and runs; returns the exit status.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Some(Command::Config(c)) => finish(print_config(&c)),
+        Some(Command::Simulate(s)) => {
+            logging::init(args::LogFormat::Text, 0, false);
+            finish(crate::simulate::run(&s))
+        }
+        None => run_participants(cli.run),
+    }
+}
+
+fn finish(result: Result<()>) -> ExitCode {
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("chimap: error: {e}");
+            ExitCode::from(EXIT_USAGE)
+        }
+    }
+}
+
+fn print_config(c: &args::ConfigArgs) -> Result<()> {
+    let config = match &c.merge {
+        Some(path) => Config::from_file(path)?,
+        None => Config::default(),
+    };
+    print!(
+        "# chimap {} configuration; a --config file may set any subset of these keys.\n{}",
+        crate::VERSION,
+        config.to_yaml()
+    );
+    Ok(())
+}
+
+/// Turns the arguments into validated settings.
+pub fn settings(run: &RunArgs) -> Result<Settings> {
+    let (Some(bids_dir), Some(output_dir)) = (run.bids_dir.clone(), run.output_dir.clone()) else {
+        return Err(Error::Usage("BIDS_DIR and OUTPUT_DIR are required".into()));
+    };
+    let mut config = match &run.config {
+        Some(path) => Config::from_file(path)?,
+        None => Config::default(),
+    };
+    if let Some(m) = run.method {
+        config.inversion.method = m;
+    }
+    if let Some(t) = run.field_strength {
+        if !(t > 0.0 && t.is_finite()) {
+            return Err(Error::Usage(format!(
+                "--field-strength must be a positive number of tesla, got {t}"
+            )));
+        }
+        config.field_strength = Some(t);
+    }
+    if !bids_dir.is_dir() {
+        return Err(Error::Usage(format!(
+            "BIDS_DIR {} is not a folder",
+            bids_dir.display()
+        )));
+    }
+    Ok(Settings {
+        bids_dir,
+        output_dir,
+        filter: Filter {
+            participants: run
+                .participant_label
+                .iter()
+                .map(|l| args::strip_label(l, "sub"))
+                .collect(),
+            sessions: run
+                .session_label
+                .iter()
+                .map(|l| args::strip_label(l, "ses"))
+                .collect(),
+        },
+        config,
+        overwrite: run.overwrite,
+        dry_run: run.dry_run,
+        command_line: std::env::args().collect::<Vec<_>>().join(" "),
+    })
+}
+
+fn run_participants(run: RunArgs) -> ExitCode {
+    logging::init(run.log_format, run.verbose, run.quiet);
+    if let Some(n) = run.nthreads {
+        if n == 0
+            || rayon::ThreadPoolBuilder::new()
+                .num_threads(n)
+                .build_global()
+                .is_err()
+        {
+            eprintln!("chimap: error: --nthreads must be a positive number of threads");
+            return ExitCode::from(EXIT_USAGE);
+        }
+    }
+    let settings = match settings(&run) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("chimap: error: {e}");
+            return ExitCode::from(EXIT_USAGE);
+        }
+    };
+    match pipeline::run(&settings) {
+        Ok(summary) => {
+            if settings.dry_run {
+                return if summary.success() {
+                    ExitCode::SUCCESS
+                } else {
+                    ExitCode::from(EXIT_FAILED)
+                };
+            }
+            tracing::info!(
+                "processed {}, skipped {} (already done), failed {}",
+                summary.processed.len(),
+                summary.skipped.len(),
+                summary.failed.len()
+            );
+            for (name, e) in &summary.failed {
+                eprintln!("chimap: failed: {name}: {e}");
+            }
+            if summary.success() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(EXIT_FAILED)
+            }
+        }
+        Err(e) => {
+            eprintln!("chimap: error: {e}");
+            ExitCode::from(EXIT_USAGE)
+        }
+    }
+}

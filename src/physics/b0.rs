@@ -122,7 +122,7 @@ mod tests {
             [0.0, 0.0, -1.0],
             [1.0, 0.0, 0.0],
         ] {
-            let n = (b[0] * b[0] + b[1] * b[1] + b[2] * b[2] as f64).sqrt();
+            let n = (b[0] * b[0] + b[1] * b[1] + b[2] * b[2]).sqrt();
             let b = [b[0] / n, b[1] / n, b[2] / n];
             let g = geometry_with_b0([10, 12, 8], [1.0, 1.5, 2.0], b);
             assert!(

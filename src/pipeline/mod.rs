@@ -1,1 +1,261 @@
-//! TODO
+//! The participant-level run: discovery, then for every acquisition the stages in order,
+//! then the derivative outputs. This is the only module that knows the order of the stages.
+//!
+//! A failed acquisition is logged and recorded; the others still run, and the summary (and
+//! the exit status) reports every failure.
+
+mod acquisition;
+mod config;
+mod fields;
+mod progress;
+
+pub use acquisition::{process, Outcome};
+pub use config::Config;
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use crate::bids::{self, Discovery, Filter};
+use crate::derivatives::Derivatives;
+use crate::{Error, Result};
+
+/// Everything a participant-level run needs, validated.
+#[derive(Clone, Debug)]
+pub struct Settings {
+    pub bids_dir: PathBuf,
+    pub output_dir: PathBuf,
+    pub filter: Filter,
+    pub config: Config,
+    pub overwrite: bool,
+    pub dry_run: bool,
+    /// The command line, recorded in `dataset_description.json`.
+    pub command_line: String,
+}
+
+/// What happened to each acquisition.
+#[derive(Debug, Default)]
+pub struct Summary {
+    pub processed: Vec<String>,
+    pub skipped: Vec<String>,
+    pub failed: Vec<(String, Error)>,
+}
+
+impl Summary {
+    pub fn success(&self) -> bool {
+        self.failed.is_empty()
+    }
+}
+
+/// Refuses output locations that would write into the input dataset: OUTPUT_DIR equal to
+/// BIDS_DIR or inside it, except under `BIDS_DIR/derivatives/`.
+pub fn check_output_location(bids_dir: &Path, output_dir: &Path) -> Result<()> {
+    let bids = std::fs::canonicalize(bids_dir).map_err(|e| Error::io(bids_dir, e))?;
+    let out = canonical_even_if_missing(output_dir);
+    if out == bids {
+        return Err(Error::Usage(format!(
+            "OUTPUT_DIR {} is the input dataset: choose another folder (e.g. {}/derivatives/chimap)",
+            output_dir.display(),
+            bids_dir.display()
+        )));
+    }
+    if let Ok(rest) = out.strip_prefix(&bids) {
+        if rest
+            .components()
+            .next()
+            .map(|c| c.as_os_str() != "derivatives")
+            .unwrap_or(true)
+        {
+            return Err(Error::Usage(format!(
+                "OUTPUT_DIR {} is inside the input dataset {}: chimap never writes there; use a folder outside it or under {}/derivatives/",
+                output_dir.display(),
+                bids_dir.display(),
+                bids_dir.display()
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// The canonical path of the nearest existing ancestor, with the missing tail appended.
+fn canonical_even_if_missing(path: &Path) -> PathBuf {
+    let abs = if path.is_absolute() {
+        path.to_path_buf()
+    } else {
+        std::env::current_dir()
+            .map(|d| d.join(path))
+            .unwrap_or_else(|_| path.to_path_buf())
+    };
+    let mut tail = Vec::new();
+    let mut cur = abs.as_path();
+    loop {
+        if let Ok(c) = std::fs::canonicalize(cur) {
+            // The missing tail may still hold `.` or `..`: resolve them lexically.
+            let mut out = c;
+            for t in tail.iter().rev() {
+                match t.to_str() {
+                    Some(".") => {}
+                    Some("..") => {
+                        out.pop();
+                    }
+                    _ => out.push(t),
+                }
+            }
+            return out;
+        }
+        match (cur.file_name(), cur.parent()) {
+            (Some(name), Some(parent)) => {
+                tail.push(name.to_os_string());
+                cur = parent;
+            }
+            _ => return abs,
+        }
+    }
+}
+
+/// Discovers the dataset and processes every selected acquisition.
+pub fn run(settings: &Settings) -> Result<Summary> {
+    check_output_location(&settings.bids_dir, &settings.output_dir)?;
+    let discovery = bids::discover(&settings.bids_dir, &settings.filter)?;
+    if settings.dry_run {
+        print!("{}", describe(&discovery));
+        return Ok(Summary {
+            failed: discovery.problems.into_iter().collect(),
+            ..Summary::default()
+        });
+    }
+    let derivatives = Derivatives::create(
+        &settings.output_dir,
+        &discovery.root,
+        &settings.command_line,
+    )?;
+    let mut summary = Summary::default();
+    for (name, problem) in &discovery.problems {
+        tracing::error!("{name}: {problem}");
+    }
+    let total = discovery.acquisitions.len();
+    for (n, acq) in discovery.acquisitions.iter().enumerate() {
+        let name = acq.name();
+        tracing::info!("[{}/{}] {name}", n + 1, total);
+        let start = Instant::now();
+        match acquisition::process(
+            acq,
+            &discovery.root,
+            &settings.config,
+            &derivatives,
+            settings.overwrite,
+        ) {
+            Ok(Outcome::Done) => {
+                tracing::info!("{name}: done in {:.1} s", start.elapsed().as_secs_f64());
+                summary.processed.push(name);
+            }
+            Ok(Outcome::AlreadyDone) => {
+                tracing::info!("{name}: outputs exist, skipped (use --overwrite to recompute)");
+                summary.skipped.push(name);
+            }
+            Err(e) => {
+                tracing::error!("{name}: {e}");
+                summary.failed.push((name, e));
+            }
+        }
+    }
+    summary.failed.extend(discovery.problems);
+    Ok(summary)
+}
+
+/// The `--dry-run` listing: one block per acquisition, then orientation sets and problems.
+pub fn describe(d: &Discovery) -> String {
+    use std::fmt::Write;
+    let mut s = String::new();
+    let kind = match d.dataset_type {
+        bids::DatasetType::Raw => "raw",
+        bids::DatasetType::Derivative => "derivative",
+    };
+    let _ = writeln!(
+        s,
+        "dataset {} ({kind}): {} acquisition(s)",
+        d.root.display(),
+        d.acquisitions.len()
+    );
+    for a in &d.acquisitions {
+        let b0 = a.b0_direction;
+        let field = a
+            .field_strength
+            .map(|t| format!("{t} T"))
+            .unwrap_or_else(|| "B0 unknown".into());
+        let what = match &a.source {
+            bids::Source::Raw { echoes } => format!(
+                "{} echo(es), TE = {} ms{}",
+                echoes.len(),
+                echoes
+                    .iter()
+                    .map(|e| format!("{:.2}", e.echo_time * 1e3))
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                if echoes.iter().all(|e| e.magnitude.is_some()) {
+                    ""
+                } else {
+                    ", no magnitude"
+                }
+            ),
+            bids::Source::FieldMap { kind, units, .. } => {
+                format!("{kind:?} field map in {units:?}")
+            }
+        };
+        let _ = writeln!(
+            s,
+            "  {}  [{}] {what}; {}×{}×{} at {:.2}×{:.2}×{:.2} mm; {field}; B0 ({:.3}, {:.3}, {:.3}), tilt {:.1}°",
+            a.name(),
+            a.suffix,
+            a.dims[0],
+            a.dims[1],
+            a.dims[2],
+            a.voxel_size[0],
+            a.voxel_size[1],
+            a.voxel_size[2],
+            b0[0],
+            b0[1],
+            b0[2],
+            crate::physics::tilt_degrees(b0)
+        );
+    }
+    for set in &d.orientation_sets {
+        let names: Vec<_> = set
+            .members
+            .iter()
+            .map(|&m| d.acquisitions[m].name())
+            .collect();
+        let _ = writeln!(
+            s,
+            "  orientation set ({} orientations): {}",
+            names.len(),
+            names.join(", ")
+        );
+    }
+    for (name, e) in &d.problems {
+        let _ = writeln!(s, "  cannot process {name}: {e}");
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn output_inside_the_input_is_refused_except_derivatives() {
+        let d = tempfile::tempdir().unwrap();
+        let bids = d.path().join("ds");
+        std::fs::create_dir_all(bids.join("sub-01")).unwrap();
+        let err = check_output_location(&bids, &bids).unwrap_err().to_string();
+        assert!(err.contains("is the input dataset"), "{err}");
+        let err = check_output_location(&bids, &bids.join("sub-01/out"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("inside the input dataset"), "{err}");
+        check_output_location(&bids, &bids.join("derivatives/chimap")).unwrap();
+        check_output_location(&bids, &d.path().join("out")).unwrap();
+        // A relative path with `..` that lands inside is still caught.
+        let sneaky = bids.join("derivatives/../sub-01/x");
+        assert!(check_output_location(&bids, &sneaky).is_err());
+    }
+}

@@ -1,0 +1,194 @@
+//! Command-line arguments, BIDS-Apps style: `chimap BIDS_DIR OUTPUT_DIR participant`.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use crate::inversion::MethodName;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "chimap",
+    version,
+    about = "Quantitative susceptibility maps (QSM, BIDS Chimap in ppm) from multi-echo gradient-echo phase",
+    long_about = "Quantitative susceptibility maps (QSM, BIDS Chimap in ppm) from multi-echo gradient-echo \
+                  phase.\n\nRun as a BIDS-App: `chimap BIDS_DIR OUTPUT_DIR participant`. OUTPUT_DIR becomes a \
+                  BIDS derivative dataset; nothing is ever written under BIDS_DIR (except its derivatives/ folder \
+                  when OUTPUT_DIR is placed there).",
+    args_conflicts_with_subcommands = true,
+    subcommand_negates_reqs = true
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+
+    #[command(flatten)]
+    pub run: RunArgs,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Print the configuration (YAML).
+    Config(ConfigArgs),
+    /// Simulate a raw multi-echo BIDS dataset and its ground truth from a χ map.
+    Simulate(crate::simulate::SimulateArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct ConfigArgs {
+    /// Print the complete default configuration; a config file may set any subset of it.
+    #[arg(long)]
+    pub default: bool,
+    /// Print the default configuration merged with this file (validates the file).
+    #[arg(long, value_name = "FILE.yaml", conflicts_with = "default")]
+    pub merge: Option<PathBuf>,
+}
+
+/// The analysis levels of a BIDS-App.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum AnalysisLevel {
+    /// Process each selected participant (and session) independently.
+    Participant,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line, for workflow engines.
+    Json,
+}
+
+#[derive(Args, Debug)]
+pub struct RunArgs {
+    /// The input BIDS dataset: raw multi-echo GRE (MEGRE), or a derivative dataset of
+    /// total/local field maps.
+    #[arg(value_name = "BIDS_DIR", required = true)]
+    pub bids_dir: Option<PathBuf>,
+
+    /// Where the derivative dataset is written (created if missing). Must not be BIDS_DIR
+    /// or inside it, except under BIDS_DIR/derivatives/.
+    #[arg(value_name = "OUTPUT_DIR", required = true)]
+    pub output_dir: Option<PathBuf>,
+
+    /// Analysis level.
+    #[arg(value_name = "ANALYSIS_LEVEL", value_enum, required = true)]
+    pub analysis_level: Option<AnalysisLevel>,
+
+    /// Participants to process (with or without `sub-`). Default: all.
+    #[arg(long, value_name = "LABEL", num_args = 1.., help_heading = "Selection")]
+    pub participant_label: Vec<String>,
+
+    /// Sessions to process (with or without `ses-`). Default: all.
+    #[arg(long, value_name = "LABEL", num_args = 1.., help_heading = "Selection")]
+    pub session_label: Vec<String>,
+
+    /// List what would be processed, then stop.
+    #[arg(long, help_heading = "Selection")]
+    pub dry_run: bool,
+
+    /// YAML configuration; may set any subset of `chimap config --default`. Unknown keys are errors.
+    #[arg(long, value_name = "FILE.yaml", help_heading = "Processing")]
+    pub config: Option<PathBuf>,
+
+    /// Dipole inversion method (overrides `inversion.method` of the config). Default: tkd.
+    #[arg(long, value_enum, value_name = "NAME", help_heading = "Processing")]
+    pub method: Option<MethodName>,
+
+    /// B0 field strength in tesla for inputs whose sidecars lack `MagneticFieldStrength`
+    /// (overrides `field_strength` of the config). Default: taken from the sidecars.
+    #[arg(long, value_name = "TESLA", help_heading = "Processing")]
+    pub field_strength: Option<f64>,
+
+    /// Worker threads. Default: all available cores.
+    #[arg(long, value_name = "N", help_heading = "Processing")]
+    pub nthreads: Option<usize>,
+
+    /// Recompute outputs that already exist. Default: finished acquisitions are skipped.
+    #[arg(long, help_heading = "Processing")]
+    pub overwrite: bool,
+
+    /// More log output (-v: debug, -vv: trace).
+    #[arg(short, long, action = clap::ArgAction::Count, help_heading = "Logging")]
+    pub verbose: u8,
+
+    /// Only warnings and errors.
+    #[arg(short, long, conflicts_with = "verbose", help_heading = "Logging")]
+    pub quiet: bool,
+
+    /// Log format on stderr.
+    #[arg(long, value_enum, default_value = "text", help_heading = "Logging")]
+    pub log_format: LogFormat,
+}
+
+/// Strips an optional `prefix-` from a BIDS label (`sub-01` → `01`).
+pub fn strip_label(label: &str, prefix: &str) -> String {
+    label
+        .strip_prefix(&format!("{prefix}-"))
+        .unwrap_or(label)
+        .to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn clap_definition_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn bids_app_positionals_and_labels_parse() {
+        let cli = Cli::try_parse_from([
+            "chimap",
+            "in",
+            "out",
+            "participant",
+            "--participant-label",
+            "sub-01",
+            "02",
+            "--session-label",
+            "ses-a",
+            "--method",
+            "tkd",
+            "--nthreads",
+            "2",
+            "--overwrite",
+            "--log-format",
+            "json",
+            "-vv",
+        ])
+        .unwrap();
+        assert!(cli.command.is_none());
+        let r = cli.run;
+        assert_eq!(r.bids_dir.unwrap(), PathBuf::from("in"));
+        assert_eq!(r.analysis_level, Some(AnalysisLevel::Participant));
+        assert_eq!(r.participant_label, vec!["sub-01", "02"]);
+        assert_eq!(r.method, Some(MethodName::Tkd));
+        assert_eq!(r.nthreads, Some(2));
+        assert!(r.overwrite);
+        assert_eq!(r.log_format, LogFormat::Json);
+        assert_eq!(r.verbose, 2);
+        assert_eq!(strip_label("sub-01", "sub"), "01");
+        assert_eq!(strip_label("02", "sub"), "02");
+        assert_eq!(strip_label("ses-a", "ses"), "a");
+    }
+
+    #[test]
+    fn missing_positionals_and_bad_level_are_rejected() {
+        assert!(Cli::try_parse_from(["chimap", "in", "out"]).is_err());
+        assert!(Cli::try_parse_from(["chimap", "in", "out", "everything"]).is_err());
+        assert!(Cli::try_parse_from(["chimap", "in", "out", "participant", "-q", "-v"]).is_err());
+    }
+
+    #[test]
+    fn config_subcommand_parses_without_positionals() {
+        let cli = Cli::try_parse_from(["chimap", "config", "--default"]).unwrap();
+        match cli.command {
+            Some(Command::Config(c)) => assert!(c.default),
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+}

@@ -1,0 +1,69 @@
+//! Stage timing and a one-line progress display. The display is drawn only when stderr is a
+//! terminal, so workflow engines and log files see plain log lines.
+
+use std::io::{IsTerminal, Write};
+use std::time::Instant;
+
+/// Times the stages of one acquisition and shows which one is running.
+pub struct Stages {
+    name: String,
+    tty: bool,
+    started: Instant,
+    current: Option<(&'static str, Instant)>,
+    /// (stage, seconds), in order.
+    pub times: Vec<(&'static str, f64)>,
+}
+
+impl Stages {
+    pub fn new(name: &str) -> Self {
+        Stages {
+            name: name.to_string(),
+            tty: std::io::stderr().is_terminal(),
+            started: Instant::now(),
+            current: None,
+            times: Vec::new(),
+        }
+    }
+
+    /// Ends the running stage (if any) and starts `stage`.
+    pub fn start(&mut self, stage: &'static str) {
+        self.finish();
+        tracing::debug!("{}: {stage}", self.name);
+        if self.tty {
+            let mut err = std::io::stderr();
+            let _ = write!(err, "\r\x1b[K{}: {stage}…", self.name);
+            let _ = err.flush();
+        }
+        self.current = Some((stage, Instant::now()));
+    }
+
+    /// Ends the running stage.
+    pub fn finish(&mut self) {
+        if let Some((stage, t)) = self.current.take() {
+            self.times.push((stage, t.elapsed().as_secs_f64()));
+        }
+        if self.tty {
+            let _ = write!(std::io::stderr(), "\r\x1b[K");
+        }
+    }
+
+    pub fn total_seconds(&self) -> f64 {
+        self.started.elapsed().as_secs_f64()
+    }
+
+    /// Stage times for the sidecar, in seconds rounded to ms.
+    pub fn to_json(&self) -> serde_json::Value {
+        let mut m = serde_json::Map::new();
+        for (s, t) in &self.times {
+            m.insert(
+                (*s).to_string(),
+                serde_json::json!((t * 1000.0).round() / 1000.0),
+            );
+        }
+        m.insert(
+            "total".into(),
+            serde_json::json!((self.total_seconds() * 1000.0).round() / 1000.0),
+        );
+        serde_json::Value::Object(m)
+    }
+}
