@@ -77,7 +77,9 @@ pub fn check_output_location(bids_dir: &Path, output_dir: &Path) -> Result<()> {
 }
 
 /// The canonical path of the nearest existing ancestor, with the missing tail appended.
+/// `.` and `..` are resolved lexically first, since a missing folder cannot be canonicalised.
 fn canonical_even_if_missing(path: &Path) -> PathBuf {
+    use std::path::Component;
     let abs = if path.is_absolute() {
         path.to_path_buf()
     } else {
@@ -85,21 +87,21 @@ fn canonical_even_if_missing(path: &Path) -> PathBuf {
             .map(|d| d.join(path))
             .unwrap_or_else(|_| path.to_path_buf())
     };
-    let mut tail = Vec::new();
-    let mut cur = abs.as_path();
-    loop {
-        if let Ok(c) = std::fs::canonicalize(cur) {
-            // The missing tail may still hold `.` or `..`: resolve them lexically.
-            let mut out = c;
-            for t in tail.iter().rev() {
-                match t.to_str() {
-                    Some(".") => {}
-                    Some("..") => {
-                        out.pop();
-                    }
-                    _ => out.push(t),
-                }
+    let mut lexical = PathBuf::new();
+    for c in abs.components() {
+        match c {
+            Component::CurDir => {}
+            Component::ParentDir => {
+                lexical.pop();
             }
+            other => lexical.push(other),
+        }
+    }
+    let mut tail: Vec<std::ffi::OsString> = Vec::new();
+    let mut cur = lexical.as_path();
+    loop {
+        if let Ok(mut out) = std::fs::canonicalize(cur) {
+            out.extend(tail.iter().rev());
             return out;
         }
         match (cur.file_name(), cur.parent()) {
@@ -107,7 +109,7 @@ fn canonical_even_if_missing(path: &Path) -> PathBuf {
                 tail.push(name.to_os_string());
                 cur = parent;
             }
-            _ => return abs,
+            _ => return lexical,
         }
     }
 }
