@@ -86,10 +86,86 @@ impl Volume {
     }
 }
 
+impl Volume {
+    /// This volume zero-padded at the high end of each axis to `dims` (voxel (0,0,0) and
+    /// the affine stay where they are).
+    pub fn padded(&self, dims: [usize; 3]) -> Volume {
+        Volume::new(
+            dims,
+            pad(&self.data, self.dims, dims, 0.0),
+            self.geometry.clone(),
+        )
+    }
+
+    /// The first `dims` voxels along each axis: the inverse of `padded`.
+    pub fn cropped(&self, dims: [usize; 3]) -> Volume {
+        Volume::new(
+            dims,
+            crop(&self.data, self.dims, dims),
+            self.geometry.clone(),
+        )
+    }
+}
+
+/// Copies `data` (grid `from`) into a grid `to` ≥ `from`, filling the rest with `fill`.
+pub fn pad<T: Copy>(data: &[T], from: [usize; 3], to: [usize; 3], fill: T) -> Vec<T> {
+    assert!(
+        from.iter().zip(&to).all(|(f, t)| f <= t),
+        "pad target is smaller than the source"
+    );
+    let mut out = vec![fill; to[0] * to[1] * to[2]];
+    for k in 0..from[2] {
+        for j in 0..from[1] {
+            let src = from[0] * (j + from[1] * k);
+            let dst = to[0] * (j + to[1] * k);
+            out[dst..dst + from[0]].copy_from_slice(&data[src..src + from[0]]);
+        }
+    }
+    out
+}
+
+/// The first `to` voxels along each axis of `data` (grid `from`).
+pub fn crop<T: Copy>(data: &[T], from: [usize; 3], to: [usize; 3]) -> Vec<T> {
+    assert!(
+        from.iter().zip(&to).all(|(f, t)| f >= t),
+        "crop target is larger than the source"
+    );
+    let mut out = Vec::with_capacity(to[0] * to[1] * to[2]);
+    for k in 0..to[2] {
+        for j in 0..to[1] {
+            let src = from[0] * (j + from[1] * k);
+            out.extend_from_slice(&data[src..src + to[0]]);
+        }
+    }
+    out
+}
+
 /// A boolean mask on a grid, stored like `Volume` (x-fastest).
 pub type Mask = Vec<bool>;
 
 /// Number of voxels of a grid.
 pub fn voxel_count(dims: [usize; 3]) -> usize {
     dims[0] * dims[1] * dims[2]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pad_then_crop_is_identity_and_pads_with_fill() {
+        let dims = [3, 2, 2];
+        let v = Volume::new(
+            dims,
+            (0..12).map(|x| x as f32).collect(),
+            Geometry::from_voxel_size([1.0; 3]),
+        );
+        let p = v.padded([4, 3, 2]);
+        assert_eq!(p.at(2, 1, 1), v.at(2, 1, 1));
+        assert_eq!(p.at(3, 0, 0), 0.0);
+        assert_eq!(p.at(0, 2, 1), 0.0);
+        assert_eq!(p.cropped(dims).data, v.data);
+        let m = pad(&[true; 12], dims, [4, 3, 2], false);
+        assert_eq!(m.iter().filter(|&&b| b).count(), 12);
+    }
 }

@@ -60,35 +60,39 @@ impl Method for Tkd {
             )));
         }
         let t = t as f32;
-        let mut num: Option<Vec<crate::physics::fft::C32>> = None;
-        let mut den: Vec<f32> = Vec::new();
-        for n in 0..problem.orientations.len() {
-            let op = problem.operator(n);
-            let mut spec = op.fft().forward(problem.orientations[n].field);
-            let dt: Vec<f32> = op.kernel().iter().map(|&d| truncate(d, t)).collect();
-            multiply_real(&mut spec, &dt);
-            if den.is_empty() {
-                den = dt.iter().map(|d| d * d).collect();
-            } else {
-                den.iter_mut().zip(&dt).for_each(|(s, d)| *s += d * d);
-            }
-            num = Some(match num {
-                None => spec,
-                Some(mut acc) => {
-                    acc.iter_mut()
-                        .zip(&spec)
-                        .for_each(|(a, b): (&mut _, _)| *a += b);
-                    acc
-                }
-            });
-        }
-        let Some(mut spec) = num else {
+        let Some(first) = problem.orientations.first() else {
             return Err(Error::Numerics("TKD needs at least one local field".into()));
         };
-        let inv: Vec<f32> = den.iter().map(|&s| 1.0 / s).collect();
-        multiply_real(&mut spec, &inv);
-        let fft = crate::physics::Fft3::new(problem.dims);
-        let mut chi = fft.inverse(&mut spec);
+        let op = problem.operator(0);
+        let mut spec = op.fft().forward(first.field);
+        if problem.orientations.len() == 1 {
+            // One orientation: Σ D̃F / Σ D̃² is simply F / D̃, one fused pass.
+            let inv: Vec<f32> = op.kernel().iter().map(|&d| 1.0 / truncate(d, t)).collect();
+            multiply_real(&mut spec, &inv);
+        } else {
+            let mut den: Vec<f32> = op
+                .kernel()
+                .iter()
+                .map(|&d| truncate(d, t).powi(2))
+                .collect();
+            let dt: Vec<f32> = op.kernel().iter().map(|&d| truncate(d, t)).collect();
+            multiply_real(&mut spec, &dt);
+            for n in 1..problem.orientations.len() {
+                let kernel = crate::physics::dipole_kernel(
+                    problem.dims,
+                    problem.voxel_size,
+                    problem.orientations[n].b0,
+                );
+                let mut other = op.fft().forward(problem.orientations[n].field);
+                let dt: Vec<f32> = kernel.iter().map(|&d| truncate(d, t)).collect();
+                multiply_real(&mut other, &dt);
+                spec.iter_mut().zip(&other).for_each(|(a, b)| *a += b);
+                den.iter_mut().zip(&dt).for_each(|(s, d)| *s += d * d);
+            }
+            let inv: Vec<f32> = den.iter().map(|&s| 1.0 / s).collect();
+            multiply_real(&mut spec, &inv);
+        }
+        let mut chi = op.fft().inverse(&mut spec);
         for (v, &m) in chi.iter_mut().zip(problem.mask) {
             if !m {
                 *v = 0.0;
