@@ -1,6 +1,16 @@
-//! Placeholder until the simulator lands.
-#[derive(clap::Args, Debug, Clone)]
-pub struct SimulateArgs {}
-pub fn run(_: &SimulateArgs) -> crate::Result<()> {
-    Err(crate::Error::Usage("simulate is not available yet".into()))
-}
+//! Forward simulation: a susceptibility phantom in, a raw multi-echo BIDS dataset and its
+//! ground truth out.
+//!
+//! - [`phantom`]: the built-in procedural head or one read from NIfTI files.
+//! - [`signal`]: field and complex multi-echo signal on an oversampled grid, k-space
+//!   cropping to the output grid, phase offset and noise.
+//! - [`dataset`]: the `chimap simulate` command: files, sidecars and the truth derivative.
+
+pub mod dataset;
+pub mod phantom;
+pub mod rng;
+pub mod signal;
+
+pub use dataset::{run, Dtype, PhantomArgs, SimulateArgs};
+pub use phantom::Phantom;
+pub use signal::{simulate_series, Series, SimParams, Truth};
