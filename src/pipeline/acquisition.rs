@@ -59,7 +59,7 @@ pub fn process(
             let b0_tesla = b0_tesla.ok_or_else(|| missing_field_strength(acq, root))?;
             stages.start("load");
             let echoes = fields::load_echoes(echoes)?;
-            raw_local_field(acq, echoes, b0_tesla, config, deriv, &mut stages)?
+            raw_local_field(echoes, b0_tesla, config, deriv, acq, &mut stages)?
         }
         Source::FieldMap {
             kind,
@@ -84,23 +84,27 @@ pub fn process(
                 }
                 FieldKind::Total => {
                     stages.start("background");
-                    background_removal(acq, field_ppm, mask_v, config, deriv)?
+                    background_removal(field_ppm, mask_v, config, deriv, acq)?
                 }
             }
         }
     };
 
     stages.start("inversion");
+    let dims = local.field.dims;
+    let work = work_dims(dims);
+    let field_w = local.field.padded(work);
+    let mask_w = crate::volume::pad(&local.mask, dims, work, false);
     let problem = Problem {
-        dims: local.field.dims,
+        dims: work,
         voxel_size: local.field.geometry.voxel_size,
         orientations: vec![Orientation {
-            field: &local.field.data,
+            field: &field_w.data,
             b0: acq.b0_direction,
         }],
-        mask: &local.mask,
+        mask: &mask_w,
     };
-    let mut chi = method.invert(&problem)?;
+    let mut chi = crate::volume::crop(&method.invert(&problem)?, work, dims);
     let reference = inversion::reference_to_mean(&mut chi, &local.mask, &local.mask);
     stages.finish();
 
@@ -178,38 +182,154 @@ fn zero_outside(data: &mut [f32], mask: &Mask) {
     }
 }
 
-/// Raw multi-echo phase → local field (scaling, offset removal, unwrapping, echo fit, mask,
-/// signal voids, background removal).
+/// Raw multi-echo phase → local field: phase scaling, offset removal, unwrapping and echo
+/// fit, brain mask, signal voids, background removal.
 fn raw_local_field(
-    acq: &Acquisition,
     echoes: fields::Echoes,
     b0_tesla: f64,
     config: &Config,
     deriv: &Derivatives,
+    acq: &Acquisition,
     stages: &mut Stages,
 ) -> Result<LocalField> {
-    let _ = (acq, echoes, b0_tesla, config, deriv, stages);
-    Err(Error::Numerics(
-        "raw phase processing is being wired".into(),
-    ))
+    let pre = &config.preprocess;
+    let fields::Echoes {
+        mut phase,
+        magnitude,
+        echo_times,
+        integer_phase,
+        phase_paths,
+    } = echoes;
+    stages.start("phase scaling");
+    let scaling =
+        preprocess::scale::scale_phase(&mut phase, &phase_paths, integer_phase, &pre.phase)?;
+
+    let dims = phase[0].dims;
+    let work = work_dims(dims);
+    let phase: Vec<Volume> = phase.iter().map(|v| v.padded(work)).collect();
+    let magnitude: Vec<Volume> = magnitude.iter().map(|v| v.padded(work)).collect();
+    let magnitude = (!magnitude.is_empty()).then_some(magnitude);
+
+    stages.start("echo fit");
+    let fit = preprocess::echo_fit::fit_field(
+        &phase,
+        magnitude.as_deref(),
+        &echo_times,
+        &pre.echo_fit,
+        &pre.unwrap,
+    )?;
+    drop(phase);
+
+    stages.start("mask");
+    let Some(rss) = magnitude
+        .as_deref()
+        .and_then(preprocess::echo_fit::root_sum_of_squares)
+    else {
+        return Err(Error::input(
+            &phase_paths[0],
+            "has no magnitude images (part-mag), which the brain mask is made from: add them, or give field maps with a desc-brain_mask in a derivative dataset",
+        ));
+    };
+    let mask = preprocess::mask::brain_mask(&rss, Some(&fit.residual_rad), &pre.mask)?;
+
+    stages.start("signal voids");
+    let filled = preprocess::voids::fill_voids(
+        &fit.field_hz,
+        &mask,
+        Some(&rss),
+        Some(&fit.residual_rad),
+        &pre.voids,
+    )?;
+    let to_ppm = 1.0 / crate::physics::units::hz_per_ppm(b0_tesla);
+    let total_ppm = filled.field.with_data(
+        filled
+            .field
+            .data
+            .iter()
+            .map(|&v| (v as f64 * to_ppm) as f32)
+            .collect(),
+    );
+
+    stages.start("background removal");
+    let local = preprocess::background::vsharp(&total_ppm, &mask, &pre.background)?;
+
+    let e = &acq.entities;
+    let outputs = vec![
+        Output {
+            path: deriv.path(e, Some("total"), "fieldmap"),
+            volume: fit.field_hz.cropped(dims),
+            sidecar: json!({
+                "Units": "Hz",
+                "Description": "Total field offset from the multi-echo fit (receive-phase offset removed), before signal-void filling and background removal",
+            }),
+        },
+        Output {
+            path: deriv.path(e, Some("brain"), "mask"),
+            volume: mask_volume(&rss, &mask).cropped(dims),
+            sidecar: json!({ "Type": "Brain", "Description": "Brain mask from the magnitude, trimmed by the echo-fit residual" }),
+        },
+        Output {
+            path: deriv.path(e, Some("voids"), "mask"),
+            volume: mask_volume(&rss, &filled.voids).cropped(dims),
+            sidecar: json!({ "Description": "Voxels whose signal was lost (dark magnitude or large fit residual); their field was replaced by harmonic in-painting before background removal" }),
+        },
+        Output {
+            path: deriv.path(e, Some("eroded"), "mask"),
+            volume: mask_volume(&rss, &local.mask).cropped(dims),
+            sidecar: json!({ "Type": "Brain", "Description": "Brain mask eroded by V-SHARP background removal: where the local field and the Chimap are defined" }),
+        },
+    ];
+    Ok(LocalField {
+        field: local.field.cropped(dims),
+        mask: crate::volume::crop(&local.mask, work, dims),
+        outputs,
+        parameters: json!({
+            "PhaseScaling": scaling,
+            "Unwrapping": pre.unwrap,
+            "EchoFit": pre.echo_fit,
+            "NoiseSigma": fit.noise_sigma,
+            "BrainMask": pre.mask,
+            "SignalVoids": { "config": pre.voids, "voxels": filled.voids.iter().filter(|&&v| v).count() },
+            "BackgroundRemoval": { "method": "V-SHARP", "config": pre.background, "radii_mm": local.radii_mm },
+        }),
+    })
 }
 
-/// Total field (ppm) + mask → local field, with the eroded mask written out.
+/// Total field (ppm) + mask → local field by V-SHARP, with the eroded mask written out.
 fn background_removal(
-    acq: &Acquisition,
     total_ppm: Volume,
     mask: Mask,
     config: &Config,
     deriv: &Derivatives,
+    acq: &Acquisition,
 ) -> Result<LocalField> {
-    let _ = (
-        acq,
-        total_ppm,
-        mask,
-        config,
-        deriv,
-        mask_volume as fn(&Volume, &[bool]) -> Volume,
-    );
-    let _ = &preprocess::Config::default();
-    Err(Error::Numerics("background removal is being wired".into()))
+    let dims = total_ppm.dims;
+    let work = work_dims(dims);
+    let mask_w = crate::volume::pad(&mask, dims, work, false);
+    let local = preprocess::background::vsharp(
+        &total_ppm.padded(work),
+        &mask_w,
+        &config.preprocess.background,
+    )?;
+    let eroded = crate::volume::crop(&local.mask, work, dims);
+    let field = local.field.cropped(dims);
+    let outputs = vec![Output {
+        path: deriv.path(&acq.entities, Some("eroded"), "mask"),
+        volume: mask_volume(&field, &eroded),
+        sidecar: json!({ "Type": "Brain", "Description": "Brain mask eroded by V-SHARP background removal: where the local field and the Chimap are defined" }),
+    }];
+    Ok(LocalField {
+        field,
+        mask: eroded,
+        outputs,
+        parameters: json!({
+            "Input": "total field map",
+            "BackgroundRemoval": { "method": "V-SHARP", "config": config.preprocess.background, "radii_mm": local.radii_mm },
+        }),
+    })
+}
+
+/// The grid the FFT-based stages run on: each axis rounded up to a 7-smooth length.
+fn work_dims(dims: [usize; 3]) -> [usize; 3] {
+    dims.map(crate::physics::fft::fast_len)
 }
