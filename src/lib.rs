@@ -22,6 +22,7 @@ pub mod volume;
 pub mod bids;
 pub mod cli;
 pub mod derivatives;
+pub mod evaluate;
 pub mod inversion;
 pub mod io;
 pub mod physics;

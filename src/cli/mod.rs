@@ -31,6 +31,11 @@ pub fn main() -> ExitCode {
     }
 }
 
+/// Text logging at info level, for tools built on the library (examples, benchmarks).
+pub fn init_logging_for_tools() {
+    logging::init(args::LogFormat::Text, 0, false);
+}
+
 fn finish(result: Result<()>) -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,

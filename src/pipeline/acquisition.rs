@@ -202,7 +202,7 @@ fn raw_local_field(
     } = echoes;
     stages.start("phase scaling");
     let scaling =
-        preprocess::scale::scale_phase(&mut phase, &phase_paths, integer_phase, &pre.phase)?;
+        preprocess::scale::scale_phase(&mut phase, &phase_paths, integer_phase, &pre.scale)?;
 
     let dims = phase[0].dims;
     let work = work_dims(dims);

@@ -237,11 +237,12 @@ mod tests {
 
     #[test]
     fn radians_are_used_as_is() {
-        let v = ramp(-3.1415, 3.1415, 101);
+        let pi = std::f32::consts::PI;
+        let v = ramp(-pi + 1e-4, pi - 1e-4, 101);
         let (out, s) = run(v.clone(), false, PhaseScaleMode::Auto).unwrap();
         assert_eq!(out, v);
         assert_eq!(s.interpretation, PhaseScaleMode::Radians);
-        let v = ramp(0.0, 6.28, 101);
+        let v = ramp(0.0, 2.0 * pi - 0.003, 101);
         let (_, s) = run(v, false, PhaseScaleMode::Auto).unwrap();
         assert_eq!(s.interpretation, PhaseScaleMode::Radians);
     }
