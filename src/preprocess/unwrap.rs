@@ -42,6 +42,13 @@ pub struct UnwrapConfig {
     /// count as zero). Noise voxels are dense with phase residues whose errors would
     /// otherwise spread into the tissue. Dimensionless; default 0.1.
     pub reliable_fraction: f64,
+    /// Snap each voxel to the wrapped data plus the nearest whole number of turns of the
+    /// Laplacian estimate, so that re-wrapping reproduces the input. Off by default: where
+    /// the estimate strays by more than π (steep fields next to air) snapping creates
+    /// patches of whole-turn errors, which are not harmonic and survive background removal,
+    /// whereas the plain Laplacian estimate errs only by a harmonic function that V-SHARP
+    /// removes.
+    pub round_to_turns: bool,
 }
 
 impl Default for UnwrapConfig {
@@ -49,6 +56,7 @@ impl Default for UnwrapConfig {
         UnwrapConfig {
             laplacian: LaplacianForm::WrappedDifference,
             reliable_fraction: 0.1,
+            round_to_turns: false,
         }
     }
 }
@@ -61,6 +69,7 @@ pub struct LaplacianUnwrapper {
     voxel_size: [f64; 3],
     form: LaplacianForm,
     reliable_fraction: f64,
+    round_to_turns: bool,
 }
 
 impl LaplacianUnwrapper {
@@ -75,6 +84,7 @@ impl LaplacianUnwrapper {
             voxel_size,
             form: config.laplacian,
             reliable_fraction: config.reliable_fraction,
+            round_to_turns: config.round_to_turns,
         }
     }
 
@@ -96,6 +106,25 @@ impl LaplacianUnwrapper {
         self.fft.inverse(&mut spec)
     }
 
+    /// The configured unwrapping: [`unwrap_turns`](Self::unwrap_turns) when
+    /// `round_to_turns` is set, else the Laplacian estimate over the reliable voxels.
+    pub fn unwrap_phase(&self, wrapped: &[f32], weights: Option<&[f32]>) -> Vec<f32> {
+        if self.round_to_turns {
+            self.unwrap_turns(wrapped, weights)
+        } else {
+            self.unwrap_within(wrapped, self.reliable(weights).as_deref())
+        }
+    }
+
+    /// Voxels bright enough to enter the phase Laplacian, from magnitude² weights.
+    fn reliable(&self, weights: Option<&[f32]>) -> Option<Vec<bool>> {
+        weights.and_then(|w| {
+            // Weights are magnitude², so the fraction applies to their square root.
+            let cut = quantile(w, None, 0.99)? as f64 * self.reliable_fraction.powi(2);
+            Some(w.par_iter().map(|&v| v as f64 >= cut).collect())
+        })
+    }
+
     /// The wrapped phase plus the whole number of turns that brings each voxel closest to the
     /// Laplacian estimate, so the result agrees with the data mod 2π exactly; then one
     /// global number of turns is removed so the weighted median lies in (−π, π].
@@ -104,16 +133,7 @@ impl LaplacianUnwrapper {
     /// median rule assumes the phase is centred on zero over the weighted region (the scanner
     /// centres its frequency on the tissue). `weights` (e.g. magnitude²) keep noise from voting.
     pub fn unwrap_turns(&self, wrapped: &[f32], weights: Option<&[f32]>) -> Vec<f32> {
-        let reliable = weights.and_then(|w| {
-            // Weights are magnitude², so the fraction applies to their square root.
-            let cut = quantile(w, None, 0.99)? as f64 * self.reliable_fraction.powi(2);
-            Some(
-                w.par_iter()
-                    .map(|&v| v as f64 >= cut)
-                    .collect::<Vec<bool>>(),
-            )
-        });
-        let smooth = self.unwrap_within(wrapped, reliable.as_deref());
+        let smooth = self.unwrap_within(wrapped, self.reliable(weights).as_deref());
         let tau = 2.0 * std::f32::consts::PI;
         let mut out: Vec<f32> = wrapped
             .par_iter()
