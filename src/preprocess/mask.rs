@@ -37,7 +37,7 @@ pub struct MaskConfig {
     pub open_radius_mm: f64,
     /// Radius (mm) of the closing that smooths the surface and closes sulci. Default 2 mm.
     pub close_radius_mm: f64,
-    /// Final dilation (mm, > 0) or erosion (mm, < 0). Default 0.
+    /// Final dilation (mm, > 0) or erosion (mm, < 0). Default −2 (see `Default`).
     pub final_dilate_mm: f64,
     /// Voxels whose echo-fit residual exceeds this (rad RMS) leave the mask (holes are then
     /// refilled, so only the edge is trimmed). A clean voxel's residual is its phase noise,
@@ -52,7 +52,10 @@ impl Default for MaskConfig {
             fraction: 0.15,
             open_radius_mm: 3.0,
             close_radius_mm: 2.0,
-            final_dilate_mm: 0.0,
+            // Measured on the simulated MNI head: the magnitude mask reaches ≈1–2 mm past the
+            // brain into CSF and tissue next to bone and air, whose fields are unreliable;
+            // trimming 2 mm lowered TKD's error from 64 % to 58 % (SNR 100).
+            final_dilate_mm: -2.0,
             max_residual_rad: 1.0,
         }
     }
@@ -467,6 +470,14 @@ pub fn fill_holes(mask: &[bool], dims: [usize; 3]) -> Mask {
 
 #[cfg(test)]
 mod tests {
+    /// The mask algorithm itself, without the default final trim.
+    fn untrimmed() -> MaskConfig {
+        MaskConfig {
+            final_dilate_mm: 0.0,
+            ..MaskConfig::default()
+        }
+    }
+
     use super::*;
     use crate::preprocess::util::TestRng;
     use crate::Geometry;
@@ -605,13 +616,13 @@ mod tests {
             }
         }
         let mag = Volume::new(dims, m, geom.clone());
-        let got = brain_mask(&mag, None, &MaskConfig::default()).unwrap();
+        let got = brain_mask(&mag, None, &untrimmed()).unwrap();
         let overlap = got.iter().zip(&brain).filter(|(a, b)| **a && **b).count() as f64;
         let union = got.iter().zip(&brain).filter(|(a, b)| **a || **b).count() as f64;
         assert!(overlap / union > 0.95, "Jaccard {}", overlap / union);
         // A bright scalp bridge through the skull stays detached by the opening.
         let resid = Volume::new(dims, res, geom);
-        let cleaned = brain_mask(&mag, Some(&resid), &MaskConfig::default()).unwrap();
+        let cleaned = brain_mask(&mag, Some(&resid), &untrimmed()).unwrap();
         assert!(cleaned.iter().zip(&brain).all(|(a, b)| !*a || *b));
 
         let empty = Volume::new(dims, vec![0.0; 48 * 48 * 48], mag.geometry.clone());

@@ -164,7 +164,9 @@ mod tests {
             mags.push(Volume::new(dims, m, geom.clone()));
         }
 
-        let cfg = Config::default();
+        let mut cfg = Config::default();
+        // This head's mask is exact (Jaccard 1): keep it whole.
+        cfg.mask.final_dilate_mm = 0.0;
         let sources = vec![PathBuf::from("sub-01_part-phase_MEGRE.nii.gz")];
         let scaling = scale_phase(&mut phases, &sources, false, &cfg.scale).unwrap();
         assert_eq!(scaling.interpretation, PhaseScaleMode::Radians);
@@ -250,7 +252,9 @@ mod tests {
             phases.push(Volume::new(dims, p, geom.clone()));
             mags.push(Volume::new(dims, m, geom.clone()));
         }
-        let cfg = Config::default();
+        let mut cfg = Config::default();
+        // This head's mask is exact (Jaccard 1): keep it whole.
+        cfg.mask.final_dilate_mm = 0.0;
         let t0 = std::time::Instant::now();
         scale_phase(&mut phases, &[PathBuf::from("x")], false, &cfg.scale).unwrap();
         let t1 = std::time::Instant::now();
