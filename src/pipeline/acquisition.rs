@@ -36,6 +36,8 @@ pub(super) struct LocalField {
     outputs: Vec<Output>,
     /// Parameters of every preprocessing stage that ran.
     pub parameters: Value,
+    /// χ of the signal voids modelled as sources (ppm), to add to the inversion's result.
+    pub void_chi: Option<Vec<f32>>,
 }
 
 pub fn process(
@@ -80,6 +82,7 @@ pub fn process(
                         mask: mask_v,
                         outputs: Vec::new(),
                         parameters: json!({ "Input": "local field map" }),
+                        void_chi: None,
                     }
                 }
                 FieldKind::Total => {
@@ -105,6 +108,9 @@ pub fn process(
         mask: &mask_w,
     };
     let mut chi = crate::volume::crop(&method.invert(&problem)?, work, dims);
+    if let Some(v) = &local.void_chi {
+        chi.iter_mut().zip(v).for_each(|(c, &s)| *c += s);
+    }
     let reference = inversion::reference_to_mean(&mut chi, &local.mask, &local.mask);
     stages.finish();
 
@@ -251,7 +257,20 @@ fn raw_local_field(
     );
 
     stages.start("background removal");
-    let local = preprocess::background::vsharp(&total_ppm, &mask, &pre.background)?;
+    let mut local = preprocess::background::vsharp(&total_ppm, &mask, &pre.background)?;
+    let (void_chi, sources) = if pre.voids.enabled && pre.voids.fit_sources {
+        stages.start("void sources");
+        let (chi, sources) = preprocess::voids::fit_void_sources(
+            &mut local.field,
+            &local.mask,
+            &filled.voids,
+            acq.b0_direction,
+            &pre.voids,
+        );
+        (Some(crate::volume::crop(&chi, work, dims)), sources)
+    } else {
+        (None, Vec::new())
+    };
 
     let e = &acq.entities;
     let outputs = vec![
@@ -283,13 +302,14 @@ fn raw_local_field(
         field: local.field.cropped(dims),
         mask: crate::volume::crop(&local.mask, work, dims),
         outputs,
+        void_chi,
         parameters: json!({
             "PhaseScaling": scaling,
             "Unwrapping": pre.unwrap,
             "EchoFit": pre.echo_fit,
             "NoiseSigma": fit.noise_sigma,
             "BrainMask": pre.mask,
-            "SignalVoids": { "config": pre.voids, "voxels": filled.voids.iter().filter(|&&v| v).count() },
+            "SignalVoids": { "config": pre.voids, "voxels": filled.voids.iter().filter(|&&v| v).count(), "sources": sources },
             "BackgroundRemoval": { "method": "V-SHARP", "config": pre.background, "radii_mm": local.radii_mm },
         }),
     })
@@ -322,6 +342,7 @@ fn background_removal(
         field,
         mask: eroded,
         outputs,
+        void_chi: None,
         parameters: json!({
             "Input": "total field map",
             "BackgroundRemoval": { "method": "V-SHARP", "config": config.preprocess.background, "radii_mm": local.radii_mm },
