@@ -352,17 +352,7 @@ mod tests {
         out
     }
 
-    fn random(n: usize, seed: u64) -> Vec<f32> {
-        let mut s = seed;
-        (0..n)
-            .map(|_| {
-                s = s
-                    .wrapping_mul(6364136223846793005)
-                    .wrapping_add(1442695040888963407);
-                ((s >> 33) as f32 / (1u64 << 31) as f32) - 0.5
-            })
-            .collect()
-    }
+    use crate::simulate::rng::centred_noise as random;
 
     const SHAPES: [[usize; 3]; 5] = [[4, 6, 5], [5, 3, 4], [8, 8, 8], [7, 1, 3], [1, 4, 6]];
 

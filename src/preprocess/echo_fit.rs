@@ -385,7 +385,7 @@ fn chi2_median_over_dof(k: u32) -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::preprocess::util::TestRng;
+    use crate::simulate::rng::Rng;
     use crate::Geometry;
 
     struct Synth {
@@ -405,7 +405,7 @@ mod tests {
         let dims = [n, n, n];
         let geom = Geometry::from_voxel_size([2.0; 3]);
         let te: Vec<f64> = (1..=n_echo).map(|e| 0.005 * e as f64).collect();
-        let mut rng = TestRng::new(seed);
+        let mut rng = Rng::new(seed);
         let mut field = vec![0.0f32; n * n * n];
         let mut offset = vec![0.0f32; n * n * n];
         let mut inside = vec![false; n * n * n];

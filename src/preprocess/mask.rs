@@ -479,7 +479,7 @@ mod tests {
     }
 
     use super::*;
-    use crate::preprocess::util::TestRng;
+    use crate::simulate::rng::Rng;
     use crate::Geometry;
 
     fn ball(dims: [usize; 3], vox: [f64; 3], c: [f64; 3], r: f64) -> Mask {
@@ -502,7 +502,7 @@ mod tests {
     fn distance_transform_matches_brute_force_on_anisotropic_grid() {
         let dims = [13, 9, 7];
         let vox = [1.0, 1.5, 2.0];
-        let mut rng = TestRng::new(5);
+        let mut rng = Rng::new(5);
         let set: Vec<bool> = (0..13 * 9 * 7).map(|_| rng.uniform() < 0.03).collect();
         let d = squared_distance_to(&set, dims, vox, false);
         let db = squared_distance_to(&set, dims, vox, true);
@@ -596,7 +596,7 @@ mod tests {
         let brain = ball(dims, vox, c, 32.0);
         let skull = ball(dims, vox, c, 38.0);
         let scalp = ball(dims, vox, c, 44.0);
-        let mut rng = TestRng::new(9);
+        let mut rng = Rng::new(9);
         let mut m = vec![0.0f32; 48 * 48 * 48];
         let mut res = vec![0.05f32; 48 * 48 * 48];
         for i in 0..m.len() {

@@ -59,10 +59,10 @@ pub struct Config {
 #[cfg(test)]
 mod tests {
     use super::background::tests::{add_ball, nrmse};
-    use super::util::TestRng;
     use super::*;
     use crate::physics::units::hz_per_ppm;
     use crate::physics::DipoleOperator;
+    use crate::simulate::rng::Rng;
     use crate::{Geometry, Volume};
     use std::f64::consts::PI;
     use std::path::PathBuf;
@@ -133,7 +133,7 @@ mod tests {
         let local_hz: Vec<f32> = op.forward(&chi_in).iter().map(|v| v * hz).collect();
         let bg_hz: Vec<f32> = op.forward(&chi_bg).iter().map(|v| v * hz).collect();
 
-        let mut rng = TestRng::new(42);
+        let mut rng = Rng::new(42);
         let mut phases = vec![];
         let mut mags = vec![];
         for &t in &te {
@@ -227,7 +227,7 @@ mod tests {
         let nvox = dims[0] * dims[1] * dims[2];
         let geom = Geometry::from_voxel_size([1.0; 3]);
         let te = [0.004, 0.008, 0.012, 0.016];
-        let mut rng = TestRng::new(1);
+        let mut rng = Rng::new(1);
         let inside: Vec<bool> = (0..nvox)
             .map(|i| {
                 let x = (i % 200) as f64 - 100.0;

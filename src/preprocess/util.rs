@@ -197,32 +197,6 @@ pub fn sphere_kernel_any(fft: &Fft3, voxel_size: [f64; 3], radius_mm: f64) -> Ve
         .unwrap_or_else(|| crate::physics::kernels::sphere_kernel(fft, voxel_size, radius_mm))
 }
 
-/// Deterministic pseudo-random numbers for tests (uniform in [0, 1) and standard normal).
-#[cfg(test)]
-pub(crate) struct TestRng(u64);
-
-#[cfg(test)]
-impl TestRng {
-    pub fn new(seed: u64) -> Self {
-        TestRng(
-            seed.wrapping_mul(2862933555777941757)
-                .wrapping_add(3037000493),
-        )
-    }
-    pub fn uniform(&mut self) -> f64 {
-        self.0 = self
-            .0
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        (self.0 >> 11) as f64 / (1u64 << 53) as f64
-    }
-    pub fn normal(&mut self) -> f64 {
-        let u1 = self.uniform().max(1e-300);
-        let u2 = self.uniform();
-        (-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

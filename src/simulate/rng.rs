@@ -50,6 +50,17 @@ impl Rng {
         let t = 2.0 * std::f64::consts::PI * u2;
         (r * t.cos(), r * t.sin())
     }
+
+    /// One standard normal draw (the first of a Box–Muller pair).
+    pub fn normal(&mut self) -> f64 {
+        self.normal_pair().0
+    }
+}
+
+/// `n` values uniform in [−0.5, 0.5) from `seed`: test input for the numerical kernels.
+pub fn centred_noise(n: usize, seed: u64) -> Vec<f32> {
+    let mut r = Rng::new(seed);
+    (0..n).map(|_| r.uniform() as f32 - 0.5).collect()
 }
 
 /// The SplitMix64 output function, also used to hash seeds.
