@@ -1,38 +1,38 @@
-//! Pipeline benchmark on a 1 mm whole-head grid: prints the time of each stage and ratios
-//! measured in the same run (absolute times drift on shared machines; ratios do not).
+//! Pipeline benchmark: prints, measured in one run, the time of every stage of the raw-phase
+//! pipeline on a 1 mm whole-head grid as a ratio to one FFT forward+inverse pair on the same
+//! grid (absolute times drift on shared machines; ratios do not), TKD's own ratio, and the
+//! whole raw-phase → TKD time on the grid of a peer comparison.
 //!
-//! `cargo bench --bench pipeline` (add `-- --dims NX NY NZ` for another grid, `--quick` to
-//! skip the peer-comparison grid).
+//! `cargo bench --bench pipeline [-- --dims NX NY NZ] [--quick]`
 //!
-//! Part 1 times an FFT pair and TKD on the grid as given. Part 2 simulates one procedural
-//! 5-echo head (setup, not timed) and times every stage of the raw-phase pipeline once, in
-//! the order and with the calls of `pipeline::acquisition::raw_local_field` and the
-//! inversion stage of `pipeline::process`. Part 3 repeats the total on the 164×205×205 grid
-//! of the peer comparison.
+//! The stages are timed by the pipeline itself (the `ProcessingTimeSeconds` of the Chimap
+//! sidecar), on a dataset that `chimap simulate` writes first (not timed), so the benchmark
+//! runs exactly what users run.
 
-use std::hint::black_box;
-use std::path::PathBuf;
+use std::path::Path;
 use std::time::Instant;
 
-use chimap::inversion::{self, Method, Orientation, Problem};
-use chimap::physics::{fft::fast_len, units::hz_per_ppm, DipoleOperator, Fft3};
-use chimap::pipeline::Config;
-use chimap::simulate::{simulate_series, Phantom, Series, SimParams};
-use chimap::{preprocess, volume, Volume};
+use clap::Parser;
 
-/// The grid of the peer comparison (issue goal: raw phase → TKD in ≤ 7 s on 2 cores).
-const PEER_DIMS: [usize; 3] = [164, 205, 205];
-const PEER_GOAL_S: f64 = 7.0;
-const B0: [f64; 3] = [0.0, 0.0, 1.0];
-const B0_TESLA: f64 = 3.0;
-const ECHO_TIMES_S: [f64; 5] = [0.004, 0.008, 0.012, 0.016, 0.020];
+use chimap::bids::{self, Filter};
+use chimap::derivatives::{sidecar_path, Derivatives};
+use chimap::inversion::{self, Method, Orientation, Problem};
+use chimap::physics::fft::fast_len;
+use chimap::physics::{DipoleOperator, Fft3};
+use chimap::pipeline::{self, Config};
+
+#[derive(Parser)]
+struct Simulate {
+    #[command(flatten)]
+    args: chimap::simulate::SimulateArgs,
+}
 
 /// Median of `reps` timings of `f`, in seconds.
 fn time<T>(reps: usize, mut f: impl FnMut() -> T) -> f64 {
     let mut t: Vec<f64> = (0..reps)
         .map(|_| {
             let s = Instant::now();
-            black_box(f());
+            std::hint::black_box(f());
             s.elapsed().as_secs_f64()
         })
         .collect();
@@ -40,149 +40,76 @@ fn time<T>(reps: usize, mut f: impl FnMut() -> T) -> f64 {
     t[reps / 2]
 }
 
-/// One timed call: its result and its time in seconds.
-fn once<T>(f: impl FnOnce() -> T) -> (T, f64) {
-    let s = Instant::now();
-    let out = black_box(f());
-    (out, s.elapsed().as_secs_f64())
-}
-
-/// Median time of an FFT forward+inverse pair on `dims` (plan made outside the timing).
 fn fft_pair(dims: [usize; 3]) -> f64 {
-    let n: usize = dims.iter().product();
-    let x: Vec<f32> = (0..n)
+    let x: Vec<f32> = (0..dims.iter().product::<usize>())
         .map(|i| ((i * 7919) % 1000) as f32 * 1e-3 - 0.5)
         .collect();
     let fft = Fft3::new(dims);
-    time(5, || {
-        let mut s = fft.forward(black_box(&x));
+    time(3, || {
+        let mut s = fft.forward(&x);
         fft.inverse(&mut s)
     })
 }
 
-fn fmt_dims(d: [usize; 3]) -> String {
-    format!("{}×{}×{}", d[0], d[1], d[2])
-}
-
-/// One procedural head at 1 mm on `dims`: 5 echoes (4–20 ms), 3 T, SNR 100, no oversampling.
-fn simulate(dims: [usize; 3]) -> Series {
-    let phantom = Phantom::procedural(dims, [1.0; 3], 0).expect("procedural phantom");
-    let params = SimParams {
-        field_strength: B0_TESLA,
-        echo_times: ECHO_TIMES_S.to_vec(),
-        snr: 100.0,
-        oversample: 1,
-        phase_offset: true,
-        seed: 0,
-    };
-    simulate_series(&phantom, &params, B0).expect("simulated series")
-}
-
-/// Runs raw phase → χ with the stage calls of the pipeline, each timed once.
-/// Returns (stage, seconds) in pipeline order.
-fn run_stages(series: &Series, config: &Config) -> Vec<(&'static str, f64)> {
-    let pre = &config.preprocess;
-    let phase_paths = vec![PathBuf::from("sim_part-phase_MEGRE.nii")];
-    // Inputs as `fields::load_echoes` hands them over (copies made outside the timings).
-    let mut phase: Vec<Volume> = series.phase.clone();
-    let magnitude: Vec<Volume> = series.magnitude.clone();
-    let mut t = Vec::new();
-
-    let (scaling, s) = once(|| {
-        preprocess::scale::scale_phase(&mut phase, &phase_paths, false, &pre.scale)
-            .expect("phase scaling")
-    });
-    black_box(&scaling);
-    t.push(("phase scaling", s));
-
-    let dims = phase[0].dims;
-    let work = dims.map(fast_len);
-    let ((phase, magnitude), s) = once(|| {
-        let p: Vec<Volume> = phase.iter().map(|v| v.padded(work)).collect();
-        let m: Vec<Volume> = magnitude.iter().map(|v| v.padded(work)).collect();
-        (p, m)
-    });
-    t.push(("pad to work grid", s));
-
-    let (fit, s) = once(|| {
-        preprocess::echo_fit::fit_field(
-            &phase,
-            Some(&magnitude),
-            &ECHO_TIMES_S,
-            &pre.echo_fit,
-            &pre.unwrap,
-        )
-        .expect("echo fit")
-    });
-    drop(phase);
-    t.push(("echo fit (offset, unwrap)", s));
-
-    let ((rss, mask), s) = once(|| {
-        let rss = preprocess::echo_fit::root_sum_of_squares(&magnitude).expect("magnitudes");
-        let mask = preprocess::mask::brain_mask(&rss, Some(&fit.residual_rad), &pre.mask)
-            .expect("brain mask");
-        (rss, mask)
-    });
-    t.push(("RSS + brain mask", s));
-
-    let (filled, s) = once(|| {
-        preprocess::voids::fill_voids(
-            &fit.field_hz,
-            &mask,
-            Some(&rss),
-            Some(&fit.residual_rad),
-            &pre.voids,
-        )
-        .expect("signal voids")
-    });
-    t.push(("signal voids", s));
-
-    let (total_ppm, s) = once(|| {
-        let to_ppm = 1.0 / hz_per_ppm(B0_TESLA);
-        filled.field.with_data(
-            filled
-                .field
-                .data
-                .iter()
-                .map(|&v| (v as f64 * to_ppm) as f32)
-                .collect(),
-        )
-    });
-    t.push(("Hz → ppm", s));
-
-    let (local, s) = once(|| {
-        preprocess::background::vsharp(&total_ppm, &mask, &pre.background).expect("V-SHARP")
-    });
-    t.push(("V-SHARP", s));
-
-    // `process`: crop the local field, pad it again, invert, crop, reference to the mean.
-    let method = config.inversion.method();
-    let (chi, s) = once(|| {
-        let field = local.field.cropped(dims);
-        let mask = volume::crop(&local.mask, work, dims);
-        let field_w = field.padded(work);
-        let mask_w = volume::pad(&mask, dims, work, false);
-        let problem = Problem {
-            dims: work,
-            voxel_size: field.geometry.voxel_size,
-            orientations: vec![Orientation {
-                field: &field_w.data,
-                b0: B0,
-            }],
-            mask: &mask_w,
-        };
-        let mut chi = volume::crop(&method.invert(&problem).expect("TKD"), work, dims);
-        let reference = inversion::reference_to_mean(&mut chi, &mask, &mask);
-        (chi, reference)
-    });
-    black_box(&chi);
-    t.push(("TKD (crop, pad, invert, ref.)", s));
-    t
+/// Simulates one 1 mm procedural head with 5 echoes at 3 T into `dir`, runs the participant
+/// pipeline on it, and returns the stage times (s) it recorded, in pipeline order.
+fn pipeline_stages(dims: [usize; 3], dir: &Path) -> Vec<(String, f64)> {
+    let raw = dir.join("raw");
+    let d: Vec<String> = dims.iter().map(|n| n.to_string()).collect();
+    let sim = Simulate::parse_from([
+        "simulate",
+        raw.to_str().unwrap(),
+        "--dims",
+        &d[0],
+        &d[1],
+        &d[2],
+        "--voxel-size",
+        "1",
+        "1",
+        "1",
+        "--oversample",
+        "1",
+        "--seed",
+        "0",
+        "--overwrite",
+    ]);
+    chimap::simulate::run(&sim.args).expect("simulation runs");
+    let found = bids::discover(&raw, &Filter::default()).expect("the simulated dataset is valid");
+    let out = dir.join("out");
+    let deriv = Derivatives::create(&out, &raw, "bench").expect("output folder");
+    let acq = &found.acquisitions[0];
+    pipeline::process(acq, &raw, &Config::default(), &deriv, true).expect("pipeline runs");
+    let chimap_path = deriv.path(&acq.entities, Some("tkd"), "Chimap");
+    let side = chimap::io::read_json(&sidecar_path(&chimap_path)).expect("sidecar");
+    let times = side["ProcessingTimeSeconds"]
+        .as_object()
+        .expect("stage times")
+        .clone();
+    // serde_json keeps keys sorted; restore the pipeline's order.
+    let order = [
+        "load",
+        "phase scaling",
+        "echo fit",
+        "mask",
+        "signal voids",
+        "background removal",
+        "void sources",
+        "inversion",
+        "total",
+    ];
+    order
+        .iter()
+        .filter_map(|k| {
+            times
+                .get(*k)
+                .and_then(|v| v.as_f64())
+                .map(|t| (k.to_string(), t))
+        })
+        .collect()
 }
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
-    let quick = args.iter().any(|a| a == "--quick");
     let dims = match args.iter().position(|a| a == "--dims") {
         Some(i) => [0, 1, 2].map(|k| {
             args.get(i + 1 + k)
@@ -192,108 +119,92 @@ fn main() {
         // The 1 mm MNI head grid.
         None => [197, 233, 189],
     };
+    let quick = args.iter().any(|a| a == "--quick");
     let n: usize = dims.iter().product();
     let work = dims.map(fast_len);
     println!(
-        "grid {} ({:.1} M voxels), work grid {}, {} threads",
-        fmt_dims(dims),
+        "grid {}×{}×{} ({:.1} M voxels), padded work grid {}×{}×{}, {} threads",
+        dims[0],
+        dims[1],
+        dims[2],
         n as f64 / 1e6,
-        fmt_dims(work),
+        work[0],
+        work[1],
+        work[2],
         rayon::current_num_threads()
     );
 
+    let t_fft = fft_pair(dims);
+    let t_work = fft_pair(work);
+    println!("FFT forward+inverse pair        {:8.1} ms", t_fft * 1e3);
+    println!(
+        "FFT pair on the work grid       {:8.1} ms   ({:.2} FFT pairs)",
+        t_work * 1e3,
+        t_work / t_fft
+    );
+
+    let b0 = [0.0, 0.0, 1.0];
     let x: Vec<f32> = (0..n)
         .map(|i| ((i * 7919) % 1000) as f32 * 1e-3 - 0.5)
         .collect();
-    let t_fft = fft_pair(dims);
-    println!("FFT forward+inverse pair     {:8.1} ms", t_fft * 1e3);
-    let t_fft_work = fft_pair(work);
+    let t_kernel = time(3, || DipoleOperator::new(dims, [1.0; 3], b0));
     println!(
-        "FFT pair on the work grid    {:8.1} ms   ({:.2} FFT pairs)",
-        t_fft_work * 1e3,
-        t_fft_work / t_fft
-    );
-
-    let t_kernel = time(3, || DipoleOperator::new(dims, [1.0; 3], B0));
-    println!(
-        "dipole operator setup        {:8.1} ms   ({:.2} FFT pairs)",
+        "dipole operator setup           {:8.1} ms   ({:.2} FFT pairs)",
         t_kernel * 1e3,
         t_kernel / t_fft
     );
-
     let mask = vec![true; n];
     let tkd = inversion::tkd::Tkd::new(Default::default());
     let problem = Problem {
         dims,
         voxel_size: [1.0; 3],
-        orientations: vec![Orientation { field: &x, b0: B0 }],
+        orientations: vec![Orientation { field: &x, b0 }],
         mask: &mask,
     };
-    let t_tkd = time(5, || tkd.invert(black_box(&problem)).expect("TKD runs"));
+    let t_tkd = time(3, || tkd.invert(&problem).expect("TKD runs"));
     println!(
-        "TKD (incl. kernel)           {:8.1} ms   ratio TKD / FFT pair = {:.2} (goal ≤ 1.5)",
+        "TKD (incl. kernel)              {:8.1} ms   ratio TKD / FFT pair = {:.2} (goal ≤ 1.5)",
         t_tkd * 1e3,
         t_tkd / t_fft
     );
-    drop(problem);
-    drop((x, mask));
 
-    // Raw phase → χ, stage by stage, on a simulated head at this grid.
-    let config = Config::default();
-    let (series, t_setup) = once(|| simulate(dims));
+    let dir = tempfile::tempdir().expect("temporary folder");
     println!(
-        "\nraw phase → TKD, {} echoes (setup: simulation {:.1} s, not timed)",
-        series.phase.len(),
-        t_setup
+        "\nparticipant pipeline, raw phase → TKD, 5 echoes (stage times recorded by the pipeline)"
     );
     println!(
-        "  {:<30} {:>9} {:>10} {:>10}",
+        "  {:<28} {:>9} {:>11} {:>11}",
         "stage", "ms", "/ FFT pair", "/ work pair"
     );
-    let stages = run_stages(&series, &config);
-    drop(series);
-    for (name, s) in &stages {
+    for (stage, t) in pipeline_stages(dims, dir.path()) {
         println!(
-            "  {:<30} {:9.1} {:10.2} {:10.2}",
-            name,
-            s * 1e3,
-            s / t_fft,
-            s / t_fft_work
+            "  {:<28} {:>9.1} {:>11.2} {:>11.2}",
+            stage,
+            t * 1e3,
+            t / t_fft,
+            t / t_work
         );
     }
-    let total: f64 = stages.iter().map(|(_, s)| s).sum();
-    println!(
-        "  {:<30} {:9.1} {:10.2} {:10.2}",
-        "total raw phase → TKD",
-        total * 1e3,
-        total / t_fft,
-        total / t_fft_work
-    );
 
-    if quick {
+    if !quick {
+        let peer = [164, 205, 205];
+        let stages = pipeline_stages(peer, &dir.path().join("peer"));
+        let total = stages
+            .iter()
+            .find(|(s, _)| s == "total")
+            .map(|(_, t)| *t)
+            .unwrap_or(f64::NAN);
+        let load = stages
+            .iter()
+            .find(|(s, _)| s == "load")
+            .map(|(_, t)| *t)
+            .unwrap_or(0.0);
+        let t_peer = fft_pair(peer);
         println!(
-            "\n--quick: peer-comparison grid {} skipped",
-            fmt_dims(PEER_DIMS)
+            "\npeer grid 164×205×205, 5 echoes: raw phase → TKD {:.2} s including {:.2} s of reading (goal ≤ 7 s on 2 cores) = {:.1} FFT pairs on that grid",
+            total,
+            load,
+            total / t_peer
         );
-        return;
     }
-    let peer_work = PEER_DIMS.map(fast_len);
-    let t_fft_peer = fft_pair(PEER_DIMS);
-    let t_fft_peer_work = fft_pair(peer_work);
-    let series = simulate(PEER_DIMS);
-    let total_peer: f64 = run_stages(&series, &config).iter().map(|(_, s)| s).sum();
-    println!(
-        "\npeer grid {} (work grid {}), {} echoes: raw phase → TKD {:.2} s (goal ≤ {PEER_GOAL_S} s on 2 cores)",
-        fmt_dims(PEER_DIMS),
-        fmt_dims(peer_work),
-        series.phase.len(),
-        total_peer,
-    );
-    println!(
-        "  = {:.1} FFT pairs on that grid ({:.1} ms), {:.1} on its work grid ({:.1} ms)",
-        total_peer / t_fft_peer,
-        t_fft_peer * 1e3,
-        total_peer / t_fft_peer_work,
-        t_fft_peer_work * 1e3
-    );
 }
