@@ -143,6 +143,10 @@ fn participant_run_writes_a_derivative_dataset_with_provenance_and_reruns_skip()
     let o = chimap(&[ds.to_str().unwrap(), out.to_str().unwrap(), "participant"]);
     assert!(o.status.success());
     assert!(stderr(&o).contains("skipped 2"), "{}", stderr(&o));
+    assert!(
+        !stderr(&o).contains('\x1b'),
+        "no colour codes when stderr is not a terminal"
+    );
     assert_eq!(
         std::fs::metadata(&chimap_file).unwrap().modified().unwrap(),
         before

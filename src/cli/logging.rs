@@ -1,5 +1,7 @@
 //! Logging to stderr with tracing-subscriber: text for people, JSON lines for workflow engines.
 
+use std::io::IsTerminal;
+
 use tracing_subscriber::EnvFilter;
 
 use super::args::LogFormat;
@@ -14,9 +16,11 @@ pub fn init(format: LogFormat, verbose: u8, quiet: bool) {
     };
     let filter = EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| EnvFilter::new(format!("chimap={level},warn")));
+    // Colours only on a terminal: workflow engines and log files get plain text.
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_target(false);
     // A second init (tests) is harmless: keep the first subscriber.
     let _ = match format {
