@@ -27,7 +27,7 @@ pub enum ThresholdMethod {
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct MaskConfig {
-    /// `otsu` (default) or `fraction`.
+    /// `fraction` (default) or `otsu`.
     pub threshold: ThresholdMethod,
     /// With `threshold: fraction`: the fraction of the 99th percentile magnitude.
     /// Dimensionless; default 0.15.
@@ -48,7 +48,10 @@ pub struct MaskConfig {
 impl Default for MaskConfig {
     fn default() -> Self {
         MaskConfig {
-            threshold: ThresholdMethod::Otsu,
+            // Measured on the simulated MNI head: a fraction of the 99th percentile gives the
+            // same mask as Otsu at SNR 100, but Otsu on the log magnitude slides into the skull
+            // when the background is nearly noise-free (SNR 1000: TKD NRMSE 107 % vs 57 %).
+            threshold: ThresholdMethod::Fraction,
             fraction: 0.15,
             open_radius_mm: 3.0,
             close_radius_mm: 2.0,
