@@ -264,6 +264,7 @@ fn raw_local_field(
             &mut local.field,
             &local.mask,
             &filled.voids,
+            &filled.signal_loss,
             acq.b0_direction,
             &pre.voids,
         );

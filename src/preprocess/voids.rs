@@ -65,6 +65,10 @@ pub struct VoidFill {
     pub field: Volume,
     /// The voxels that were refilled (subset of the mask).
     pub voids: Mask,
+    /// Fraction of each voxel's signal that is lost, 1 − m / (local mean m), clamped to
+    /// [0, 1]; 1 everywhere without a magnitude. Read as the fraction of the voxel that a void
+    /// source occupies (partial volume).
+    pub signal_loss: Vec<f32>,
 }
 
 /// Detects voids inside `mask` from the magnitude (RSS or echo 1) and the fit residual
@@ -85,9 +89,11 @@ pub fn fill_voids(
         return Err(Error::Numerics("empty mask given to void detection".into()));
     }
     let mut voids = vec![false; field.len()];
+    let mut signal_loss = vec![1.0f32; field.len()];
     if !config.enabled {
         return Ok(VoidFill {
             field: field.clone(),
+            signal_loss: vec![1.0; voids.len()],
             voids,
         });
     }
@@ -109,6 +115,16 @@ pub fn fill_voids(
                 *v |= mm[i] < ratio * num[i] / den[i];
             }
         });
+        signal_loss = (0..mm.len())
+            .into_par_iter()
+            .map(|i| {
+                if den[i] > 1e-3 && num[i] > 0.0 {
+                    (1.0 - mm[i] * den[i] / num[i]).clamp(0.0, 1.0)
+                } else {
+                    1.0
+                }
+            })
+            .collect();
     }
     if let Some(r) = residual_rad {
         if let Some(med) = quantile(&r.data, Some(mask), 0.5) {
@@ -128,6 +144,7 @@ pub fn fill_voids(
     Ok(VoidFill {
         field: field.with_data(filled),
         voids,
+        signal_loss,
     })
 }
 
@@ -139,8 +156,10 @@ pub struct VoidSource {
     pub chi_ppm: f64,
 }
 
-/// Models every connected void as a uniform source: its χ is the least-squares fit (with a
-/// local constant) of its dipole field `D * 1_void` to the local field in a shell around it,
+/// Models every connected void as a source of one susceptibility spread over its voxels in
+/// proportion to `occupancy` (the fraction of each voxel's signal that is lost, see
+/// [`VoidFill::signal_loss`]): its χ is the least-squares fit (with a local constant) of the
+/// source's dipole field to the local field in a shell around the void,
 /// where the field is measured. The void's field is then removed from `local` and the void
 /// refilled harmonically from the corrected surroundings; the returned map holds each void's
 /// χ, to add to the inversion's result.
@@ -153,6 +172,7 @@ pub fn fit_void_sources(
     local: &mut Volume,
     mask: &[bool],
     voids: &[bool],
+    occupancy: &[f32],
     b0: [f64; 3],
     config: &VoidConfig,
 ) -> (Vec<f32>, Vec<VoidSource>) {
@@ -194,8 +214,9 @@ pub fn fit_void_sources(
         for k in 0..ext[2] {
             for j in 0..ext[1] {
                 for i in 0..ext[0] {
-                    if labels[gidx(i, j, k)] == label {
-                        ind[bidx(i, j, k)] = 1.0;
+                    let g = gidx(i, j, k);
+                    if labels[g] == label {
+                        ind[bidx(i, j, k)] = occupancy[g];
                         comp[bidx(i, j, k)] = true;
                     }
                 }
@@ -233,7 +254,7 @@ pub fn fit_void_sources(
                         local.data[g] -= (x * unit[bidx(i, j, k)] as f64) as f32;
                     }
                     if labels[g] == label {
-                        chi[g] = x as f32;
+                        chi[g] = x as f32 * occupancy[g];
                     }
                 }
             }
@@ -389,8 +410,14 @@ mod tests {
             .filter(|&i| mask[i] && !voids[i])
             .map(|i| ((local.data[i] - f_other[i]) as f64).powi(2))
             .sum();
-        let (chi, sources) =
-            fit_void_sources(&mut local, &mask, &voids, b0, &VoidConfig::default());
+        let (chi, sources) = fit_void_sources(
+            &mut local,
+            &mask,
+            &voids,
+            &vec![1.0; n],
+            b0,
+            &VoidConfig::default(),
+        );
         assert_eq!(sources.len(), 1);
         // The fitted uniform χ spreads the source over the (larger) void: its moment matches.
         let moment: f64 = chi.iter().map(|&v| v as f64).sum();
@@ -455,6 +482,20 @@ mod tests {
         let nv = out.voids.iter().filter(|&&v| v).count();
         let nb = blob.iter().filter(|&&v| v).count();
         assert!(nv < 4 * nb, "{nv} void voxels for a blob of {nb}");
+        // The blob keeps a tenth of the signal; tissue far from it has lost none.
+        let centre = 24 + n * (18 + n * 20);
+        assert!(
+            out.signal_loss[centre] > 0.8,
+            "loss at the blob centre {}",
+            out.signal_loss[centre]
+        );
+        let tissue = 20 + n * (20 + n * 8);
+        assert!(mask[tissue] && !blob[tissue]);
+        assert!(
+            out.signal_loss[tissue] < 0.1,
+            "loss in plain tissue {}",
+            out.signal_loss[tissue]
+        );
         let err = (0..truth.len())
             .filter(|&i| mask[i])
             .map(|i| (out.field.data[i] - truth[i]).abs())
