@@ -26,8 +26,11 @@ struct Output {
     sidecar: Value,
 }
 
-/// The local field and what produced it.
+/// The local field and what produced it. Everything here lies on the padded work grid
+/// (`work_dims`); `dims` is the input grid the outputs are cropped back to when written.
 pub(super) struct LocalField {
+    /// The input grid.
+    pub dims: [usize; 3],
     /// Local field in ppm, zero outside `mask`.
     pub field: Volume,
     /// Where the local field (and so χ) is valid.
@@ -54,7 +57,7 @@ pub fn process(
     }
     let mut stages = Stages::new(&acq.name());
     let b0_tesla = acq.field_strength.or(config.field_strength);
-    let common = common_sidecar(acq, root, b0_tesla);
+    let common = common_sidecar(acq, b0_tesla);
 
     let local = match &acq.source {
         Source::Raw { echoes } => {
@@ -73,41 +76,43 @@ pub fn process(
             stages.start("load");
             let field_ppm = fields::load_field_ppm(field, *units, *echo_time, b0_tesla)?;
             let mask_v = fields::load_mask(mask, &field_ppm, field)?;
+            let dims = field_ppm.dims;
+            let work = work_dims(dims);
+            let field_w = field_ppm.padded(work);
+            let mask_w = crate::volume::pad(&mask_v, dims, work, false);
             match kind {
                 FieldKind::Local => {
-                    let mut f = field_ppm;
-                    zero_outside(&mut f.data, &mask_v);
+                    let mut f = field_w;
+                    zero_outside(&mut f.data, &mask_w);
                     LocalField {
+                        dims,
                         field: f,
-                        mask: mask_v,
+                        mask: mask_w,
                         outputs: Vec::new(),
                         parameters: json!({ "Input": "local field map" }),
                         void_chi: None,
                     }
                 }
                 FieldKind::Total => {
-                    stages.start("background");
-                    background_removal(field_ppm, mask_v, config, deriv, acq)?
+                    stages.start("background removal");
+                    background_removal(dims, field_w, mask_w, config, deriv, acq)?
                 }
             }
         }
     };
 
     stages.start("inversion");
-    let dims = local.field.dims;
-    let work = work_dims(dims);
-    let field_w = local.field.padded(work);
-    let mask_w = crate::volume::pad(&local.mask, dims, work, false);
+    let dims = local.dims;
     let problem = Problem {
-        dims: work,
+        dims: local.field.dims,
         voxel_size: local.field.geometry.voxel_size,
         orientations: vec![Orientation {
-            field: &field_w.data,
+            field: &local.field.data,
             b0: acq.b0_direction,
         }],
-        mask: &mask_w,
+        mask: &local.mask,
     };
-    let mut chi = crate::volume::crop(&method.invert(&problem)?, work, dims);
+    let mut chi = method.invert(&problem)?;
     if let Some(v) = &local.void_chi {
         chi.iter_mut().zip(v).for_each(|(c, &s)| *c += s);
     }
@@ -144,13 +149,13 @@ pub fn process(
         if let (Value::Object(s), Value::Object(extra)) = (&mut sidecar, o.sidecar) {
             s.extend(extra);
         }
-        deriv.write(&o.path, &o.volume, &sidecar)?;
+        deriv.write(&o.path, &o.volume.cropped(dims), &sidecar)?;
     }
     Ok(Outcome::Done)
 }
 
 /// Sidecar fields shared by every output of the acquisition.
-fn common_sidecar(acq: &Acquisition, root: &Path, b0_tesla: Option<f64>) -> Value {
+fn common_sidecar(acq: &Acquisition, b0_tesla: Option<f64>) -> Value {
     let sources: Vec<String> = acq.inputs.iter().map(|p| source_uri(p)).collect();
     let mut v = json!({
         "Sources": sources,
@@ -164,7 +169,6 @@ fn common_sidecar(acq: &Acquisition, root: &Path, b0_tesla: Option<f64>) -> Valu
     if let Source::Raw { echoes } = &acq.source {
         v["EchoTime"] = json!(echoes.iter().map(|e| e.echo_time).collect::<Vec<_>>());
     }
-    let _ = root;
     v
 }
 
@@ -268,7 +272,7 @@ fn raw_local_field(
             acq.b0_direction,
             &pre.voids,
         );
-        (Some(crate::volume::crop(&chi, work, dims)), sources)
+        (Some(chi), sources)
     } else {
         (None, Vec::new())
     };
@@ -277,7 +281,7 @@ fn raw_local_field(
     let outputs = vec![
         Output {
             path: deriv.path(e, Some("total"), "fieldmap"),
-            volume: fit.field_hz.cropped(dims),
+            volume: fit.field_hz,
             sidecar: json!({
                 "Units": "Hz",
                 "Description": "Total field offset from the multi-echo fit (receive-phase offset removed), before signal-void filling and background removal",
@@ -285,23 +289,24 @@ fn raw_local_field(
         },
         Output {
             path: deriv.path(e, Some("brain"), "mask"),
-            volume: mask_volume(&rss, &mask).cropped(dims),
+            volume: mask_volume(&rss, &mask),
             sidecar: json!({ "Type": "Brain", "Description": "Brain mask from the magnitude, trimmed by the echo-fit residual" }),
         },
         Output {
             path: deriv.path(e, Some("voids"), "mask"),
-            volume: mask_volume(&rss, &filled.voids).cropped(dims),
+            volume: mask_volume(&rss, &filled.voids),
             sidecar: json!({ "Description": "Voxels whose signal was lost (dark magnitude or large fit residual); their field was replaced by harmonic in-painting before background removal" }),
         },
         Output {
             path: deriv.path(e, Some("eroded"), "mask"),
-            volume: mask_volume(&rss, &local.mask).cropped(dims),
+            volume: mask_volume(&rss, &local.mask),
             sidecar: json!({ "Type": "Brain", "Description": "Brain mask eroded by V-SHARP background removal: where the local field and the Chimap are defined" }),
         },
     ];
     Ok(LocalField {
-        field: local.field.cropped(dims),
-        mask: crate::volume::crop(&local.mask, work, dims),
+        dims,
+        field: local.field,
+        mask: local.mask,
         outputs,
         void_chi,
         parameters: json!({
@@ -316,32 +321,26 @@ fn raw_local_field(
     })
 }
 
-/// Total field (ppm) + mask → local field by V-SHARP, with the eroded mask written out.
+/// Total field (ppm) + mask on the work grid → local field by V-SHARP, with the eroded mask
+/// written out. `dims` is the input grid.
 fn background_removal(
+    dims: [usize; 3],
     total_ppm: Volume,
     mask: Mask,
     config: &Config,
     deriv: &Derivatives,
     acq: &Acquisition,
 ) -> Result<LocalField> {
-    let dims = total_ppm.dims;
-    let work = work_dims(dims);
-    let mask_w = crate::volume::pad(&mask, dims, work, false);
-    let local = preprocess::background::vsharp(
-        &total_ppm.padded(work),
-        &mask_w,
-        &config.preprocess.background,
-    )?;
-    let eroded = crate::volume::crop(&local.mask, work, dims);
-    let field = local.field.cropped(dims);
+    let local = preprocess::background::vsharp(&total_ppm, &mask, &config.preprocess.background)?;
     let outputs = vec![Output {
         path: deriv.path(&acq.entities, Some("eroded"), "mask"),
-        volume: mask_volume(&field, &eroded),
+        volume: mask_volume(&local.field, &local.mask),
         sidecar: json!({ "Type": "Brain", "Description": "Brain mask eroded by V-SHARP background removal: where the local field and the Chimap are defined" }),
     }];
     Ok(LocalField {
-        field,
-        mask: eroded,
+        dims,
+        field: local.field,
+        mask: local.mask,
         outputs,
         void_chi: None,
         parameters: json!({
