@@ -70,12 +70,8 @@ impl Method for Tkd {
             let inv: Vec<f32> = op.kernel().iter().map(|&d| 1.0 / truncate(d, t)).collect();
             multiply_real(&mut spec, &inv);
         } else {
-            let mut den: Vec<f32> = op
-                .kernel()
-                .iter()
-                .map(|&d| truncate(d, t).powi(2))
-                .collect();
             let dt: Vec<f32> = op.kernel().iter().map(|&d| truncate(d, t)).collect();
+            let mut den: Vec<f32> = dt.iter().map(|d| d * d).collect();
             multiply_real(&mut spec, &dt);
             for n in 1..problem.orientations.len() {
                 let kernel = crate::physics::dipole_kernel(

@@ -252,9 +252,7 @@ mod tests {
             phases.push(Volume::new(dims, p, geom.clone()));
             mags.push(Volume::new(dims, m, geom.clone()));
         }
-        let mut cfg = Config::default();
-        // This head's mask is exact (Jaccard 1): keep it whole.
-        cfg.mask.final_dilate_mm = 0.0;
+        let cfg = Config::default();
         let t0 = std::time::Instant::now();
         scale_phase(&mut phases, &[PathBuf::from("x")], false, &cfg.scale).unwrap();
         let t1 = std::time::Instant::now();
