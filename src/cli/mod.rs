@@ -116,44 +116,31 @@ fn run_participants(run: RunArgs) -> ExitCode {
                 .build_global()
                 .is_err()
         {
-            eprintln!("chimap: error: --nthreads must be a positive number of threads");
-            return ExitCode::from(EXIT_USAGE);
+            return finish(Err(Error::Usage(
+                "--nthreads must be a positive number of threads".into(),
+            )));
         }
     }
-    let settings = match settings(&run) {
-        Ok(s) => s,
-        Err(e) => {
-            eprintln!("chimap: error: {e}");
-            return ExitCode::from(EXIT_USAGE);
+    let summary = match settings(&run).and_then(|s| Ok((pipeline::run(&s)?, s.dry_run))) {
+        Ok((summary, dry_run)) => {
+            if !dry_run {
+                tracing::info!(
+                    "processed {}, skipped {} (already done), failed {}",
+                    summary.processed.len(),
+                    summary.skipped.len(),
+                    summary.failed.len()
+                );
+                for (name, e) in &summary.failed {
+                    eprintln!("chimap: failed: {name}: {e}");
+                }
+            }
+            summary
         }
+        Err(e) => return finish(Err(e)),
     };
-    match pipeline::run(&settings) {
-        Ok(summary) => {
-            if settings.dry_run {
-                return if summary.success() {
-                    ExitCode::SUCCESS
-                } else {
-                    ExitCode::from(EXIT_FAILED)
-                };
-            }
-            tracing::info!(
-                "processed {}, skipped {} (already done), failed {}",
-                summary.processed.len(),
-                summary.skipped.len(),
-                summary.failed.len()
-            );
-            for (name, e) in &summary.failed {
-                eprintln!("chimap: failed: {name}: {e}");
-            }
-            if summary.success() {
-                ExitCode::SUCCESS
-            } else {
-                ExitCode::from(EXIT_FAILED)
-            }
-        }
-        Err(e) => {
-            eprintln!("chimap: error: {e}");
-            ExitCode::from(EXIT_USAGE)
-        }
+    if summary.success() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(EXIT_FAILED)
     }
 }
