@@ -3,12 +3,22 @@
 //! Every method implements [`Method`], so `--method` is a lookup and each method gets the
 //! same referencing, sidecar and report. All of them use the one `DipoleOperator`.
 
+pub mod cfl2;
+pub mod cgls;
+pub mod cosmos;
+pub mod ilsqr;
+#[cfg(test)]
+mod testing;
 pub mod tkd;
+pub mod tv;
 
 use serde::{Deserialize, Serialize};
 
-use crate::physics::DipoleOperator;
-use crate::{Mask, Result};
+use rustfft::num_complex::Complex32;
+
+use crate::physics::fft::{multiply_real, Fft3};
+use crate::physics::{dipole_kernel, DipoleOperator};
+use crate::{Error, Mask, Result};
 
 /// A local field measured at one head orientation.
 pub struct Orientation<'a> {
@@ -26,6 +36,9 @@ pub struct Problem<'a> {
     pub orientations: Vec<Orientation<'a>>,
     /// Where the local field is valid; χ is returned inside it (zero outside).
     pub mask: &'a Mask,
+    /// Relative reliability of each voxel's field (e.g. inverse noise, mean 1 in the mask),
+    /// used by the weighted methods (iLSQR, TV-ADMM); `None` = uniform inside the mask.
+    pub weight: Option<&'a [f32]>,
 }
 
 impl Problem<'_> {
@@ -33,6 +46,75 @@ impl Problem<'_> {
     pub fn operator(&self, n: usize) -> DipoleOperator {
         DipoleOperator::new(self.dims, self.voxel_size, self.orientations[n].b0)
     }
+
+    /// The dipole kernel of every orientation, on the half spectrum.
+    pub fn kernels(&self) -> Vec<Vec<f32>> {
+        self.orientations
+            .iter()
+            .map(|o| dipole_kernel(self.dims, self.voxel_size, o.b0))
+            .collect()
+    }
+
+    /// The data weight inside the mask, zero outside: the problem's weight or the mask.
+    pub fn data_weight(&self) -> Vec<f32> {
+        match self.weight {
+            Some(w) => w
+                .iter()
+                .zip(self.mask)
+                .map(|(&w, &m)| if m && w.is_finite() { w.max(0.0) } else { 0.0 })
+                .collect(),
+            None => self.mask.iter().map(|&m| m as u8 as f32).collect(),
+        }
+    }
+
+    /// Fails with a clear message unless every orientation's field has the grid's size.
+    fn check(&self, method: &str) -> Result<()> {
+        let n: usize = self.dims.iter().product();
+        if self.orientations.is_empty() {
+            return Err(Error::Numerics(format!(
+                "{method} needs at least one local field"
+            )));
+        }
+        if self.mask.len() != n
+            || self.orientations.iter().any(|o| o.field.len() != n)
+            || self.weight.is_some_and(|w| w.len() != n)
+        {
+            return Err(Error::Numerics(format!(
+                "{method}: field, mask and weight must all have {n} voxels"
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// `Σᵢ g(Dᵢ)·FFT(fᵢ)` and `Σᵢ g(Dᵢ)²` over the orientations of `problem`: the numerator and
+/// denominator of every closed-form k-space solution (TKD with `g` = truncation, CFL2 and
+/// COSMOS with `g` = identity). For one orientation it is `g(D)F` and `g(D)²`.
+pub fn combined_spectrum(
+    problem: &Problem,
+    fft: &Fft3,
+    g: impl Fn(f32) -> f32,
+) -> (Vec<Complex32>, Vec<f32>) {
+    let mut num = vec![Complex32::new(0.0, 0.0); fft.spectrum_len()];
+    let mut den = vec![0.0f32; fft.spectrum_len()];
+    for (o, kernel) in problem.orientations.iter().zip(problem.kernels()) {
+        let gd: Vec<f32> = kernel.iter().map(|&d| g(d)).collect();
+        let mut spec = fft.forward(o.field);
+        multiply_real(&mut spec, &gd);
+        num.iter_mut().zip(&spec).for_each(|(a, b)| *a += b);
+        den.iter_mut().zip(&gd).for_each(|(s, d)| *s += d * d);
+    }
+    (num, den)
+}
+
+/// Zeroes `chi` outside the mask.
+fn restrict(mut chi: Vec<f32>, mask: &Mask) -> Vec<f32> {
+    for (v, &m) in chi.iter_mut().zip(mask) {
+        if !m {
+            *v = 0.0;
+        }
+    }
+    chi
 }
 
 /// A dipole-inversion method.
@@ -51,6 +133,14 @@ pub trait Method {
 pub enum MethodName {
     /// Thresholded k-space division (Shmueli et al. 2009).
     Tkd,
+    /// Closed-form Tikhonov with gradient regularisation (Bilgic et al. 2014).
+    Cfl2,
+    /// LSQR with streaking-artifact removal (Li et al. 2015).
+    Ilsqr,
+    /// Total variation by ADMM, weighted data term (Bilgic et al. 2014; Milovic et al. 2018).
+    Tv,
+    /// Closed-form multi-orientation inversion (Liu et al. 2009); needs 2+ orientations.
+    Cosmos,
 }
 
 /// The `inversion` section of the configuration.
@@ -61,6 +151,14 @@ pub struct Config {
     pub method: MethodName,
     /// Parameters of TKD.
     pub tkd: tkd::Config,
+    /// Parameters of CFL2.
+    pub cfl2: cfl2::Config,
+    /// Parameters of iLSQR.
+    pub ilsqr: ilsqr::Config,
+    /// Parameters of TV-ADMM.
+    pub tv: tv::Config,
+    /// Parameters of COSMOS.
+    pub cosmos: cosmos::Config,
 }
 
 impl Default for Config {
@@ -68,6 +166,10 @@ impl Default for Config {
         Config {
             method: MethodName::Tkd,
             tkd: tkd::Config::default(),
+            cfl2: cfl2::Config::default(),
+            ilsqr: ilsqr::Config::default(),
+            tv: tv::Config::default(),
+            cosmos: cosmos::Config::default(),
         }
     }
 }
@@ -77,6 +179,10 @@ impl Config {
     pub fn method(&self) -> Box<dyn Method + Send + Sync> {
         match self.method {
             MethodName::Tkd => Box::new(tkd::Tkd::new(self.tkd.clone())),
+            MethodName::Cfl2 => Box::new(cfl2::Cfl2::new(self.cfl2.clone())),
+            MethodName::Ilsqr => Box::new(ilsqr::Ilsqr::new(self.ilsqr.clone())),
+            MethodName::Tv => Box::new(tv::TvAdmm::new(self.tv.clone())),
+            MethodName::Cosmos => Box::new(cosmos::Cosmos::new(self.cosmos.clone())),
         }
     }
 }

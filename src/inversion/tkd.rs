@@ -7,8 +7,8 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::{Method, Problem};
-use crate::physics::fft::multiply_real;
+use super::{combined_spectrum, restrict, Method, Problem};
+use crate::physics::fft::{multiply_real, Fft3};
 use crate::{Error, Result};
 
 /// The `inversion.tkd` section of the configuration.
@@ -59,42 +59,14 @@ impl Method for Tkd {
                 "inversion.tkd.threshold must lie in (0, 2/3), got {t}"
             )));
         }
+        problem.check("TKD")?;
         let t = t as f32;
-        let Some(first) = problem.orientations.first() else {
-            return Err(Error::Numerics("TKD needs at least one local field".into()));
-        };
-        let op = problem.operator(0);
-        let mut spec = op.fft().forward(first.field);
-        if problem.orientations.len() == 1 {
-            // One orientation: Σ D̃F / Σ D̃² is simply F / D̃, one fused pass.
-            let inv: Vec<f32> = op.kernel().iter().map(|&d| 1.0 / truncate(d, t)).collect();
-            multiply_real(&mut spec, &inv);
-        } else {
-            let dt: Vec<f32> = op.kernel().iter().map(|&d| truncate(d, t)).collect();
-            let mut den: Vec<f32> = dt.iter().map(|d| d * d).collect();
-            multiply_real(&mut spec, &dt);
-            for n in 1..problem.orientations.len() {
-                let kernel = crate::physics::dipole_kernel(
-                    problem.dims,
-                    problem.voxel_size,
-                    problem.orientations[n].b0,
-                );
-                let mut other = op.fft().forward(problem.orientations[n].field);
-                let dt: Vec<f32> = kernel.iter().map(|&d| truncate(d, t)).collect();
-                multiply_real(&mut other, &dt);
-                spec.iter_mut().zip(&other).for_each(|(a, b)| *a += b);
-                den.iter_mut().zip(&dt).for_each(|(s, d)| *s += d * d);
-            }
-            let inv: Vec<f32> = den.iter().map(|&s| 1.0 / s).collect();
-            multiply_real(&mut spec, &inv);
-        }
-        let mut chi = op.fft().inverse(&mut spec);
-        for (v, &m) in chi.iter_mut().zip(problem.mask) {
-            if !m {
-                *v = 0.0;
-            }
-        }
-        Ok(chi)
+        let fft = Fft3::new(problem.dims);
+        let (mut spec, den) = combined_spectrum(problem, &fft, |d| truncate(d, t));
+        // Σ D̃² ≥ t² > 0 everywhere but DC, where D̃ = t keeps the mean (set by referencing).
+        let inv: Vec<f32> = den.iter().map(|&s| 1.0 / s).collect();
+        multiply_real(&mut spec, &inv);
+        Ok(restrict(fft.inverse(&mut spec), problem.mask))
     }
 
     fn parameters(&self) -> serde_json::Value {
@@ -105,44 +77,9 @@ impl Method for Tkd {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::inversion::testing::{nrmse, phantom};
     use crate::inversion::Orientation;
     use crate::physics::DipoleOperator;
-
-    /// A smooth-edged test object: two ellipsoids of different χ inside a 48³ box.
-    fn phantom(dims: [usize; 3]) -> Vec<f32> {
-        let mut chi = vec![0.0f32; dims.iter().product()];
-        for k in 0..dims[2] {
-            for j in 0..dims[1] {
-                for i in 0..dims[0] {
-                    let p = [i as f64 - 24.0, j as f64 - 24.0, k as f64 - 24.0];
-                    let e1 = (p[0] / 10.0).powi(2) + (p[1] / 6.0).powi(2) + (p[2] / 8.0).powi(2);
-                    let e2 = ((p[0] - 4.0) / 3.0).powi(2)
-                        + (p[1] / 3.0).powi(2)
-                        + ((p[2] + 2.0) / 5.0).powi(2);
-                    let v = if e2 < 1.0 {
-                        0.2
-                    } else if e1 < 1.0 {
-                        -0.05
-                    } else {
-                        0.0
-                    };
-                    chi[i + dims[0] * (j + dims[1] * k)] = v;
-                }
-            }
-        }
-        chi
-    }
-
-    fn nrmse(a: &[f32], b: &[f32], mask: &[bool]) -> f64 {
-        let (mut e, mut n) = (0.0, 0.0);
-        for ((&x, &y), &m) in a.iter().zip(b).zip(mask) {
-            if m {
-                e += (x as f64 - y as f64).powi(2);
-                n += (y as f64).powi(2);
-            }
-        }
-        (e / n).sqrt()
-    }
 
     #[test]
     fn tkd_recovers_a_known_object_and_the_threshold_trades_bias() {
@@ -156,6 +93,7 @@ mod tests {
             voxel_size: [1.0; 3],
             orientations: vec![Orientation { field: &field, b0 }],
             mask: &mask,
+            weight: None,
         };
         let low = Tkd::new(Config { threshold: 0.05 })
             .invert(&problem)
@@ -185,6 +123,7 @@ mod tests {
             voxel_size: [1.0; 3],
             orientations: vec![Orientation { field: &f1, b0: b1 }],
             mask: &mask,
+            weight: None,
         };
         let two = Problem {
             dims,
@@ -194,6 +133,7 @@ mod tests {
                 Orientation { field: &f2, b0: b2 },
             ],
             mask: &mask,
+            weight: None,
         };
         let tkd = Tkd::new(Config { threshold: 0.2 });
         let e1 = nrmse(&tkd.invert(&one).unwrap(), &chi, &mask);
@@ -214,6 +154,7 @@ mod tests {
                 b0: [0.0, 0.0, 1.0],
             }],
             mask: &mask,
+            weight: None,
         };
         let err = Tkd::new(Config { threshold: 0.9 })
             .invert(&p)

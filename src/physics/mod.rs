@@ -4,6 +4,7 @@
 pub mod b0;
 pub mod dipole;
 pub mod fft;
+pub mod gradient;
 pub mod kernels;
 pub mod units;
 

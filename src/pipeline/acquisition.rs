@@ -111,6 +111,7 @@ pub fn process(
             b0: acq.b0_direction,
         }],
         mask: &local.mask,
+        weight: None,
     };
     let mut chi = method.invert(&problem)?;
     if let Some(v) = &local.void_chi {
