@@ -9,8 +9,11 @@
 //!     --mask ../shared/data/mni_phantom/brainmask.nii.gz --seg ../shared/data/mni_phantom/seg.nii.gz
 //! ```
 //!
+//! `--methods tkd,cfl2,ilsqr,tv` (before the simulate flags) scores several inversions; the
+//! default is TKD alone. `--skip-simulation` reuses `WORK_DIR/raw` from an earlier run.
+//!
 //! It simulates a raw dataset into `WORK_DIR/raw` (ground truth in its derivatives), then runs
-//! the participant pipeline three times and prints the demeaned NRMSE of TKD for:
+//! the participant pipeline three times per method and prints the demeaned NRMSE for:
 //! (a) the true local field; (b) the true local field given as a total field, so that only
 //! background removal and TKD run; (c) the full pipeline from raw phase.
 //! (b) − (a) is the harmonic part of the local field that no background removal recovers;
@@ -22,6 +25,7 @@ use clap::Parser;
 
 use chimap::bids::Filter;
 use chimap::derivatives::sidecar_path;
+use chimap::inversion::MethodName;
 use chimap::pipeline::{self, Config, Settings};
 use chimap::{evaluate, io};
 
@@ -31,12 +35,14 @@ struct Simulate {
     args: chimap::simulate::SimulateArgs,
 }
 
-fn run(bids: &Path, out: &Path) {
+fn run(bids: &Path, out: &Path, method: MethodName) {
+    let mut config = Config::default();
+    config.inversion.method = method;
     let settings = Settings {
         bids_dir: bids.to_path_buf(),
         output_dir: out.to_path_buf(),
         filter: Filter::default(),
-        config: Config::default(),
+        config,
         overwrite: true,
         dry_run: false,
         command_line: "quality_ladder".into(),
@@ -80,23 +86,52 @@ fn volume(path: &Path) -> Vec<f32> {
         .data
 }
 
+/// Seconds the inversion stage took, from the Chimap's sidecar.
+fn inversion_seconds(chi_path: &Path) -> f64 {
+    let sidecar: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(sidecar_path(chi_path)).unwrap()).unwrap();
+    sidecar["ProcessingTimeSeconds"]["inversion"]
+        .as_f64()
+        .unwrap_or(f64::NAN)
+}
+
 fn main() {
-    let mut argv: Vec<String> = std::env::args().collect();
+    let mut argv: Vec<String> = std::env::args().skip(1).collect();
+    let mut methods = vec![MethodName::Tkd];
+    let mut simulate = true;
+    loop {
+        match argv.first().map(String::as_str) {
+            Some("--methods") if argv.len() > 1 => {
+                methods = argv[1]
+                    .split(',')
+                    .map(|m| clap::ValueEnum::from_str(m, true).expect("a known method"))
+                    .collect();
+                argv.drain(..2);
+            }
+            Some("--skip-simulation") => {
+                simulate = false;
+                argv.remove(0);
+            }
+            _ => break,
+        }
+    }
     assert!(
-        argv.len() >= 2,
-        "usage: quality_ladder WORK_DIR [chimap simulate flags...]"
+        !argv.is_empty(),
+        "usage: quality_ladder [--methods LIST] [--skip-simulation] WORK_DIR [chimap simulate flags...]"
     );
-    let work = PathBuf::from(argv.remove(1));
+    let work = PathBuf::from(argv.remove(0));
     let raw = work.join("raw");
     let mut sim_args = vec![
         "simulate".to_string(),
         raw.to_string_lossy().into_owned(),
         "--overwrite".into(),
     ];
-    sim_args.extend(argv.into_iter().skip(1));
-    let sim = Simulate::parse_from(sim_args);
+    sim_args.extend(argv);
     chimap::cli::init_logging_for_tools();
-    chimap::simulate::run(&sim.args).expect("simulation runs");
+    if simulate {
+        let sim = Simulate::parse_from(sim_args);
+        chimap::simulate::run(&sim.args).expect("simulation runs");
+    }
 
     let truth = raw.join("derivatives/chimap-truth");
     let local_ds = work.join("truth-local");
@@ -107,19 +142,20 @@ fn main() {
     field_dataset(&truth, &local_ds, "local", "local");
     field_dataset(&truth, &total_ds, "local", "total");
     let rungs = [
-        ("(a) true local field", local_ds, work.join("out-a")),
-        (
-            "(b) true local field as total field",
-            total_ds,
-            work.join("out-b"),
-        ),
-        ("(c) raw phase", raw.clone(), work.join("out-c")),
+        ("(a) true local field", local_ds, "a"),
+        ("(b) true local field as total field", total_ds, "b"),
+        ("(c) raw phase", raw.clone(), "c"),
     ];
-    for (_, input, out) in &rungs {
-        run(input, out);
+    let out_dir = |method: MethodName, rung: &str| {
+        let m = format!("{method:?}").to_lowercase();
+        work.join(format!("out-{m}-{rung}"))
+    };
+    for &method in &methods {
+        for (_, input, rung) in &rungs {
+            run(input, &out_dir(method, rung), method);
+        }
     }
 
-    println!("\nTKD demeaned NRMSE (%)                      eroded mask   whole brain mask");
     for chi_truth_path in walk(&truth)
         .into_iter()
         .filter(|p| p.to_string_lossy().ends_with("_Chimap.nii.gz"))
@@ -144,9 +180,8 @@ fn main() {
         .iter()
         .map(|&v| v > 0.5)
         .collect();
-        // The common region: voxels where the raw-phase run (c) defines χ.
-        let eroded_c = work
-            .join("out-c")
+        // The common region: voxels where the raw-phase run (c) of the first method defines χ.
+        let eroded_c = out_dir(methods[0], "c")
             .join(&anat)
             .join(format!("{name}_desc-eroded_mask.nii.gz"));
         let eroded: Vec<bool> = volume(&eroded_c)
@@ -154,26 +189,30 @@ fn main() {
             .zip(&brain)
             .map(|(&v, &b)| v > 0.5 && b)
             .collect();
-        println!("{name}");
-        let mut scores = Vec::new();
-        for (label, _, out) in &rungs {
-            let chi_path = out
-                .join(&anat)
-                .join(format!("{name}_desc-tkd_Chimap.nii.gz"));
-            let chi = volume(&chi_path);
-            let e = evaluate::nrmse_demeaned(&chi, &truth_chi, &eroded);
-            let w = evaluate::nrmse_demeaned(&chi, &truth_chi, &brain);
-            println!("  {label:<40} {e:>8.1}      {w:>8.1}");
-            scores.push(e);
-            assert!(sidecar_path(&chi_path).is_file());
+        println!("\n{name}: demeaned NRMSE (%)              eroded mask   whole brain mask   inversion (s)");
+        for &method in &methods {
+            let m = format!("{method:?}").to_lowercase();
+            println!("{m}");
+            let mut scores = Vec::new();
+            for (label, _, rung) in &rungs {
+                let chi_path = out_dir(method, rung)
+                    .join(&anat)
+                    .join(format!("{name}_desc-{m}_Chimap.nii.gz"));
+                let chi = volume(&chi_path);
+                let e = evaluate::nrmse_demeaned(&chi, &truth_chi, &eroded);
+                let w = evaluate::nrmse_demeaned(&chi, &truth_chi, &brain);
+                let t = inversion_seconds(&chi_path);
+                println!("  {label:<40} {e:>8.1}      {w:>8.1}           {t:>8.2}");
+                scores.push(e);
+            }
+            println!(
+                "  (b) − (a) harmonic part lost by background removal: {:.1} points",
+                scores[1] - scores[0]
+            );
+            println!(
+                "  (c) − (b) cost of our phase processing:              {:.1} points (goal ≤ 8)",
+                scores[2] - scores[1]
+            );
         }
-        println!(
-            "  (b) − (a) harmonic part lost by background removal: {:.1} points",
-            scores[1] - scores[0]
-        );
-        println!(
-            "  (c) − (b) cost of our phase processing:              {:.1} points (goal ≤ 8)",
-            scores[2] - scores[1]
-        );
     }
 }

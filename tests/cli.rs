@@ -229,6 +229,117 @@ fn local_field_maps_from_a_derivative_dataset_go_straight_to_inversion() {
     assert!(e < 60.0, "TKD NRMSE from the true local field: {e} %");
 }
 
+fn read(path: &Path) -> Vec<f32> {
+    io::read_image(path)
+        .unwrap_or_else(|e| panic!("{e}"))
+        .frames
+        .remove(0)
+        .data
+}
+
+#[test]
+fn cosmos_inverts_each_orientation_set_jointly() {
+    let dir = tempfile::tempdir().unwrap();
+    let ds = simulate(dir.path(), "1", "float32");
+    let truth = ds.join("derivatives/chimap-truth");
+    let anat = "sub-1/anat";
+
+    // From the true local fields of both orientations: one Chimap for the set, better than
+    // TKD of either orientation alone.
+    let out = dir.path().join("out-local");
+    let o = chimap(&[
+        truth.to_str().unwrap(),
+        out.to_str().unwrap(),
+        "participant",
+        "--method",
+        "cosmos",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let set_chi = out.join(anat).join("sub-1_desc-cosmos_Chimap.nii.gz");
+    let side = io::read_json(&chimap::derivatives::sidecar_path(&set_chi)).unwrap();
+    assert_eq!(side["B0Directions"].as_array().unwrap().len(), 2);
+    assert_eq!(side["Orientations"][1], "sub-1_acq-ori2");
+    assert!(!out
+        .join(anat)
+        .join("sub-1_acq-ori1_desc-cosmos_Chimap.nii.gz")
+        .exists());
+    let want = read(&truth.join(anat).join("sub-1_acq-ori1_Chimap.nii.gz"));
+    let mask: Vec<bool> = read(
+        &truth
+            .join(anat)
+            .join("sub-1_acq-ori1_desc-brain_mask.nii.gz"),
+    )
+    .iter()
+    .map(|&v| v > 0.5)
+    .collect();
+    let e_cosmos = chimap::evaluate::nrmse_demeaned(&read(&set_chi), &want, &mask);
+    let tkd_out = dir.path().join("out-tkd");
+    let o = chimap(&[
+        truth.to_str().unwrap(),
+        tkd_out.to_str().unwrap(),
+        "participant",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let e_tkd = chimap::evaluate::nrmse_demeaned(
+        &read(
+            &tkd_out
+                .join(anat)
+                .join("sub-1_acq-ori1_desc-tkd_Chimap.nii.gz"),
+        ),
+        &want,
+        &mask,
+    );
+    assert!(e_cosmos < e_tkd, "COSMOS {e_cosmos} % vs TKD {e_tkd} %");
+
+    // From raw phase: each orientation's preprocessing outputs under its own name, then the
+    // set's Chimap.
+    let out = dir.path().join("out-raw");
+    let o = chimap(&[
+        ds.to_str().unwrap(),
+        out.to_str().unwrap(),
+        "participant",
+        "--method",
+        "cosmos",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    for name in [
+        "sub-1_acq-ori1_desc-local_fieldmap.nii.gz",
+        "sub-1_acq-ori2_desc-local_fieldmap.nii.gz",
+        "sub-1_acq-ori2_desc-eroded_mask.nii.gz",
+        "sub-1_desc-cosmos_Chimap.nii.gz",
+    ] {
+        assert!(out.join(anat).join(name).is_file(), "missing {name}");
+    }
+}
+
+#[test]
+fn cosmos_on_a_single_orientation_names_the_fix() {
+    let dir = tempfile::tempdir().unwrap();
+    let ds = simulate(dir.path(), "1", "float32");
+    // Without its second orientation the series is alone: COSMOS refuses it with the reason.
+    let lone = dir.path().join("lone");
+    std::fs::create_dir_all(lone.join("sub-1/anat")).unwrap();
+    for f in files(&ds) {
+        let rel = f.strip_prefix(&ds).unwrap();
+        let name = rel.to_string_lossy();
+        if name.contains("acq-ori2") || name.starts_with("derivatives") {
+            continue;
+        }
+        let dest = lone.join(rel);
+        std::fs::create_dir_all(dest.parent().unwrap()).unwrap();
+        std::fs::copy(&f, dest).unwrap();
+    }
+    let out2 = dir.path().join("out2");
+    let o = chimap(&[
+        lone.to_str().unwrap(),
+        out2.to_str().unwrap(),
+        "participant",
+        "--method",
+        "cosmos",
+    ]);
+    assert_clean_failure(&o, "at least two head orientations", &out2);
+}
+
 #[test]
 fn bad_inputs_fail_with_a_clear_message_and_leave_nothing_half_written() {
     let dir = tempfile::tempdir().unwrap();

@@ -939,7 +939,7 @@ fn orientation_sets(acquisitions: &[Acquisition]) -> Vec<OrientationSet> {
             Source::FieldMap {
                 kind: FieldKind::Total,
                 ..
-            } => continue,
+            } => 2,
         };
         let key = Entities {
             acq: None,
@@ -964,6 +964,7 @@ fn orientation_sets(acquisitions: &[Acquisition]) -> Vec<OrientationSet> {
             sets.push(OrientationSet {
                 subject: key.sub.clone(),
                 session: key.ses.clone(),
+                entities: key,
                 members,
             });
         }

@@ -113,6 +113,9 @@ impl Acquisition {
 pub struct OrientationSet {
     pub subject: String,
     pub session: Option<String>,
+    /// The members' shared entities (theirs without `acq` and `run`): the set's outputs are
+    /// named from these.
+    pub entities: Entities,
     /// Indices into `Discovery::acquisitions`.
     pub members: Vec<usize>,
 }

@@ -71,6 +71,10 @@ impl Method for Cosmos {
     fn parameters(&self) -> serde_json::Value {
         serde_json::json!({ "threshold": self.config.threshold })
     }
+
+    fn joint_orientations(&self) -> bool {
+        true
+    }
 }
 
 #[cfg(test)]

@@ -125,6 +125,11 @@ pub trait Method {
     fn invert(&self, problem: &Problem) -> Result<Vec<f32>>;
     /// The parameters used, for the sidecar.
     fn parameters(&self) -> serde_json::Value;
+    /// Whether the pipeline should invert each multi-orientation set jointly (one Chimap per
+    /// set) instead of each orientation on its own.
+    fn joint_orientations(&self) -> bool {
+        false
+    }
 }
 
 /// The methods that `--method` accepts.

@@ -7,7 +7,7 @@ use serde_json::{json, Value};
 use super::fields;
 use super::progress::Stages;
 use super::Config;
-use crate::bids::{Acquisition, FieldKind, Source};
+use crate::bids::{Acquisition, FieldKind, OrientationSet, Source};
 use crate::derivatives::{mask_volume, source_uri, Derivatives};
 use crate::inversion::{self, Orientation, Problem};
 use crate::{preprocess, Error, Mask, Result, Volume};
@@ -41,8 +41,29 @@ pub(super) struct LocalField {
     pub parameters: Value,
     /// χ of the signal voids modelled as sources (ppm), to add to the inversion's result.
     pub void_chi: Option<Vec<f32>>,
+    /// Relative reliability of each voxel's field for the weighted methods (from the echo
+    /// fit's noise); `None` when there is none (field-map inputs).
+    pub weight: Option<Vec<f32>>,
 }
 
+/// Data weight from the field's noise: `median(σ)/σ` in the mask, capped at 4 so that a few
+/// very quiet voxels cannot dominate; 0 outside.
+fn weight_from_noise(noise: &[f32], mask: &Mask) -> Vec<f32> {
+    let median = preprocess::util::quantile(noise, Some(mask), 0.5).unwrap_or(0.0);
+    noise
+        .iter()
+        .zip(mask)
+        .map(|(&s, &m)| {
+            if m && s > 0.0 && median > 0.0 {
+                (median / s).min(4.0)
+            } else {
+                0.0
+            }
+        })
+        .collect()
+}
+
+/// One acquisition: its local field, then χ from that orientation alone.
 pub fn process(
     acq: &Acquisition,
     root: &Path,
@@ -58,13 +79,193 @@ pub fn process(
     let mut stages = Stages::new(&acq.name());
     let b0_tesla = acq.field_strength.or(config.field_strength);
     let common = common_sidecar(acq, b0_tesla);
+    let mut local = local_field(acq, root, config, deriv, b0_tesla, &mut stages)?;
 
-    let local = match &acq.source {
+    stages.start("inversion");
+    let problem = Problem {
+        dims: local.field.dims,
+        voxel_size: local.field.geometry.voxel_size,
+        orientations: vec![Orientation {
+            field: &local.field.data,
+            b0: acq.b0_direction,
+        }],
+        mask: &local.mask,
+        weight: local.weight.as_deref(),
+    };
+    let mut chi = method.invert(&problem)?;
+    if let Some(v) = &local.void_chi {
+        chi.iter_mut().zip(v).for_each(|(c, &s)| *c += s);
+    }
+    let reference = inversion::reference_to_mean(&mut chi, &local.mask, &local.mask);
+    stages.finish();
+
+    let mut outputs = std::mem::take(&mut local.outputs);
+    outputs.push(local_field_output(deriv, acq, &local));
+    // The Chimap goes last: its presence marks the acquisition finished.
+    outputs.push(Output {
+        path: chimap_path,
+        volume: local.field.with_data(chi),
+        sidecar: json!({
+            "Units": "ppm",
+            "Description": "Magnetic susceptibility (QSM)",
+            "Method": method.name(),
+            "MethodParameters": method.parameters(),
+            "Preprocessing": local.parameters,
+            "ReferenceRegion": "mean over the mask of the local field (desc-local_fieldmap, non-zero voxels of its mask)",
+            "ReferenceValueRemoved": reference,
+            "ProcessingTimeSeconds": stages.to_json(),
+        }),
+    });
+    write_outputs(deriv, outputs, &common, local.dims)?;
+    Ok(Outcome::Done)
+}
+
+/// A multi-orientation set: every member's local field (written with the member's own
+/// name), then one χ from all orientations jointly, named from the set's shared entities.
+///
+/// The members must share one voxel grid with the head in register: a head-rotation study
+/// registered to one reference (or a simulation), with each member's B0 direction in that
+/// common voxel frame.
+pub fn process_set(
+    set: &OrientationSet,
+    acquisitions: &[Acquisition],
+    root: &Path,
+    config: &Config,
+    deriv: &Derivatives,
+    overwrite: bool,
+) -> Result<Outcome> {
+    let method = config.inversion.method();
+    let chimap_path = deriv.path(&set.entities, Some(method.name()), "Chimap");
+    if !overwrite && Derivatives::exists(&chimap_path) {
+        return Ok(Outcome::AlreadyDone);
+    }
+    let members: Vec<&Acquisition> = set.members.iter().map(|&i| &acquisitions[i]).collect();
+    let first = members[0];
+    for m in &members[1..] {
+        if m.dims != first.dims
+            || m.voxel_size
+                .iter()
+                .zip(first.voxel_size)
+                .any(|(a, b)| (a - b).abs() > 1e-3 * b.abs())
+        {
+            return Err(Error::input(
+                root.join(&m.inputs[0]),
+                format!(
+                    "has grid {:?} with voxels {:?} mm, but {} has {:?} with {:?} mm: the \
+                     orientations of a set must be registered to one grid before a joint \
+                     inversion",
+                    m.dims,
+                    m.voxel_size,
+                    first.name(),
+                    first.dims,
+                    first.voxel_size
+                ),
+            ));
+        }
+    }
+
+    let mut stages = Stages::new(&set.entities.prefix());
+    let mut locals = Vec::with_capacity(members.len());
+    for acq in &members {
+        let b0_tesla = acq.field_strength.or(config.field_strength);
+        let mut local = local_field(acq, root, config, deriv, b0_tesla, &mut stages)?;
+        let mut outputs = std::mem::take(&mut local.outputs);
+        outputs.push(local_field_output(deriv, acq, &local));
+        write_outputs(deriv, outputs, &common_sidecar(acq, b0_tesla), local.dims)?;
+        locals.push(local);
+    }
+
+    stages.start("inversion");
+    // χ is defined where every orientation's field is.
+    let mut mask = locals[0].mask.clone();
+    for l in &locals[1..] {
+        mask.iter_mut().zip(&l.mask).for_each(|(a, &b)| *a &= b);
+    }
+    if !mask.iter().any(|&m| m) {
+        return Err(Error::Numerics(format!(
+            "{}: the masks of the orientations do not overlap",
+            set.entities.prefix()
+        )));
+    }
+    let weight = locals.iter().all(|l| l.weight.is_some()).then(|| {
+        // A voxel is as reliable as its noisiest orientation.
+        let mut w = locals[0].weight.clone().unwrap_or_default();
+        for l in &locals[1..] {
+            let lw = l.weight.as_deref().unwrap_or_default();
+            w.iter_mut().zip(lw).for_each(|(a, &b)| *a = a.min(b));
+        }
+        w
+    });
+    let problem = Problem {
+        dims: locals[0].field.dims,
+        voxel_size: locals[0].field.geometry.voxel_size,
+        orientations: locals
+            .iter()
+            .zip(&members)
+            .map(|(l, a)| Orientation {
+                field: &l.field.data,
+                b0: a.b0_direction,
+            })
+            .collect(),
+        mask: &mask,
+        weight: weight.as_deref(),
+    };
+    let mut chi = method.invert(&problem)?;
+    // Void sources were fitted per orientation; their χ is one tissue property, so average.
+    let voids: Vec<&Vec<f32>> = locals.iter().filter_map(|l| l.void_chi.as_ref()).collect();
+    if !voids.is_empty() {
+        let k = 1.0 / voids.len() as f32;
+        for v in voids {
+            chi.iter_mut().zip(v).for_each(|(c, &s)| *c += k * s);
+        }
+    }
+    let reference = inversion::reference_to_mean(&mut chi, &mask, &mask);
+    stages.finish();
+
+    let sources: Vec<String> = members
+        .iter()
+        .flat_map(|a| a.inputs.iter().map(|p| source_uri(p)))
+        .collect();
+    let mut sidecar = json!({
+        "Units": "ppm",
+        "Description": "Magnetic susceptibility (QSM) from several head orientations inverted jointly",
+        "Sources": sources,
+        "Orientations": members.iter().map(|a| a.name()).collect::<Vec<_>>(),
+        "B0Directions": members.iter().map(|a| a.b0_direction).collect::<Vec<_>>(),
+        "B0DirectionFrame": "voxel axes (i, j, k) of the shared grid, from each series' affine",
+        "ChimapVersion": crate::VERSION,
+        "Method": method.name(),
+        "MethodParameters": method.parameters(),
+        "Preprocessing": locals.iter().map(|l| l.parameters.clone()).collect::<Vec<_>>(),
+        "ReferenceRegion": "mean over the intersection of the orientations' masks",
+        "ReferenceValueRemoved": reference,
+        "ProcessingTimeSeconds": stages.to_json(),
+    });
+    if let Some(t) = first.field_strength.or(config.field_strength) {
+        sidecar["MagneticFieldStrength"] = json!(t);
+    }
+    let chimap = locals[0].field.with_data(chi);
+    deriv.write(&chimap_path, &chimap.cropped(locals[0].dims), &sidecar)?;
+    Ok(Outcome::Done)
+}
+
+/// The local field of one acquisition on the padded work grid, from whatever it provides:
+/// raw phase (every preprocessing stage), a total field map (background removal) or a
+/// local field map (nothing).
+fn local_field(
+    acq: &Acquisition,
+    root: &Path,
+    config: &Config,
+    deriv: &Derivatives,
+    b0_tesla: Option<f64>,
+    stages: &mut Stages,
+) -> Result<LocalField> {
+    Ok(match &acq.source {
         Source::Raw { echoes } => {
             let b0_tesla = b0_tesla.ok_or_else(|| missing_field_strength(acq, root))?;
             stages.start("load");
             let echoes = fields::load_echoes(echoes)?;
-            raw_local_field(echoes, b0_tesla, config, deriv, acq, &mut stages)?
+            raw_local_field(echoes, b0_tesla, config, deriv, acq, stages)?
         }
         Source::FieldMap {
             kind,
@@ -91,6 +292,7 @@ pub fn process(
                         outputs: Vec::new(),
                         parameters: json!({ "Input": "local field map" }),
                         void_chi: None,
+                        weight: None,
                     }
                 }
                 FieldKind::Total => {
@@ -99,52 +301,28 @@ pub fn process(
                 }
             }
         }
-    };
+    })
+}
 
-    stages.start("inversion");
-    let dims = local.dims;
-    let problem = Problem {
-        dims: local.field.dims,
-        voxel_size: local.field.geometry.voxel_size,
-        orientations: vec![Orientation {
-            field: &local.field.data,
-            b0: acq.b0_direction,
-        }],
-        mask: &local.mask,
-        weight: None,
-    };
-    let mut chi = method.invert(&problem)?;
-    if let Some(v) = &local.void_chi {
-        chi.iter_mut().zip(v).for_each(|(c, &s)| *c += s);
-    }
-    let reference = inversion::reference_to_mean(&mut chi, &local.mask, &local.mask);
-    stages.finish();
-
-    let mut outputs = local.outputs;
-    outputs.push(Output {
+/// The local field map output, in ppm.
+fn local_field_output(deriv: &Derivatives, acq: &Acquisition, local: &LocalField) -> Output {
+    Output {
         path: deriv.path(&acq.entities, Some("local"), "fieldmap"),
         volume: local.field.clone(),
         sidecar: json!({
             "Units": "ppm",
             "Description": "Local (tissue) field relative to B0, after background field removal; zero outside the mask",
         }),
-    });
-    let chimap = Output {
-        path: chimap_path,
-        volume: local.field.with_data(chi),
-        sidecar: json!({
-            "Units": "ppm",
-            "Description": "Magnetic susceptibility (QSM)",
-            "Method": method.name(),
-            "MethodParameters": method.parameters(),
-            "Preprocessing": local.parameters,
-            "ReferenceRegion": "mean over the mask of the local field (desc-local_fieldmap, non-zero voxels of its mask)",
-            "ReferenceValueRemoved": reference,
-            "ProcessingTimeSeconds": stages.to_json(),
-        }),
-    };
-    // The Chimap goes last: its presence marks the acquisition finished.
-    outputs.push(chimap);
+    }
+}
+
+/// Writes each output cropped to the input grid, its sidecar being `common` plus its own.
+fn write_outputs(
+    deriv: &Derivatives,
+    outputs: Vec<Output>,
+    common: &Value,
+    dims: [usize; 3],
+) -> Result<()> {
     for o in outputs {
         let mut sidecar = common.clone();
         if let (Value::Object(s), Value::Object(extra)) = (&mut sidecar, o.sidecar) {
@@ -152,7 +330,7 @@ pub fn process(
         }
         deriv.write(&o.path, &o.volume.cropped(dims), &sidecar)?;
     }
-    Ok(Outcome::Done)
+    Ok(())
 }
 
 /// Sidecar fields shared by every output of the acquisition.
@@ -304,12 +482,17 @@ fn raw_local_field(
             sidecar: json!({ "Type": "Brain", "Description": "Brain mask eroded by V-SHARP background removal: where the local field and the Chimap are defined" }),
         },
     ];
+    let weight = fit
+        .noise_hz
+        .as_ref()
+        .map(|noise| weight_from_noise(&noise.data, &local.mask));
     Ok(LocalField {
         dims,
         field: local.field,
         mask: local.mask,
         outputs,
         void_chi,
+        weight,
         parameters: json!({
             "PhaseScaling": scaling,
             "Unwrapping": pre.unwrap,
@@ -344,6 +527,7 @@ fn background_removal(
         mask: local.mask,
         outputs,
         void_chi: None,
+        weight: None,
         parameters: json!({
             "Input": "total field map",
             "BackgroundRemoval": { "method": "V-SHARP", "config": config.preprocess.background, "radii_mm": local.radii_mm },

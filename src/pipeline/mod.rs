@@ -114,6 +114,12 @@ fn canonical_even_if_missing(path: &Path) -> PathBuf {
     }
 }
 
+/// What the pipeline inverts in one go.
+enum Unit<'a> {
+    One(&'a bids::Acquisition),
+    Set(&'a bids::OrientationSet),
+}
+
 /// Discovers the dataset and processes every selected acquisition.
 pub fn run(settings: &Settings) -> Result<Summary> {
     check_output_location(&settings.bids_dir, &settings.output_dir)?;
@@ -134,18 +140,51 @@ pub fn run(settings: &Settings) -> Result<Summary> {
     for (name, problem) in &discovery.problems {
         tracing::error!("{name}: {problem}");
     }
-    let total = discovery.acquisitions.len();
-    for (n, acq) in discovery.acquisitions.iter().enumerate() {
-        let name = acq.name();
+    // A joint method (COSMOS) takes each orientation set as one unit; its members are not
+    // inverted on their own.
+    let joint = settings.config.inversion.method().joint_orientations();
+    let mut units: Vec<Unit> = Vec::new();
+    if joint {
+        units.extend(discovery.orientation_sets.iter().map(Unit::Set));
+    }
+    let in_set = |i: usize| {
+        joint
+            && discovery
+                .orientation_sets
+                .iter()
+                .any(|s| s.members.contains(&i))
+    };
+    units.extend(
+        (0..discovery.acquisitions.len())
+            .filter(|&i| !in_set(i))
+            .map(|i| Unit::One(&discovery.acquisitions[i])),
+    );
+    let total = units.len();
+    for (n, unit) in units.iter().enumerate() {
+        let name = match unit {
+            Unit::One(acq) => acq.name(),
+            Unit::Set(set) => format!("{} (orientation set)", set.entities.prefix()),
+        };
         tracing::info!("[{}/{}] {name}", n + 1, total);
         let start = Instant::now();
-        match acquisition::process(
-            acq,
-            &discovery.root,
-            &settings.config,
-            &derivatives,
-            settings.overwrite,
-        ) {
+        let result = match unit {
+            Unit::One(acq) => acquisition::process(
+                acq,
+                &discovery.root,
+                &settings.config,
+                &derivatives,
+                settings.overwrite,
+            ),
+            Unit::Set(set) => acquisition::process_set(
+                set,
+                &discovery.acquisitions,
+                &discovery.root,
+                &settings.config,
+                &derivatives,
+                settings.overwrite,
+            ),
+        };
+        match result {
             Ok(Outcome::Done) => {
                 tracing::info!("{name}: done in {:.1} s", start.elapsed().as_secs_f64());
                 summary.processed.push(name);
