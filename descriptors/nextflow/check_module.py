@@ -19,7 +19,6 @@ Usage: check_module.py [--run] [--bosh PATH]
 import argparse
 import glob
 import json
-import os
 import re
 import shlex
 import shutil
