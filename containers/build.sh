@@ -1,0 +1,90 @@
+#!/usr/bin/env bash
+# Builds the chimap runtime image as a real OCI image without a Docker engine or a registry,
+# with Debian's buildah (vfs storage), then runs the BIDS-App inside it on bids/example.
+#
+#   sudo apt-get install buildah podman     # Debian 12; run this script as root
+#   bash containers/build.sh                # image localhost/chimap/chimap:0.1.0
+#
+# containers/Dockerfile needs the rust and debian images from Docker Hub; where no registry can
+# be reached (as on this project's machines), this script takes the same two stages from the
+# host instead: the build stage is `cargo build --release --locked --bin chimap` here (Debian 12,
+# the Dockerfile's build image is Debian 12 too), and the runtime stage starts from scratch
+# with the binary and the four glibc libraries it links (ldd), so the image holds nothing else.
+# Layout and entry point are the Dockerfile's: /usr/local/bin/chimap, ENTRYPOINT ["chimap"].
+# Outputs: the image in buildah/podman's vfs storage and out/chimap-<version>.oci.tar.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+REPO=$PWD
+STORE=(--storage-driver vfs)
+
+VERSION=$(sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -1)
+IMAGE=chimap/chimap:$VERSION
+
+echo "== build stage: cargo build --release --locked --bin chimap"
+cargo build --release --locked --bin chimap
+BIN=target/release/chimap
+
+echo "== runtime stage: from scratch, the binary and the libraries it links"
+ROOTFS=$(mktemp -d "${TMPDIR:-/tmp}/chimap-rootfs.XXXXXX")
+trap 'rm -rf "$ROOTFS"' EXIT
+install -D -m 0755 "$BIN" "$ROOTFS/usr/local/bin/chimap"
+# Each library at the path the binary asks for (the loader at /lib64, the rest in the Debian
+# multiarch folder), resolved from symlinks to the real files.
+ldd "$BIN" | awk '/=> \//{print $3} /^[ \t]*\//{print $1}' | while read -r lib; do
+    install -D -m 0755 "$(readlink -f "$lib")" "$ROOTFS$lib"
+done
+# BIDS-Apps run as an arbitrary user: a world-writable /tmp, and nothing else writable.
+install -d -m 1777 "$ROOTFS/tmp"
+find "$ROOTFS" -type f | sed "s|^$ROOTFS||"
+
+CTR=$(buildah "${STORE[@]}" from scratch)
+trap 'rm -rf "$ROOTFS"; buildah "${STORE[@]}" rm "$CTR" >/dev/null 2>&1 || true' EXIT
+buildah "${STORE[@]}" copy "$CTR" "$ROOTFS" /
+buildah "${STORE[@]}" config \
+    --entrypoint '["chimap"]' --cmd '["--help"]' \
+    --env PATH=/usr/local/bin:/usr/bin:/bin \
+    --workingdir /tmp \
+    --label org.opencontainers.image.title=chimap \
+    --label org.opencontainers.image.version="$VERSION" \
+    --label org.opencontainers.image.description="QSM BIDS-App: multi-echo GRE phase to BIDS Chimap (ppm)" \
+    "$CTR"
+buildah "${STORE[@]}" commit --quiet --rm "$CTR" "$IMAGE" >/dev/null
+trap 'rm -rf "$ROOTFS"' EXIT
+mkdir -p out
+rm -f "out/chimap-$VERSION.oci.tar"
+buildah "${STORE[@]}" push --quiet "$IMAGE" "oci-archive:out/chimap-$VERSION.oci.tar"
+buildah "${STORE[@]}" images "$IMAGE"
+echo "OCI archive: out/chimap-$VERSION.oci.tar ($(du -h "out/chimap-$VERSION.oci.tar" | cut -f1))"
+
+echo "== the image's entry point"
+ENTRY=$(buildah "${STORE[@]}" inspect --type image "$IMAGE" |
+    python3 -c 'import json, sys; print(json.dumps(json.load(sys.stdin)["OCIv1"]["config"]["Entrypoint"]))')
+echo "ENTRYPOINT $ENTRY"
+test "$ENTRY" = '["chimap"]'
+
+echo "== run the BIDS-App in the image on bids/example (data read-only)"
+RUNOUT=$REPO/out/container-example
+rm -rf "$RUNOUT" && mkdir -p "$RUNOUT"
+ARGS=(/bids /out participant --nthreads 2)
+# podman runs the image as `docker run` would (through its entry point). Inside some sandboxes
+# the OCI runtime may not set resource limits ("setrlimit ... Operation not permitted"); then
+# the same image runs through buildah's chroot isolation, with the same bind mounts.
+if podman "${STORE[@]}" run --rm --network none --cgroups disabled \
+    -u "$(id -u):$(id -g)" \
+    -v "$REPO/bids/example:/bids:ro" -v "$RUNOUT:/out" \
+    "$IMAGE" "${ARGS[@]}" 2> "$RUNOUT.podman.log"; then
+    echo "ran with podman run"
+else
+    cat "$RUNOUT.podman.log"
+    echo "podman run failed (above); running the image with buildah run --isolation chroot"
+    CTR=$(buildah "${STORE[@]}" from "$IMAGE")
+    trap 'rm -rf "$ROOTFS"; buildah "${STORE[@]}" rm "$CTR" >/dev/null 2>&1 || true' EXIT
+    buildah "${STORE[@]}" run --isolation chroot \
+        -v "$REPO/bids/example:/bids:ro" -v "$RUNOUT:/out" \
+        "$CTR" -- chimap "${ARGS[@]}"
+fi
+rm -f "$RUNOUT.podman.log"
+ls "$RUNOUT"/sub-*/anat/*_Chimap.nii.gz
+test "$(ls "$RUNOUT"/sub-*/anat/*_Chimap.nii.gz | wc -l)" -eq \
+     "$(find bids/example -path '*/derivatives' -prune -o -name '*_echo-1_part-phase_MEGRE.nii.gz' -print | wc -l)"
+echo "containers/build.sh: image $IMAGE built and ran the example"
