@@ -157,11 +157,19 @@ fn sweep() {
         let m = super::cfl2::Cfl2::new(super::cfl2::Config { lambda });
         println!("cfl2 {lambda} {:.3}", e(&m));
     }
-    for lambda in [1e-4, 3e-4, 1e-3, 3e-3] {
-        let m = super::tv::TvAdmm::new(super::tv::Config {
-            lambda,
-            ..Default::default()
-        });
-        println!("tv {lambda} {:.3}", e(&m));
+    for lambda in [3e-4, 1e-3] {
+        for rho_tv in [30.0, 100.0, 300.0] {
+            for max_iterations in [30, 60, 100, 200] {
+                let m = super::tv::TvAdmm::new(super::tv::Config {
+                    lambda,
+                    rho_tv,
+                    max_iterations,
+                    ..Default::default()
+                });
+                let err = e(&m);
+                let it = m.parameters()["iterations_run"].clone();
+                println!("tv {lambda} rho {rho_tv} max {max_iterations}: {err:.3} ({it})");
+            }
+        }
     }
 }

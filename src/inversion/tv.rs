@@ -49,11 +49,16 @@ impl Default for Config {
 
 pub struct TvAdmm {
     config: Config,
+    /// Iterations of the last solve, for the sidecar.
+    iterations: std::sync::atomic::AtomicUsize,
 }
 
 impl TvAdmm {
     pub fn new(config: Config) -> Self {
-        TvAdmm { config }
+        TvAdmm {
+            config,
+            iterations: Default::default(),
+        }
     }
 
     fn validate(&self) -> Result<()> {
@@ -216,11 +221,16 @@ impl Method for TvAdmm {
     fn invert(&self, problem: &Problem) -> Result<Vec<f32>> {
         let (chi, iterations) = self.solve(problem)?;
         tracing::debug!(iterations, "TV-ADMM finished");
+        self.iterations
+            .store(iterations, std::sync::atomic::Ordering::Relaxed);
         Ok(restrict(chi, problem.mask))
     }
 
     fn parameters(&self) -> serde_json::Value {
-        serde_json::to_value(&self.config).expect("the config is plain data")
+        let mut v = serde_json::to_value(&self.config).expect("the config is plain data");
+        v["iterations_run"] =
+            serde_json::json!(self.iterations.load(std::sync::atomic::Ordering::Relaxed));
+        v
     }
 }
 
