@@ -32,6 +32,8 @@ pub enum Command {
     Config(ConfigArgs),
     /// Simulate a raw multi-echo BIDS dataset and its ground truth from a χ map.
     Simulate(crate::simulate::SimulateArgs),
+    /// Score χ maps against a reference with the QSM challenge metrics.
+    Evaluate(crate::evaluate::EvaluateArgs),
 }
 
 #[derive(Args, Debug)]
