@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use serde_json::{json, Value};
 
 use super::metrics::{self, Scores};
-use crate::{io, Error, Result, Volume};
+use crate::{io, Error, Geometry, Result, Volume};
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct EvaluateArgs {
@@ -74,17 +74,16 @@ pub fn evaluate(args: &EvaluateArgs) -> Result<(Vec<Evaluation>, usize)> {
         None => None,
     };
     check_reference(&reference, &args.reference, &mask)?;
+    // Check every map before the slow part, so a bad file fails fast.
+    for path in &args.maps {
+        same_grid_header(&reference, &args.reference, path)?;
+    }
+    let prepared = metrics::Reference::new(&reference.data, &mask, reference.dims);
     let mut out = Vec::with_capacity(args.maps.len());
     for path in &args.maps {
         let map = read_map(path)?;
         same_grid(&reference, &args.reference, &map, path)?;
-        let scores = metrics::score(
-            &map.data,
-            &reference.data,
-            &mask,
-            reference.dims,
-            labels.as_deref(),
-        );
+        let scores = prepared.score(&map.data, labels.as_deref());
         out.push(Evaluation {
             path: path.clone(),
             scores,
@@ -161,22 +160,45 @@ fn labels_of(seg: &Volume, path: &Path) -> Result<Vec<u32>> {
         .collect()
 }
 
+/// The grid check from the header alone (no voxels read).
+fn same_grid_header(a: &Volume, path_a: &Path, path_b: &Path) -> Result<()> {
+    let h = io::read_header(path_b)?;
+    grid_matches(a, path_a, h.dims, &h.geometry, path_b)?;
+    if h.frames != 1 {
+        return Err(Error::input(
+            path_b,
+            format!("is 4D ({} volumes): pass one 3D volume per file", h.frames),
+        ));
+    }
+    Ok(())
+}
+
 /// Errors unless `b` has the grid of `a` (dims and, within 0.1 %, voxel size).
 fn same_grid(a: &Volume, path_a: &Path, b: &Volume, path_b: &Path) -> Result<()> {
+    grid_matches(a, path_a, b.dims, &b.geometry, path_b)
+}
+
+fn grid_matches(
+    a: &Volume,
+    path_a: &Path,
+    dims: [usize; 3],
+    geometry: &Geometry,
+    path_b: &Path,
+) -> Result<()> {
     let vox_ok = a
         .geometry
         .voxel_size
         .iter()
-        .zip(&b.geometry.voxel_size)
+        .zip(&geometry.voxel_size)
         .all(|(x, y)| (x - y).abs() <= 1e-3 * x.abs().max(1e-6));
-    if a.dims != b.dims || !vox_ok {
+    if a.dims != dims || !vox_ok {
         return Err(Error::input(
             path_b,
             format!(
                 "grid {:?} with voxels {:?} mm does not match the reference {} ({:?}, {:?} mm): \
                  resample the maps, mask and segmentation onto the reference grid",
-                b.dims,
-                b.geometry.voxel_size,
+                dims,
+                geometry.voxel_size,
                 path_a.display(),
                 a.dims,
                 a.geometry.voxel_size
@@ -184,12 +206,6 @@ fn same_grid(a: &Volume, path_a: &Path, b: &Volume, path_b: &Path) -> Result<()>
         ));
     }
     Ok(())
-}
-
-fn name(p: &Path) -> String {
-    p.file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_else(|| p.display().to_string())
 }
 
 fn cell(v: f64, decimals: usize) -> String {
@@ -219,7 +235,7 @@ pub fn table(results: &[Evaluation], with_labels: bool) -> String {
     for e in results {
         let s = &e.scores;
         let mut row = vec![
-            name(&e.path),
+            e.path.display().to_string(),
             cell(s.rmse, 2),
             cell(s.nrmse_demeaned, 2),
             cell(s.nrmse_detrended, 2),
@@ -237,7 +253,7 @@ pub fn table(results: &[Evaluation], with_labels: bool) -> String {
     if with_labels {
         if let Some(first) = results.first() {
             let mut head = vec!["label".to_string(), "voxels".into(), "reference".into()];
-            head.extend(results.iter().map(|e| name(&e.path)));
+            head.extend(results.iter().map(|e| e.path.display().to_string()));
             let mut rows = vec![head];
             for (i, l) in first.scores.labels.iter().enumerate() {
                 let mut row = vec![
@@ -351,7 +367,6 @@ pub fn to_json(args: &EvaluateArgs, results: &[Evaluation], mask_voxels: usize) 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::Geometry;
 
     fn write(dir: &Path, name: &str, dims: [usize; 3], data: Vec<f32>) -> PathBuf {
         let p = dir.join(name);
@@ -434,8 +449,9 @@ mod tests {
         let lines: Vec<&str> = t.lines().collect();
         // Header and two rows of the same width, then the label table.
         assert_eq!(lines[0].len(), lines[1].len(), "{t}");
-        assert!(lines[1].starts_with("ref.nii.gz "), "{t}");
-        assert!(lines[2].starts_with("a_much_longer_name.nii.gz"), "{t}");
+        // Maps are named as given on the command line.
+        assert!(lines[1].starts_with(&format!("{} ", rp.display())), "{t}");
+        assert!(lines[2].starts_with(&zp.display().to_string()), "{t}");
         // The zero map has no correlation.
         assert!(lines[2].contains("n/a"), "{t}");
         assert!(t.contains("mean χ (ppm) per label"), "{t}");

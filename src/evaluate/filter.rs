@@ -42,16 +42,20 @@ fn pass(input: &[f64], out: &mut [f64], dims: [usize; 3], axis: usize, k: &[f64]
         o.iter_mut().for_each(|v| *v = 0.0);
         match axis {
             0 => {
+                // Tap by tap over the row: o[i] += w·src[i + t − h] wherever both exist.
                 let src = &input[row * nx..(row + 1) * nx];
-                for (i, v) in o.iter_mut().enumerate() {
-                    let mut s = 0.0;
-                    for (t, &w) in k.iter().enumerate() {
-                        let ii = i as isize + t as isize - h;
-                        if ii >= 0 && (ii as usize) < nx {
-                            s += w * src[ii as usize];
-                        }
+                for (t, &w) in k.iter().enumerate() {
+                    let shift = t as isize - h;
+                    let lo = (-shift).max(0) as usize;
+                    let hi = (nx as isize - shift).min(nx as isize).max(0) as usize;
+                    if lo >= hi {
+                        continue;
                     }
-                    *v = s;
+                    let s0 = (lo as isize + shift) as usize;
+                    o[lo..hi]
+                        .iter_mut()
+                        .zip(&src[s0..s0 + (hi - lo)])
+                        .for_each(|(v, &a)| *v += w * a);
                 }
             }
             _ => {

@@ -101,28 +101,6 @@ fn masked_f64(v: &[f32], region: &[bool]) -> Vec<f64> {
         .collect()
 }
 
-/// High-frequency error norm in percent: both maps, zero outside `region`, are filtered with
-/// the challenges' Laplacian-of-Gaussian (σ = 1.5 voxels, 15³ kernel, zero padding), then
-/// `100·‖LoG x − LoG r‖ / ‖LoG r‖` over `region`.
-pub fn hfen(x: &[f32], reference: &[f32], region: &[bool], dims: [usize; 3]) -> f64 {
-    let lx = filter::log_filter(&masked_f64(x, region), dims, HFEN_SIGMA, HFEN_HALF_WIDTH);
-    let lr = filter::log_filter(
-        &masked_f64(reference, region),
-        dims,
-        HFEN_SIGMA,
-        HFEN_HALF_WIDTH,
-    );
-    let (e, n) = lx
-        .iter()
-        .zip(&lr)
-        .zip(region)
-        .filter(|(_, &m)| m)
-        .fold((0.0, 0.0), |(e, n), ((&a, &b), _)| {
-            (e + (a - b) * (a - b), n + b * b)
-        });
-    100.0 * (e / n).sqrt()
-}
-
 /// Constants and window of one structural-similarity variant.
 #[derive(Clone, Copy, Debug)]
 pub struct SimilarityParams {
@@ -152,6 +130,51 @@ pub const SSIM: SimilarityParams = SimilarityParams {
     half_width: SSIM_HALF_WIDTH,
 };
 
+/// Gaussian-weighted local mean and local mean of squares of one map.
+struct Local {
+    mean: Vec<f64>,
+    sq: Vec<f64>,
+}
+
+fn blur(v: &[f64], dims: [usize; 3], p: SimilarityParams) -> Vec<f64> {
+    let g = filter::gaussian_1d(p.sigma, p.half_width);
+    filter::separable(v, dims, [&g, &g, &g])
+}
+
+fn local(v: &[f64], dims: [usize; 3], p: SimilarityParams) -> Local {
+    let sq: Vec<f64> = v.iter().map(|a| a * a).collect();
+    Local {
+        mean: blur(v, dims, p),
+        sq: blur(&sq, dims, p),
+    }
+}
+
+/// Mean over `region` of `(2μxμr + C1)(2σxr + C2) / ((μx² + μr² + C1)(σx² + σr² + C2))`,
+/// given both maps and their local statistics.
+fn similarity_with(
+    (x, lx): (&[f64], &Local),
+    (r, lr): (&[f64], &Local),
+    region: &[bool],
+    dims: [usize; 3],
+    p: SimilarityParams,
+) -> f64 {
+    let xr: Vec<f64> = x.iter().zip(r).map(|(a, b)| a * b).collect();
+    let sxr = blur(&xr, dims, p);
+    let c1 = (p.k1 * p.range).powi(2);
+    let c2 = (p.k2 * p.range).powi(2);
+    let (mut sum, mut n) = (0.0, 0usize);
+    for i in (0..x.len()).filter(|&i| region[i]) {
+        let (ux, ur) = (lx.mean[i], lr.mean[i]);
+        let vx = lx.sq[i] - ux * ux;
+        let vr = lr.sq[i] - ur * ur;
+        let cxr = sxr[i] - ux * ur;
+        sum +=
+            (2.0 * ux * ur + c1) * (2.0 * cxr + c2) / ((ux * ux + ur * ur + c1) * (vx + vr + c2));
+        n += 1;
+    }
+    sum / n as f64
+}
+
 /// Mean over `region` of the local similarity map
 /// `(2μxμr + C1)(2σxr + C2) / ((μx² + μr² + C1)(σx² + σr² + C2))`, where the local means,
 /// variances and covariance are Gaussian-weighted over the window (zero outside the volume).
@@ -163,64 +186,138 @@ pub fn similarity_index(
     dims: [usize; 3],
     p: SimilarityParams,
 ) -> f64 {
-    let g = filter::gaussian_1d(p.sigma, p.half_width);
-    let blur = |v: &[f64]| filter::separable(v, dims, [&g, &g, &g]);
-    let product =
-        |a: &[f64], b: &[f64]| -> Vec<f64> { a.iter().zip(b).map(|(u, v)| u * v).collect() };
-    let (mx, mr) = (blur(x), blur(r));
-    let (sxx, srr, sxr) = (
-        blur(&product(x, x)),
-        blur(&product(r, r)),
-        blur(&product(x, r)),
-    );
-    let c1 = (p.k1 * p.range).powi(2);
-    let c2 = (p.k2 * p.range).powi(2);
-    let (mut sum, mut n) = (0.0, 0usize);
-    for i in (0..x.len()).filter(|&i| region[i]) {
-        let (ux, ur) = (mx[i], mr[i]);
-        let vx = sxx[i] - ux * ux;
-        let vr = srr[i] - ur * ur;
-        let cxr = sxr[i] - ux * ur;
-        sum +=
-            (2.0 * ux * ur + c1) * (2.0 * cxr + c2) / ((ux * ux + ur * ur + c1) * (vx + vr + c2));
-        n += 1;
-    }
-    sum / n as f64
+    let (lx, lr) = (local(x, dims, p), local(r, dims, p));
+    similarity_with((x, &lx), (r, &lr), region, dims, p)
 }
 
-/// XSIM: the challenge 2.0 structural similarity, on maps in ppm set to zero outside `region`.
-pub fn xsim(x: &[f32], reference: &[f32], region: &[bool], dims: [usize; 3]) -> f64 {
-    similarity_index(
-        &masked_f64(x, region),
-        &masked_f64(reference, region),
-        region,
-        dims,
-        XSIM,
-    )
+/// The reference with everything the filtered metrics need from it computed once, so that
+/// scoring several maps filters the reference only once.
+pub struct Reference<'a> {
+    data: &'a [f32],
+    region: &'a [bool],
+    dims: [usize; 3],
+    /// LoG of the masked reference (HFEN).
+    log: Vec<f64>,
+    /// Local statistics of the masked reference in ppm (XSIM).
+    xsim: Local,
+    /// The reference range [lo, hi] in the region and the local statistics of the rescaled
+    /// reference (SSIM); None for a constant reference.
+    ssim: Option<((f64, f64), Local)>,
 }
 
-/// SSIM as in the 2016 challenge and the learned-QSM papers that followed it: both maps (zero
-/// outside `region`) are clipped to the reference's range [min, max] over `region` and mapped
-/// linearly to [0, 1], then compared with the classic constants. NaN when the reference is
-/// constant over `region` (no range to scale by).
-pub fn ssim(x: &[f32], reference: &[f32], region: &[bool], dims: [usize; 3]) -> f64 {
-    let (lo, hi) = reference
-        .iter()
-        .zip(region)
-        .filter(|(_, &m)| m)
-        .fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), (&v, _)| {
-            (lo.min(v as f64), hi.max(v as f64))
+impl<'a> Reference<'a> {
+    pub fn new(data: &'a [f32], region: &'a [bool], dims: [usize; 3]) -> Self {
+        let masked = masked_f64(data, region);
+        let log = filter::log_filter(&masked, dims, HFEN_SIGMA, HFEN_HALF_WIDTH);
+        let xsim = local(&masked, dims, XSIM);
+        let (lo, hi) = data
+            .iter()
+            .zip(region)
+            .filter(|(_, &m)| m)
+            .fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), (&v, _)| {
+                (lo.min(v as f64), hi.max(v as f64))
+            });
+        let ssim = (hi > lo).then(|| {
+            let scaled = to_unit_range(data, region, (lo, hi));
+            ((lo, hi), local(&scaled, dims, SSIM))
         });
-    if !(hi > lo) {
-        return f64::NAN;
+        Reference {
+            data,
+            region,
+            dims,
+            log,
+            xsim,
+            ssim,
+        }
     }
-    let scale = |v: &[f32]| -> Vec<f64> {
-        masked_f64(v, region)
-            .into_iter()
-            .map(|a| (a.clamp(lo, hi) - lo) / (hi - lo))
-            .collect()
-    };
-    similarity_index(&scale(x), &scale(reference), region, dims, SSIM)
+
+    /// High-frequency error norm in percent: both maps, zero outside the region, are filtered
+    /// with the challenges' Laplacian-of-Gaussian (σ = 1.5 voxels, 15³ kernel, zero padding),
+    /// then `100·‖LoG x − LoG r‖ / ‖LoG r‖` over the region.
+    pub fn hfen(&self, x: &[f32]) -> f64 {
+        let lx = filter::log_filter(
+            &masked_f64(x, self.region),
+            self.dims,
+            HFEN_SIGMA,
+            HFEN_HALF_WIDTH,
+        );
+        let (e, n) = lx
+            .iter()
+            .zip(&self.log)
+            .zip(self.region)
+            .filter(|(_, &m)| m)
+            .fold((0.0, 0.0), |(e, n), ((&a, &b), _)| {
+                (e + (a - b) * (a - b), n + b * b)
+            });
+        100.0 * (e / n).sqrt()
+    }
+
+    /// XSIM: the challenge 2.0 structural similarity, on maps in ppm set to zero outside the
+    /// region.
+    pub fn xsim(&self, x: &[f32]) -> f64 {
+        let xm = masked_f64(x, self.region);
+        let rm = masked_f64(self.data, self.region);
+        let lx = local(&xm, self.dims, XSIM);
+        similarity_with((&xm, &lx), (&rm, &self.xsim), self.region, self.dims, XSIM)
+    }
+
+    /// SSIM as in the 2016 challenge and the learned-QSM papers that followed it: both maps
+    /// (zero outside the region) are clipped to the reference's range [min, max] over the
+    /// region and mapped linearly to [0, 1], then compared with the classic constants. NaN
+    /// when the reference is constant over the region (no range to scale by).
+    pub fn ssim(&self, x: &[f32]) -> f64 {
+        let Some((range, lr)) = &self.ssim else {
+            return f64::NAN;
+        };
+        let xs = to_unit_range(x, self.region, *range);
+        let rs = to_unit_range(self.data, self.region, *range);
+        let lx = local(&xs, self.dims, SSIM);
+        similarity_with((&xs, &lx), (&rs, lr), self.region, self.dims, SSIM)
+    }
+
+    /// Every metric of `x`; `labels` (0 = background) adds the per-label means.
+    pub fn score(&self, x: &[f32], labels: Option<&[u32]>) -> Scores {
+        let (r, region) = (self.data, self.region);
+        let (nrmse_detrended, detrend_scale) = nrmse_detrended(x, r, region);
+        let labels_means = labels
+            .map(|l| label_means(x, r, l, region))
+            .unwrap_or_default();
+        Scores {
+            rmse: rmse(x, r, region),
+            nrmse_demeaned: nrmse_demeaned(x, r, region),
+            nrmse_detrended,
+            detrend_scale,
+            hfen: self.hfen(x),
+            ssim: self.ssim(x),
+            xsim: self.xsim(x),
+            correlation: correlation(x, r, region),
+            label_slope: labels.map(|_| label_slope(&labels_means)),
+            labels: labels_means,
+        }
+    }
+}
+
+/// Zero outside `region`, then clipped to [lo, hi] and mapped to [0, 1].
+fn to_unit_range(v: &[f32], region: &[bool], (lo, hi): (f64, f64)) -> Vec<f64> {
+    masked_f64(v, region)
+        .into_iter()
+        .map(|a| (a.clamp(lo, hi) - lo) / (hi - lo))
+        .collect()
+}
+
+/// HFEN of `x` against `reference` (see [`Reference::hfen`]).
+pub fn hfen(x: &[f32], reference: &[f32], region: &[bool], dims: [usize; 3]) -> f64 {
+    Reference::new(reference, region, dims).hfen(x)
+}
+
+/// XSIM of `x` against `reference` (see [`Reference::xsim`]).
+pub fn xsim(x: &[f32], reference: &[f32], region: &[bool], dims: [usize; 3]) -> f64 {
+    Reference::new(reference, region, dims).xsim(x)
+}
+
+/// SSIM of `x` against `reference` (see [`Reference::ssim`]).
+pub fn ssim(x: &[f32], reference: &[f32], region: &[bool], dims: [usize; 3]) -> f64 {
+    Reference::new(reference, region, dims).ssim(x)
 }
 
 /// Mean of a map and of the reference over one label of a segmentation.
@@ -298,7 +395,7 @@ pub struct Scores {
 }
 
 /// Computes [`Scores`] for `x` against `reference` on a grid of `dims`; `labels` (0 =
-/// background) adds the per-label means.
+/// background) adds the per-label means. To score several maps, use [`Reference`].
 pub fn score(
     x: &[f32],
     reference: &[f32],
@@ -306,22 +403,7 @@ pub fn score(
     dims: [usize; 3],
     labels: Option<&[u32]>,
 ) -> Scores {
-    let (nrmse_detrended, detrend_scale) = nrmse_detrended(x, reference, region);
-    let labels_means = labels
-        .map(|l| label_means(x, reference, l, region))
-        .unwrap_or_default();
-    Scores {
-        rmse: rmse(x, reference, region),
-        nrmse_demeaned: nrmse_demeaned(x, reference, region),
-        nrmse_detrended,
-        detrend_scale,
-        hfen: hfen(x, reference, region, dims),
-        ssim: ssim(x, reference, region, dims),
-        xsim: xsim(x, reference, region, dims),
-        correlation: correlation(x, reference, region),
-        label_slope: labels.map(|_| label_slope(&labels_means)),
-        labels: labels_means,
-    }
+    Reference::new(reference, region, dims).score(x, labels)
 }
 
 #[cfg(test)]
