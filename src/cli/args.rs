@@ -193,4 +193,31 @@ mod tests {
             other => panic!("unexpected {other:?}"),
         }
     }
+
+    #[test]
+    fn evaluate_subcommand_takes_a_reference_a_mask_and_maps() {
+        let cli = Cli::try_parse_from([
+            "chimap",
+            "evaluate",
+            "--reference",
+            "r.nii.gz",
+            "--mask",
+            "m.nii.gz",
+            "a.nii.gz",
+            "b.nii.gz",
+        ])
+        .unwrap();
+        match cli.command {
+            Some(Command::Evaluate(e)) => {
+                assert_eq!(e.maps.len(), 2);
+                assert!(e.seg.is_none() && e.json.is_none());
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+        // At least one map, and the reference and mask are required.
+        assert!(
+            Cli::try_parse_from(["chimap", "evaluate", "--reference", "r", "--mask", "m"]).is_err()
+        );
+        assert!(Cli::try_parse_from(["chimap", "evaluate", "--mask", "m", "a"]).is_err());
+    }
 }
