@@ -69,7 +69,14 @@ pub fn evaluate(args: &EvaluateArgs) -> Result<(Vec<Evaluation>, usize)> {
         Some(p) => {
             let seg = read_3d(p)?;
             same_grid(&reference, &args.reference, &seg, p)?;
-            Some(labels_of(&seg, p)?)
+            let labels = labels_of(&seg, p)?;
+            if !labels.iter().zip(&mask).any(|(&l, &m)| m && l > 0) {
+                return Err(Error::input(
+                    p,
+                    "has no label > 0 inside the mask: label the regions to average with 1, 2, …",
+                ));
+            }
+            Some(labels)
         }
         None => None,
     };
@@ -88,14 +95,6 @@ pub fn evaluate(args: &EvaluateArgs) -> Result<(Vec<Evaluation>, usize)> {
             path: path.clone(),
             scores,
         });
-    }
-    if let (Some(p), Some(first)) = (&args.seg, out.first()) {
-        if first.scores.labels.is_empty() {
-            return Err(Error::input(
-                p,
-                "has no label > 0 inside the mask: label the regions to average with 1, 2, …",
-            ));
-        }
     }
     Ok((out, mask_voxels))
 }
