@@ -472,3 +472,160 @@ fn config_default_prints_every_section() {
     // What it prints is itself a valid configuration.
     assert!(chimap::pipeline::Config::from_yaml(&text).is_ok());
 }
+
+/// Writes a float32 NIfTI with 1 mm voxels.
+fn write_nii(dir: &Path, name: &str, dims: [usize; 3], data: Vec<f32>) -> PathBuf {
+    let p = dir.join(name);
+    let v = chimap::Volume::new(dims, data, chimap::Geometry::from_voxel_size([1.0; 3]));
+    io::write_volume(&p, &v).unwrap();
+    p
+}
+
+#[test]
+fn evaluate_scores_maps_prints_a_table_and_writes_json() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let dims = [10, 9, 8];
+    let n = 10 * 9 * 8;
+    let coords = |i: usize| ((i % 10) as f32, ((i / 10) % 9) as f32, (i / 90) as f32);
+    let reference: Vec<f32> = (0..n)
+        .map(|i| {
+            let (x, y, z) = coords(i);
+            0.05 * (0.9 * x).sin() + 0.03 * (0.6 * y).cos() + 0.01 * z
+        })
+        .collect();
+    // The mask leaves a one-voxel border out; the segmentation splits it into three slabs.
+    let inside = |i: usize| {
+        let (x, y, z) = coords(i);
+        x > 0.0 && y > 0.0 && z > 0.0 && x < 9.0 && y < 8.0 && z < 7.0
+    };
+    let mask: Vec<f32> = (0..n).map(|i| inside(i) as u8 as f32).collect();
+    let seg: Vec<f32> = (0..n)
+        .map(|i| {
+            if inside(i) {
+                1.0 + (coords(i).0 / 3.0).floor()
+            } else {
+                0.0
+            }
+        })
+        .collect();
+    // A perfect map, a scaled and shifted copy, and a noisy copy.
+    let scaled: Vec<f32> = reference.iter().map(|&v| 0.5 * v + 0.02).collect();
+    let noisy: Vec<f32> = reference
+        .iter()
+        .enumerate()
+        .map(|(i, &v)| v + 0.02 * (((i * 7919) % 101) as f32 / 100.0 - 0.5))
+        .collect();
+    let rp = write_nii(d, "ref.nii.gz", dims, reference.clone());
+    let mp = write_nii(d, "mask.nii.gz", dims, mask.clone());
+    let sp = write_nii(d, "seg.nii.gz", dims, seg.clone());
+    let perfect = write_nii(d, "perfect_Chimap.nii.gz", dims, reference.clone());
+    let sc = write_nii(d, "scaled_Chimap.nii.gz", dims, scaled.clone());
+    let no = write_nii(d, "noisy_Chimap.nii.gz", dims, noisy.clone());
+    let json_path = d.join("scores.json");
+    let s = |p: &Path| p.to_str().unwrap().to_string();
+    let o = chimap(&[
+        "evaluate",
+        "--reference",
+        &s(&rp),
+        "--mask",
+        &s(&mp),
+        "--seg",
+        &s(&sp),
+        "--json",
+        &s(&json_path),
+        &s(&perfect),
+        &s(&sc),
+        &s(&no),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let text = String::from_utf8_lossy(&o.stdout);
+    for needle in [
+        "perfect_Chimap.nii.gz",
+        "scaled_Chimap.nii.gz",
+        "noisy_Chimap.nii.gz",
+        "XSIM",
+        "detNRMSE%",
+        "per label",
+    ] {
+        assert!(text.contains(needle), "{needle} missing from:\n{text}");
+    }
+
+    let v = io::read_json(&json_path).unwrap();
+    assert_eq!(v["mask_voxels"], 8 * 7 * 6);
+    let maps = v["maps"].as_array().unwrap();
+    assert_eq!(maps.len(), 3);
+    let f = |m: &serde_json::Value, k: &str| m[k].as_f64().unwrap_or_else(|| panic!("{k}: {m}"));
+    // The perfect copy.
+    for (k, want) in [
+        ("rmse", 0.0),
+        ("nrmse_demeaned", 0.0),
+        ("nrmse_detrended", 0.0),
+        ("hfen", 0.0),
+        ("ssim", 1.0),
+        ("xsim", 1.0),
+        ("correlation", 1.0),
+        ("label_slope", 1.0),
+    ] {
+        assert!((f(&maps[0], k) - want).abs() < 1e-6, "{k}: {}", maps[0]);
+    }
+    // The affine copy: detrended NRMSE and correlation forgive it; the others do not.
+    let m = &maps[1];
+    assert!(f(m, "nrmse_detrended") < 1e-3, "{m}");
+    assert!((f(m, "correlation") - 1.0).abs() < 1e-6, "{m}");
+    assert!((f(m, "detrend_scale") - 2.0).abs() < 1e-4, "{m}");
+    assert!((f(m, "nrmse_demeaned") - 50.0).abs() < 1e-3, "{m}");
+    assert!((f(m, "label_slope") - 0.5).abs() < 1e-5, "{m}");
+    assert!(f(m, "xsim") < 0.999, "{m}");
+    // Plain RMSE, recomputed here from its definition.
+    let (mut e, mut r2) = (0.0f64, 0.0f64);
+    for i in (0..n).filter(|&i| mask[i] > 0.5) {
+        e += ((scaled[i] - reference[i]) as f64).powi(2);
+        r2 += (reference[i] as f64).powi(2);
+    }
+    assert!((f(m, "rmse") - 100.0 * (e / r2).sqrt()).abs() < 1e-3, "{m}");
+    // The noisy copy scores in between.
+    let m = &maps[2];
+    assert!(f(m, "nrmse_demeaned") > 1.0 && f(m, "hfen") > 1.0, "{m}");
+    assert!(
+        f(m, "correlation") < 0.999 && f(m, "nrmse_detrended") > 1.0,
+        "{m}"
+    );
+    assert!(f(m, "xsim") < 1.0 && f(m, "ssim") < 1.0, "{m}");
+    // Per-label means: label 1 is x in 1..3 inside the mask.
+    let labels = v["labels"].as_array().unwrap();
+    assert_eq!(labels.len(), 3, "{v}");
+    let sel: Vec<usize> = (0..n).filter(|&i| seg[i] == 1.0).collect();
+    let mean = |d: &[f32]| sel.iter().map(|&i| d[i] as f64).sum::<f64>() / sel.len() as f64;
+    assert_eq!(labels[0]["label"], 1);
+    assert_eq!(labels[0]["voxels"], sel.len());
+    assert!((f(&labels[0], "reference_mean") - mean(&reference)).abs() < 1e-6);
+    assert!((f(&maps[1]["labels"][0], "mean") - mean(&scaled)).abs() < 1e-6);
+
+    // Bad inputs: a map on another grid and a map with NaN are named; no JSON is written.
+    let other = write_nii(d, "other_grid.nii.gz", [10, 9, 7], vec![0.0; 630]);
+    let mut with_nan = reference.clone();
+    with_nan[5] = f32::NAN;
+    let nan = write_nii(d, "nan_Chimap.nii.gz", dims, with_nan);
+    let empty = write_nii(d, "empty_mask.nii.gz", dims, vec![0.0; n]);
+    let out2 = d.join("bad.json");
+    for (maskp, map, needle) in [
+        (&mp, &other, "other_grid.nii.gz"),
+        (&mp, &nan, "nan_Chimap.nii.gz"),
+        (&empty, &perfect, "empty_mask.nii.gz"),
+    ] {
+        let o = chimap(&[
+            "evaluate",
+            "--reference",
+            &s(&rp),
+            "--mask",
+            &s(maskp),
+            "--json",
+            &s(&out2),
+            &s(map),
+        ]);
+        assert_clean_failure(&o, needle, d);
+        assert_eq!(o.status.code(), Some(2));
+        assert!(!out2.exists());
+    }
+}

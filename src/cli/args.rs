@@ -32,6 +32,8 @@ pub enum Command {
     Config(ConfigArgs),
     /// Simulate a raw multi-echo BIDS dataset and its ground truth from a χ map.
     Simulate(crate::simulate::SimulateArgs),
+    /// Score χ maps against a reference with the QSM challenge metrics.
+    Evaluate(crate::evaluate::EvaluateArgs),
 }
 
 #[derive(Args, Debug)]
@@ -190,5 +192,32 @@ mod tests {
             Some(Command::Config(c)) => assert!(c.default),
             other => panic!("unexpected {other:?}"),
         }
+    }
+
+    #[test]
+    fn evaluate_subcommand_takes_a_reference_a_mask_and_maps() {
+        let cli = Cli::try_parse_from([
+            "chimap",
+            "evaluate",
+            "--reference",
+            "r.nii.gz",
+            "--mask",
+            "m.nii.gz",
+            "a.nii.gz",
+            "b.nii.gz",
+        ])
+        .unwrap();
+        match cli.command {
+            Some(Command::Evaluate(e)) => {
+                assert_eq!(e.maps.len(), 2);
+                assert!(e.seg.is_none() && e.json.is_none());
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+        // At least one map, and the reference and mask are required.
+        assert!(
+            Cli::try_parse_from(["chimap", "evaluate", "--reference", "r", "--mask", "m"]).is_err()
+        );
+        assert!(Cli::try_parse_from(["chimap", "evaluate", "--mask", "m", "a"]).is_err());
     }
 }

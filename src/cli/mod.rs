@@ -27,6 +27,10 @@ pub fn main() -> ExitCode {
             logging::init(args::LogFormat::Text, 0, false);
             finish(crate::simulate::run(&s))
         }
+        Some(Command::Evaluate(e)) => {
+            logging::init(args::LogFormat::Text, 0, false);
+            finish(crate::evaluate::run(&e))
+        }
         None => run_participants(cli.run),
     }
 }
