@@ -108,6 +108,85 @@ fn pipeline_stages(dims: [usize; 3], dir: &Path) -> Vec<(String, f64)> {
         .collect()
 }
 
+/// The other inversions on the padded work grid (where the pipeline runs them), as ratios
+/// to one FFT pair there: whole solves for the closed forms and iLSQR, one iteration for
+/// TV-ADMM (ten iterations timed with the stopping test disabled).
+fn inversions(work: [usize; 3], t_work: f64, quick: bool) {
+    use chimap::inversion::{cfl2, cosmos, ilsqr, tv};
+    let n: usize = work.iter().product();
+    let c = work.map(|d| d as f64 / 2.0);
+    let mask: Vec<bool> = (0..n)
+        .map(|i| {
+            let p = [
+                i % work[0],
+                (i / work[0]) % work[1],
+                i / (work[0] * work[1]),
+            ];
+            (0..3)
+                .map(|a| ((p[a] as f64 - c[a]) / (0.4 * work[a] as f64)).powi(2))
+                .sum::<f64>()
+                < 1.0
+        })
+        .collect();
+    let x: Vec<f32> = (0..n)
+        .map(|i| {
+            if mask[i] {
+                ((i * 7919) % 1000) as f32 * 1e-6
+            } else {
+                0.0
+            }
+        })
+        .collect();
+    let b0s = [[0.0, 0.0, 1.0], [0.0, 0.26, 0.966]];
+    let problem = |k: usize| Problem {
+        dims: work,
+        voxel_size: [1.0; 3],
+        orientations: b0s[..k]
+            .iter()
+            .map(|&b0| Orientation { field: &x, b0 })
+            .collect(),
+        mask: &mask,
+        weight: None,
+    };
+    println!("\ninversions on the work grid (ratio to one FFT pair there)");
+    let report = |name: &str, t: f64, goal: &str| {
+        println!(
+            "  {name:<28} {:>9.1} ms {:>9.2} {goal}",
+            t * 1e3,
+            t / t_work
+        );
+    };
+    let reps = if quick { 1 } else { 3 };
+    let p1 = problem(1);
+    let cfl2 = cfl2::Cfl2::new(Default::default());
+    report("CFL2", time(reps, || cfl2.invert(&p1).unwrap()), "");
+    let p2 = problem(2);
+    let cosmos = cosmos::Cosmos::new(Default::default());
+    report(
+        "COSMOS, 2 orientations",
+        time(reps, || cosmos.invert(&p2).unwrap()),
+        "",
+    );
+    let iterations = 10;
+    let tv = tv::TvAdmm::new(tv::Config {
+        max_iterations: iterations,
+        tolerance: 1e-30,
+        ..Default::default()
+    });
+    let t = time(reps, || tv.invert(&p1).unwrap()) / iterations as f64;
+    report("TV-ADMM, one iteration", t, "(goal ≤ 3)");
+    let full = tv::Config::default().max_iterations;
+    println!(
+        "  {:<28} {:>9.1} s  at the default limit of {full} iterations",
+        "TV-ADMM, whole solve (max)",
+        t * full as f64
+    );
+    if !quick {
+        let ilsqr = ilsqr::Ilsqr::new(Default::default());
+        report("iLSQR", time(1, || ilsqr.invert(&p1).unwrap()), "");
+    }
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     let dims = match args.iter().position(|a| a == "--dims") {
@@ -160,6 +239,7 @@ fn main() {
         voxel_size: [1.0; 3],
         orientations: vec![Orientation { field: &x, b0 }],
         mask: &mask,
+        weight: None,
     };
     let t_tkd = time(3, || tkd.invert(&problem).expect("TKD runs"));
     println!(
@@ -167,6 +247,7 @@ fn main() {
         t_tkd * 1e3,
         t_tkd / t_fft
     );
+    inversions(work, t_work, quick);
 
     let dir = tempfile::tempdir().expect("temporary folder");
     println!(

@@ -86,6 +86,13 @@ fn volume(path: &Path) -> Vec<f32> {
         .data
 }
 
+fn dims_of(path: &Path) -> [usize; 3] {
+    io::read_image(path)
+        .unwrap_or_else(|e| panic!("{e}"))
+        .frames[0]
+        .dims
+}
+
 /// Seconds the inversion stage took, from the Chimap's sidecar.
 fn inversion_seconds(chi_path: &Path) -> f64 {
     let sidecar: serde_json::Value =
@@ -189,7 +196,9 @@ fn main() {
             .zip(&brain)
             .map(|(&v, &b)| v > 0.5 && b)
             .collect();
-        println!("\n{name}: demeaned NRMSE (%)              eroded mask   whole brain mask   inversion (s)");
+        let reference =
+            evaluate::metrics::Reference::new(&truth_chi, &eroded, dims_of(&chi_truth_path));
+        println!("\n{name}: demeaned NRMSE (%)              eroded mask   whole brain mask   HFEN (%)   XSIM   inversion (s)");
         for &method in &methods {
             let m = format!("{method:?}").to_lowercase();
             println!("{m}");
@@ -202,7 +211,10 @@ fn main() {
                 let e = evaluate::nrmse_demeaned(&chi, &truth_chi, &eroded);
                 let w = evaluate::nrmse_demeaned(&chi, &truth_chi, &brain);
                 let t = inversion_seconds(&chi_path);
-                println!("  {label:<40} {e:>8.1}      {w:>8.1}           {t:>8.2}");
+                let (h, x) = (reference.hfen(&chi), reference.xsim(&chi));
+                println!(
+                    "  {label:<40} {e:>8.1}      {w:>8.1}        {h:>8.1}   {x:.3}   {t:>8.2}"
+                );
                 scores.push(e);
             }
             println!(

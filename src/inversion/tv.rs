@@ -42,7 +42,7 @@ impl Default for Config {
             rho_tv: 100.0,
             rho_data: 1.0,
             tolerance: 1e-3,
-            max_iterations: 200,
+            max_iterations: 100,
         }
     }
 }
