@@ -11,7 +11,9 @@
 
 pub mod conv3d;
 pub mod dipole;
+pub mod ghpa;
 pub mod layers;
+pub mod loopnet;
 pub mod lpcnn;
 pub mod pool;
 pub mod weights;
