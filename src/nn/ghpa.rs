@@ -11,7 +11,7 @@
 //! and their meaning changes between patch training and whole-volume inference; the training
 //! issue has to check that this does not degrade whole-volume results.
 
-use candle_core::{Device, Module, Result, Tensor, D};
+use candle_core::{Device, Module, Result, Tensor};
 use candle_nn::{Init, VarBuilder};
 
 use super::conv3d::Conv3d;
@@ -81,7 +81,7 @@ pub struct Ghpa {
 impl Ghpa {
     /// `map_size`: side of the learnable plane grids (8 in EGE-UNet).
     pub fn new(channels: usize, map_size: usize, vb: VarBuilder) -> Result<Self> {
-        if channels % 4 != 0 || channels == 0 {
+        if !channels.is_multiple_of(4) || channels == 0 {
             candle_core::bail!("GHPA: channels must be a positive multiple of 4, got {channels}");
         }
         let g = channels / 4;
@@ -129,7 +129,7 @@ impl Module for Ghpa {
 mod tests {
     use super::*;
     use crate::nn::testing::{random_tensor, values};
-    use candle_core::DType;
+    use candle_core::{DType, D};
     use candle_nn::VarMap;
 
     #[test]
