@@ -178,6 +178,18 @@ impl SharedMut {
 /// Forward convolution on contiguous buffers: `x` is `[N, Cin, D, H, W]`, `w` is
 /// `[Cout, Cin, k, k, k]`; returns `[N, Cout, Do, Ho, Wo]`.
 pub fn conv3d_forward(x: &[f32], w: &[f32], s: &ConvShape) -> Vec<f32> {
+    conv3d_forward_fused(x, w, s, None, false)
+}
+
+/// [`conv3d_forward`] followed by a per-channel bias and optionally ReLU, applied while the
+/// result is still in cache (inference: saves two passes over the activations).
+pub fn conv3d_forward_fused(
+    x: &[f32],
+    w: &[f32],
+    s: &ConvShape,
+    bias: Option<&[f32]>,
+    relu: bool,
+) -> Vec<f32> {
     let sp: usize = s.padded().iter().product();
     let so: usize = s.out_dims().iter().product();
     let (kk, q) = (s.depth(), s.q_len());
@@ -229,7 +241,13 @@ pub fn conv3d_forward(x: &[f32], w: &[f32], s: &ConvShape) -> Vec<f32> {
             }
             valid_runs(s, q0, q0 + len, |qq, run, o| {
                 for co in 0..s.cout {
-                    let src = &acc[co * len + qq - q0..][..run];
+                    let src = &mut acc[co * len + qq - q0..][..run];
+                    if let Some(b) = bias {
+                        src.iter_mut().for_each(|v| *v += b[co]);
+                    }
+                    if relu {
+                        src.iter_mut().for_each(|v| *v = v.max(0.0));
+                    }
                     // SAFETY: each output voxel belongs to exactly one padded-flat position,
                     // hence to one task; the range lies inside `out`.
                     unsafe {
@@ -433,6 +451,59 @@ impl CustomOp2 for WeightGradOp {
     }
 }
 
+/// Inference-only `relu?(conv3d(x, w) + bias)` in one pass (no backward).
+struct FusedConv3dOp {
+    pad: usize,
+    bias: Vec<f32>,
+    relu: bool,
+}
+
+impl CustomOp2 for FusedConv3dOp {
+    fn name(&self) -> &'static str {
+        "conv3d-bias-act"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let s = conv_shape(l1.dims(), l2.dims(), self.pad)?;
+        if self.bias.len() != s.cout {
+            candle_core::bail!(
+                "conv3d: bias of {} for {} channels",
+                self.bias.len(),
+                s.cout
+            );
+        }
+        let x = contiguous_f32(s1, l1, "input")?;
+        let w = contiguous_f32(s2, l2, "weight")?;
+        let out = conv3d_forward_fused(x, w, &s, Some(&self.bias), self.relu);
+        let [d, h, ww] = s.out_dims();
+        Ok((
+            CpuStorage::F32(out),
+            Shape::from((s.batch, s.cout, d, h, ww)),
+        ))
+    }
+}
+
+/// Inference-only `conv3d(x, w) + bias`, then ReLU if `relu`: the same result as the
+/// differentiable ops, without their extra passes and without a backward pass.
+pub fn conv3d_bias_act(
+    x: &Tensor,
+    w: &Tensor,
+    bias: &Tensor,
+    pad: usize,
+    relu: bool,
+) -> Result<Tensor> {
+    conv_shape(x.dims(), w.dims(), pad)?;
+    let bias = bias.flatten_all()?.to_vec1::<f32>()?;
+    x.contiguous()?
+        .apply_op2_no_bwd(&w.contiguous()?, &FusedConv3dOp { pad, bias, relu })
+}
+
 /// Differentiable 3D convolution, stride 1, zero padding `pad` on every side; f32 only.
 pub fn conv3d(x: &Tensor, w: &Tensor, pad: usize) -> Result<Tensor> {
     if x.dtype() != DType::F32 || w.dtype() != DType::F32 {
@@ -487,6 +558,29 @@ impl Conv3d {
     pub fn weight(&self) -> &Tensor {
         &self.weight
     }
+
+    pub fn bias(&self) -> Option<&Tensor> {
+        self.bias.as_ref()
+    }
+
+    /// Inference: `relu?(scale · conv(x) + shift)` per output channel in one pass, e.g. a
+    /// batch norm in evaluation mode folded into the convolution.
+    pub fn forward_affine_act(
+        &self,
+        x: &Tensor,
+        scale: &Tensor,
+        shift: &Tensor,
+        relu: bool,
+    ) -> Result<Tensor> {
+        let w = self
+            .weight
+            .broadcast_mul(&scale.reshape(((), 1, 1, 1, 1))?)?;
+        let b = match &self.bias {
+            Some(b) => ((b * scale)? + shift)?,
+            None => shift.clone(),
+        };
+        conv3d_bias_act(x, &w, &b, self.pad, relu)
+    }
 }
 
 impl Module for Conv3d {
@@ -502,7 +596,7 @@ impl Module for Conv3d {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::nn::testing::{random, random_tensor};
+    use crate::nn::testing::{random, random_tensor, values};
     use candle_core::{Device, Var};
 
     /// Seven nested loops over (n, co, ci, od, oh, ow, tap), in f64.
@@ -734,6 +828,26 @@ mod tests {
                 "voxel {j}: finite difference {fd} vs autograd {}",
                 g[j]
             );
+        }
+    }
+
+    #[test]
+    fn fused_bias_and_relu_match_separate_ops() {
+        let x = random_tensor((1, 3, 5, 4, 6), 70);
+        let w = random_tensor((4, 3, 3, 3, 3), 71);
+        let b = random_tensor(4, 72);
+        let plain = conv3d(&x, &w, 1)
+            .unwrap()
+            .broadcast_add(&b.reshape((1, 4, 1, 1, 1)).unwrap())
+            .unwrap();
+        for relu in [false, true] {
+            let want = if relu {
+                plain.relu().unwrap()
+            } else {
+                plain.clone()
+            };
+            let got = conv3d_bias_act(&x, &w, &b, 1, relu).unwrap();
+            assert_eq!(values(&got), values(&want));
         }
     }
 

@@ -22,6 +22,21 @@ impl BatchNorm3d {
     }
 }
 
+impl BatchNorm3d {
+    /// The evaluation-mode map as `x · scale + shift` per channel, for folding into the
+    /// preceding convolution.
+    pub fn scale_shift(&self) -> Result<(Tensor, Tensor)> {
+        let bn = &self.0;
+        let inv = (bn.running_var().detach() + bn.eps())?.sqrt()?.recip()?;
+        let (scale, beta) = match bn.weight_and_bias() {
+            Some((w, b)) => ((w * inv)?, b.clone()),
+            None => (inv.clone(), inv.zeros_like()?),
+        };
+        let shift = (beta - (bn.running_mean().detach() * &scale)?)?;
+        Ok((scale, shift))
+    }
+}
+
 impl ModuleT for BatchNorm3d {
     fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
         if x.rank() != 5 {
@@ -199,6 +214,15 @@ mod tests {
             let ch = (i / 60) % 3;
             let want = (xi - rm[ch]) / (rv[ch] + 1e-5).sqrt();
             assert!((got - want).abs() < 1e-5);
+        }
+        let (scale, shift) = bn.scale_shift().unwrap();
+        let folded = x
+            .broadcast_mul(&scale.reshape((1, 3, 1, 1, 1)).unwrap())
+            .unwrap()
+            .broadcast_add(&shift.reshape((1, 3, 1, 1, 1)).unwrap())
+            .unwrap();
+        for (a, b) in values(&folded).iter().zip(&e) {
+            assert!((a - b).abs() < 1e-5);
         }
     }
 

@@ -97,8 +97,16 @@ impl Block {
 
 impl ModuleT for Block {
     fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        let h = self.b1.forward_t(&self.c1.forward(x)?, train)?.relu()?;
-        let h = self.b2.forward_t(&self.c2.forward(&h)?, train)?.relu()?;
+        let h = if train {
+            let h = self.b1.forward_t(&self.c1.forward(x)?, train)?.relu()?;
+            self.b2.forward_t(&self.c2.forward(&h)?, train)?.relu()?
+        } else {
+            // Inference: batch norms folded into the convolutions, ReLU fused.
+            let (s1, t1) = self.b1.scale_shift()?;
+            let (s2, t2) = self.b2.scale_shift()?;
+            let h = self.c1.forward_affine_act(x, &s1, &t1, true)?;
+            self.c2.forward_affine_act(&h, &s2, &t2, true)?
+        };
         match &self.ghpa {
             Some(g) => h.clone() + g.forward(&h)?,
             None => Ok(h),

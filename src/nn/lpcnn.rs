@@ -67,6 +67,14 @@ impl ResBlock {
 
 impl ModuleT for ResBlock {
     fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        if !train {
+            // Inference: batch norms folded into the convolutions, bias and ReLU fused.
+            let (s1, t1) = self.bn1.scale_shift()?;
+            let (s2, t2) = self.bn2.scale_shift()?;
+            let h = self.conv1.forward_affine_act(x, &s1, &t1, true)?;
+            let h = self.conv2.forward_affine_act(&h, &s2, &t2, false)?;
+            return (h + x)?.relu();
+        }
         let h = self.bn1.forward_t(&self.conv1.forward(x)?, train)?.relu()?;
         let h = self.drop.forward_t(&h, train)?;
         let h = self.bn2.forward_t(&self.conv2.forward(&h)?, train)?;
@@ -104,14 +112,24 @@ impl Prox {
 
 impl ModuleT for Prox {
     fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        let mut h = self.conv_in.forward(x)?.relu()?;
+        let mut h = relu_conv(&self.conv_in, x, train)?;
         for b in &self.blocks {
             h = b.forward_t(&h, train)?;
         }
-        let h = self.head[0].forward(&h)?.relu()?;
-        let h = self.head[1].forward(&h)?.relu()?;
+        let h = relu_conv(&self.head[0], &h, train)?;
+        let h = relu_conv(&self.head[1], &h, train)?;
         self.head[2].forward(&h)
     }
+}
+
+/// `relu(conv(x))`, fused into one pass at inference.
+fn relu_conv(conv: &Conv3d, x: &Tensor, train: bool) -> Result<Tensor> {
+    if train {
+        return conv.forward(x)?.relu();
+    }
+    let c = conv.weight().dim(0)?;
+    let ones = Tensor::ones(c, x.dtype(), x.device())?;
+    conv.forward_affine_act(x, &ones, &ones.zeros_like()?, true)
 }
 
 /// LP-CNN: the unrolled iterations around one shared [`Prox`].
@@ -293,6 +311,40 @@ mod tests {
                 last = r;
             }
             assert!(last < 0.5 * start, "{n} orientations: {last} from {start}");
+        }
+    }
+
+    /// The fused inference path (BN folded into the convolutions) against the plain ops.
+    #[test]
+    fn folded_inference_matches_the_layer_by_layer_computation() {
+        let vm = VarMap::new();
+        let vb = VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu);
+        let block = ResBlock::new(4, 0.5, vb.pp("b")).unwrap();
+        // Non-trivial running statistics and affine parameters.
+        {
+            let data = vm.data().lock().unwrap();
+            for (i, name) in ["running_mean", "running_var", "weight", "bias"]
+                .iter()
+                .enumerate()
+            {
+                for bn in ["bn1", "bn2"] {
+                    let v =
+                        (random_tensor(4, 20 + i as u64) + if i == 1 { 1.0 } else { 0.0 }).unwrap();
+                    data[&format!("b.{bn}.{name}")].set(&v).unwrap();
+                }
+            }
+        }
+        let x = random_tensor((1, 4, 5, 6, 7), 3);
+        let got = values(&block.forward_t(&x, false).unwrap());
+        let h = block
+            .bn1
+            .forward_t(&block.conv1.forward(&x).unwrap(), false)
+            .unwrap();
+        let h = block.conv2.forward(&h.relu().unwrap()).unwrap();
+        let h = block.bn2.forward_t(&h, false).unwrap();
+        let want = values(&(h + &x).unwrap().relu().unwrap());
+        for (a, b) in got.iter().zip(&want) {
+            assert!((a - b).abs() < 1e-5, "{a} vs {b}");
         }
     }
 
