@@ -14,6 +14,7 @@ use serde::Deserialize;
 use super::conv3d::Conv3d;
 use super::dipole::DipoleSet;
 use super::layers::{BatchNorm3d, Dropout3d};
+use super::tiling::{apply_tiled, Tiling};
 
 /// Architecture of LP-CNN; the default is the published one (≈ 446 k parameters).
 #[derive(Clone, Debug, PartialEq, Deserialize)]
@@ -170,14 +171,51 @@ impl LpCnn {
         mask: &Tensor,
         train: bool,
     ) -> Result<Tensor> {
+        self.run(fields, ops, mask, train, None)
+    }
+
+    /// Inference with the prox applied in overlapping tiles (the data term stays global);
+    /// the result matches [`Self::forward_t`] when the tiling's margin is at least
+    /// [`Self::prox_radius`].
+    pub fn infer_tiled(
+        &self,
+        fields: &Tensor,
+        ops: &DipoleSet,
+        mask: &Tensor,
+        tiling: &Tiling,
+    ) -> Result<Tensor> {
+        self.run(fields, ops, mask, false, Some(tiling))
+    }
+
+    /// Receptive-field radius of the prox in voxels (one per 3³ convolution).
+    pub fn prox_radius(&self) -> usize {
+        1 + 2 * self.cfg.blocks
+    }
+
+    /// Approximate activation memory of the prox at inference, per voxel: a few C-channel
+    /// f32 tensors are alive at once.
+    pub fn prox_bytes_per_voxel(&self) -> usize {
+        4 * 4 * self.cfg.channels
+    }
+
+    fn run(
+        &self,
+        fields: &Tensor,
+        ops: &DipoleSet,
+        mask: &Tensor,
+        train: bool,
+        tiling: Option<&Tiling>,
+    ) -> Result<Tensor> {
         // The normalisation is data, not a trained parameter.
         let (mean, std) = (self.mean.detach(), self.std.detach());
+        let net = |z: &Tensor| self.prox.forward_t(z, train);
         let prox = |v: &Tensor| -> Result<Tensor> {
             let z = v.broadcast_sub(&mean)?.broadcast_div(&std)?;
-            self.prox
-                .forward_t(&z, train)?
-                .broadcast_mul(&std)?
-                .broadcast_add(&mean)
+            let out = match tiling {
+                Some(t) => apply_tiled(&z, t, &net)?,
+                None => net(&z)?,
+            };
+            out.broadcast_mul(&std)?.broadcast_add(&mean)
         };
         self.unrolled(fields, ops, mask, &prox)
     }
@@ -311,6 +349,30 @@ mod tests {
                 last = r;
             }
             assert!(last < 0.5 * start, "{n} orientations: {last} from {start}");
+        }
+    }
+
+    #[test]
+    fn tiled_inference_matches_whole_volume_inference() {
+        let vm = VarMap::new();
+        let net = LpCnn::new(
+            &tiny(),
+            VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu),
+        )
+        .unwrap();
+        let ops = DipoleSet::new([14, 10, 12], [1.0; 3], &directions(2));
+        let y = random_tensor((1, 2, 12, 10, 14), 5);
+        let mask = Tensor::ones((1, 1, 12, 10, 14), DType::F32, &Device::Cpu).unwrap();
+        let whole = values(&net.forward_t(&y, &ops, &mask, false).unwrap());
+        let tiling = Tiling {
+            tile: [8, 8, 8],
+            margin: net.prox_radius(),
+            blend: 2,
+        };
+        let tiled = values(&net.infer_tiled(&y, &ops, &mask, &tiling).unwrap());
+        let scale = whole.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+        for (a, b) in tiled.iter().zip(&whole) {
+            assert!((a - b).abs() < 1e-4 * scale, "{a} vs {b}");
         }
     }
 

@@ -16,6 +16,7 @@ pub mod layers;
 pub mod loopnet;
 pub mod lpcnn;
 pub mod pool;
+pub mod tiling;
 pub mod weights;
 
 #[cfg(test)]
