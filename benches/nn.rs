@@ -14,7 +14,19 @@ use candle_nn::{VarBuilder, VarMap};
 
 use chimap::nn::conv3d;
 use chimap::nn::dipole::DipoleSet;
+use chimap::nn::loopnet::{self, LoopNet};
 use chimap::nn::lpcnn::{Config, LpCnn};
+use chimap::nn::tiling::Tiling;
+
+/// Peak resident memory of this process so far (Linux), in GiB.
+fn peak_gib() -> f64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+        .map_or(f64::NAN, |kb| kb / (1024.0 * 1024.0))
+}
 
 fn secs<T>(f: impl FnOnce() -> T) -> f64 {
     let s = Instant::now();
@@ -123,4 +135,35 @@ fn main() {
         t * head,
         t * head * mm_now / 155.0,
     );
+    println!("  peak resident memory so far: {:.2} GiB", peak_gib());
+
+    // The prox in tiles of half the cube (bounded memory), same weights.
+    let tiling = Tiling {
+        tile: [size / 2 + net.prox_radius(); 3],
+        margin: net.prox_radius(),
+        blend: 4,
+    };
+    let t_tiled = secs(|| net.infer_tiled(&y, &ops, &mask, &tiling).unwrap());
+    println!(
+        "LP-CNN tiled ({:?} tiles, margin {}): {t_tiled:.2} s",
+        tiling.tile, tiling.margin
+    );
+
+    for (name, cfg) in [
+        ("LoopNet", loopnet::Config::default()),
+        ("U-net", loopnet::Config::unet()),
+    ] {
+        let vm = VarMap::new();
+        let net =
+            LoopNet::new(&cfg, VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu)).unwrap();
+        let t = secs(|| net.forward_t(&y, false).unwrap());
+        println!(
+            "{name} inference ({} loops, GHPA {}), {size}^3: {t:.2} s; 1 mm head by voxel count: \
+             {:.0} s at this machine's speed",
+            cfg.loops,
+            cfg.ghpa,
+            t * head
+        );
+    }
+    println!("peak resident memory: {:.2} GiB", peak_gib());
 }

@@ -207,7 +207,7 @@ mod tests {
     fn budget_picks_whole_volume_or_a_fitting_tile() {
         assert_eq!(Tiling::for_budget([64; 3], 512, 1 << 30, 17, 1), None);
         let t = Tiling::for_budget([200, 230, 190], 512, 1 << 30, 17, 8).unwrap();
-        assert!(t.tile[0] % 8 == 0 && t.tile[0].pow(3) * 512 <= 1 << 30);
+        assert!(t.tile[0].is_multiple_of(8) && t.tile[0].pow(3) * 512 <= 1 << 30);
         assert!(t.tile[0] > 2 * t.margin + t.blend);
     }
 }
