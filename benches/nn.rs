@@ -16,7 +16,6 @@ use chimap::nn::conv3d;
 use chimap::nn::dipole::DipoleSet;
 use chimap::nn::loopnet::{self, LoopNet};
 use chimap::nn::lpcnn::{Config, LpCnn};
-use chimap::nn::tiling::Tiling;
 
 /// Peak resident memory of this process so far (Linux), in GiB.
 fn peak_gib() -> f64 {
@@ -136,18 +135,6 @@ fn main() {
         t * head * mm_now / 155.0,
     );
     println!("  peak resident memory so far: {:.2} GiB", peak_gib());
-
-    // The prox in tiles of half the cube (bounded memory), same weights.
-    let tiling = Tiling {
-        tile: [size / 2 + net.prox_radius(); 3],
-        margin: net.prox_radius(),
-        blend: 4,
-    };
-    let t_tiled = secs(|| net.infer_tiled(&y, &ops, &mask, &tiling).unwrap());
-    println!(
-        "LP-CNN tiled ({:?} tiles, margin {}): {t_tiled:.2} s",
-        tiling.tile, tiling.margin
-    );
 
     for (name, cfg) in [
         ("LoopNet", loopnet::Config::default()),
