@@ -3,7 +3,10 @@
 //! Every method implements [`Method`], so `--method` is a lookup and each method gets the
 //! same referencing, sidecar and report. All of them use the one `DipoleOperator`.
 
+pub mod learned;
 pub mod tkd;
+
+use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
@@ -51,6 +54,24 @@ pub trait Method {
 pub enum MethodName {
     /// Thresholded k-space division (Shmueli et al. 2009).
     Tkd,
+    /// Learned proximal gradient descent (Lai et al. 2020); needs `--weights`.
+    Lpcnn,
+    /// Looped U-net with GHPA (Chen et al. 2024); needs `--weights`.
+    Loopnet,
+    /// Plain 3D U-net baseline; needs `--weights`.
+    Unet,
+}
+
+impl MethodName {
+    /// The name used in file names and sidecars.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MethodName::Tkd => "tkd",
+            MethodName::Lpcnn => "lpcnn",
+            MethodName::Loopnet => "loopnet",
+            MethodName::Unet => "unet",
+        }
+    }
 }
 
 /// The `inversion` section of the configuration.
@@ -61,6 +82,9 @@ pub struct Config {
     pub method: MethodName,
     /// Parameters of TKD.
     pub tkd: tkd::Config,
+    /// Weights (safetensors) of the learned methods; required by them, no default.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub weights: Option<PathBuf>,
 }
 
 impl Default for Config {
@@ -68,16 +92,18 @@ impl Default for Config {
         Config {
             method: MethodName::Tkd,
             tkd: tkd::Config::default(),
+            weights: None,
         }
     }
 }
 
 impl Config {
-    /// The configured method, ready to run.
-    pub fn method(&self) -> Box<dyn Method + Send + Sync> {
-        match self.method {
+    /// The configured method, ready to run; an error when a learned method has no weights.
+    pub fn method(&self) -> Result<Box<dyn Method + Send + Sync>> {
+        Ok(match self.method {
             MethodName::Tkd => Box::new(tkd::Tkd::new(self.tkd.clone())),
-        }
+            m => Box::new(learned::Learned::new(m, self.weights.clone())?),
+        })
     }
 }
 

@@ -50,7 +50,7 @@ pub fn process(
     deriv: &Derivatives,
     overwrite: bool,
 ) -> Result<Outcome> {
-    let method = config.inversion.method();
+    let method = config.inversion.method()?;
     let chimap_path = deriv.path(&acq.entities, Some(method.name()), "Chimap");
     if !overwrite && Derivatives::exists(&chimap_path) {
         return Ok(Outcome::AlreadyDone);
