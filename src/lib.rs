@@ -25,6 +25,7 @@ pub mod derivatives;
 pub mod evaluate;
 pub mod inversion;
 pub mod io;
+pub mod nn;
 pub mod physics;
 pub mod pipeline;
 pub mod preprocess;

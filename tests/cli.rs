@@ -364,6 +364,25 @@ fn bad_inputs_fail_with_a_clear_message_and_leave_nothing_half_written() {
         &out,
     );
     assert!(!inside.exists());
+    // A learned method without weights (none ship yet), or with a missing file.
+    assert_clean_failure(
+        &chimap(&[ds_s, out_s, "participant", "--method", "lpcnn"]),
+        "--weights",
+        &out,
+    );
+    assert_clean_failure(
+        &chimap(&[
+            ds_s,
+            out_s,
+            "participant",
+            "--method",
+            "unet",
+            "--weights",
+            "no.safetensors",
+        ]),
+        "no.safetensors",
+        &out,
+    );
     // Unknown participant; unknown config key.
     assert_clean_failure(
         &chimap(&[ds_s, out_s, "participant", "--participant-label", "9"]),

@@ -97,6 +97,10 @@ pub struct RunArgs {
     #[arg(long, value_enum, value_name = "NAME", help_heading = "Processing")]
     pub method: Option<MethodName>,
 
+    /// Weights (safetensors) for --method lpcnn|loopnet|unet (overrides `inversion.weights`).
+    #[arg(long, value_name = "FILE", help_heading = "Processing")]
+    pub weights: Option<PathBuf>,
+
     /// B0 field strength in tesla for inputs whose sidecars lack `MagneticFieldStrength`
     /// (overrides `field_strength` of the config). Default: taken from the sidecars.
     #[arg(long, value_name = "TESLA", help_heading = "Processing")]

@@ -75,6 +75,11 @@ pub fn settings(run: &RunArgs) -> Result<Settings> {
     if let Some(m) = run.method {
         config.inversion.method = m;
     }
+    if let Some(w) = &run.weights {
+        config.inversion.weights = Some(w.clone());
+    }
+    // Fail before any processing when a learned method lacks its weights.
+    config.inversion.method()?;
     if let Some(t) = run.field_strength {
         if !(t > 0.0 && t.is_finite()) {
             return Err(Error::Usage(format!(

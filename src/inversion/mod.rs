@@ -9,8 +9,11 @@ pub mod cosmos;
 pub mod ilsqr;
 #[cfg(test)]
 mod testing;
+pub mod learned;
 pub mod tkd;
 pub mod tv;
+
+use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
@@ -146,6 +149,28 @@ pub enum MethodName {
     Tv,
     /// Closed-form multi-orientation inversion (Liu et al. 2009); needs 2+ orientations.
     Cosmos,
+    /// Learned proximal gradient descent (Lai et al. 2020); needs `--weights`.
+    Lpcnn,
+    /// Looped U-net with GHPA (Chen et al. 2024); needs `--weights`.
+    Loopnet,
+    /// Plain 3D U-net baseline; needs `--weights`.
+    Unet,
+}
+
+impl MethodName {
+    /// The name used in file names and sidecars.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MethodName::Tkd => "tkd",
+            MethodName::Cfl2 => "cfl2",
+            MethodName::Ilsqr => "ilsqr",
+            MethodName::Tv => "tv",
+            MethodName::Cosmos => "cosmos",
+            MethodName::Lpcnn => "lpcnn",
+            MethodName::Loopnet => "loopnet",
+            MethodName::Unet => "unet",
+        }
+    }
 }
 
 /// The `inversion` section of the configuration.
@@ -164,6 +189,9 @@ pub struct Config {
     pub tv: tv::Config,
     /// Parameters of COSMOS.
     pub cosmos: cosmos::Config,
+    /// Weights (safetensors) of the learned methods; required by them, no default.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub weights: Option<PathBuf>,
 }
 
 impl Default for Config {
@@ -175,20 +203,22 @@ impl Default for Config {
             ilsqr: ilsqr::Config::default(),
             tv: tv::Config::default(),
             cosmos: cosmos::Config::default(),
+            weights: None,
         }
     }
 }
 
 impl Config {
-    /// The configured method, ready to run.
-    pub fn method(&self) -> Box<dyn Method + Send + Sync> {
-        match self.method {
+    /// The configured method, ready to run; an error when a learned method has no weights.
+    pub fn method(&self) -> Result<Box<dyn Method + Send + Sync>> {
+        Ok(match self.method {
             MethodName::Tkd => Box::new(tkd::Tkd::new(self.tkd.clone())),
             MethodName::Cfl2 => Box::new(cfl2::Cfl2::new(self.cfl2.clone())),
             MethodName::Ilsqr => Box::new(ilsqr::Ilsqr::new(self.ilsqr.clone())),
             MethodName::Tv => Box::new(tv::TvAdmm::new(self.tv.clone())),
             MethodName::Cosmos => Box::new(cosmos::Cosmos::new(self.cosmos.clone())),
-        }
+            m => Box::new(learned::Learned::new(m, self.weights.clone())?),
+        })
     }
 }
 

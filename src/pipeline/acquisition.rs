@@ -71,7 +71,7 @@ pub fn process(
     deriv: &Derivatives,
     overwrite: bool,
 ) -> Result<Outcome> {
-    let method = config.inversion.method();
+    let method = config.inversion.method()?;
     let chimap_path = deriv.path(&acq.entities, Some(method.name()), "Chimap");
     if !overwrite && Derivatives::exists(&chimap_path) {
         return Ok(Outcome::AlreadyDone);
@@ -134,7 +134,7 @@ pub fn process_set(
     deriv: &Derivatives,
     overwrite: bool,
 ) -> Result<Outcome> {
-    let method = config.inversion.method();
+    let method = config.inversion.method()?;
     let chimap_path = deriv.path(&set.entities, Some(method.name()), "Chimap");
     if !overwrite && Derivatives::exists(&chimap_path) {
         return Ok(Outcome::AlreadyDone);

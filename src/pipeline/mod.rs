@@ -142,7 +142,7 @@ pub fn run(settings: &Settings) -> Result<Summary> {
     }
     // A joint method (COSMOS) takes each orientation set as one unit; its members are not
     // inverted on their own.
-    let joint = settings.config.inversion.method().joint_orientations();
+    let joint = settings.config.inversion.method()?.joint_orientations();
     let mut units: Vec<Unit> = Vec::new();
     if joint {
         units.extend(discovery.orientation_sets.iter().map(Unit::Set));

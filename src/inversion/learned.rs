@@ -1,0 +1,205 @@
+//! The learned methods (LP-CNN, LoopNet, U-net) behind the [`Method`] trait.
+//!
+//! They need a weights file (`--weights FILE` or `inversion.weights`): trained weights do not
+//! ship yet, and random weights would produce plausible-looking nonsense, so there is no
+//! default. The published architectures are used; a file for another architecture is an
+//! input error naming the file and the tensor.
+
+use std::path::PathBuf;
+
+use candle_core::{Device, Tensor};
+
+use super::{Method, MethodName, Problem};
+use crate::nn::dipole::DipoleSet;
+use crate::nn::loopnet::{self, LoopNet};
+use crate::nn::lpcnn::{self, LpCnn};
+use crate::nn::tiling::Tiling;
+use crate::nn::{tensor_dims, weights};
+use crate::{Error, Result};
+
+/// Activation memory allowed for the CNN parts before they run in tiles.
+const MAX_MEMORY_BYTES: usize = 3 << 30;
+
+pub struct Learned {
+    kind: MethodName,
+    weights: PathBuf,
+}
+
+impl Learned {
+    /// `kind` must be one of the learned methods.
+    pub fn new(kind: MethodName, weights: Option<PathBuf>) -> Result<Self> {
+        let Some(weights) = weights else {
+            return Err(Error::Usage(format!(
+                "--method {} needs --weights FILE (a safetensors file of trained weights); \
+                 no trained weights ship with chimap yet",
+                kind.as_str()
+            )));
+        };
+        if !weights.is_file() {
+            return Err(Error::input(
+                &weights,
+                "weights file not found; pass an existing safetensors file to --weights",
+            ));
+        }
+        Ok(Learned { kind, weights })
+    }
+}
+
+fn numerics(name: &str, e: candle_core::Error) -> Error {
+    Error::Numerics(format!("{name} inference failed: {e}"))
+}
+
+impl Method for Learned {
+    fn name(&self) -> &'static str {
+        self.kind.as_str()
+    }
+
+    fn invert(&self, p: &Problem) -> Result<Vec<f32>> {
+        let dev = Device::Cpu;
+        let [d, h, w] = tensor_dims(p.dims);
+        let nv = d * h * w;
+        let n = p.orientations.len();
+        let err = |e| numerics(self.name(), e);
+        let mut data = Vec::with_capacity(n * nv);
+        for o in &p.orientations {
+            data.extend_from_slice(o.field);
+        }
+        let fields = Tensor::from_vec(data, (1, n, d, h, w), &dev).map_err(err)?;
+        let mask: Vec<f32> = p.mask.iter().map(|&m| m as u8 as f32).collect();
+        let mask = Tensor::from_vec(mask, (1, 1, d, h, w), &dev).map_err(err)?;
+        let chi = match self.kind {
+            MethodName::Lpcnn => {
+                let cfg = lpcnn::Config::default();
+                let net = weights::build(&self.weights, "LP-CNN", &dev, |vb| LpCnn::new(&cfg, vb))?;
+                let b0: Vec<[f64; 3]> = p.orientations.iter().map(|o| o.b0).collect();
+                let ops = DipoleSet::new(p.dims, p.voxel_size, &b0);
+                let tiling = Tiling::for_budget(
+                    [d, h, w],
+                    net.prox_bytes_per_voxel(),
+                    MAX_MEMORY_BYTES,
+                    net.prox_radius(),
+                    1,
+                );
+                match tiling {
+                    Some(t) => net.infer_tiled(&fields, &ops, &mask, &t),
+                    None => net.forward_t(&fields, &ops, &mask, false),
+                }
+                .map_err(err)?
+            }
+            MethodName::Loopnet | MethodName::Unet => {
+                let cfg = if self.kind == MethodName::Unet {
+                    loopnet::Config::unet()
+                } else {
+                    loopnet::Config::default()
+                };
+                let net = weights::build(&self.weights, self.name(), &dev, |vb| {
+                    LoopNet::new(&cfg, vb)
+                })?;
+                // Single-orientation networks: the mean of the per-orientation estimates.
+                let mut sum: Option<Tensor> = None;
+                for i in 0..n {
+                    let f = fields.narrow(1, i, 1).map_err(err)?;
+                    let chi = net.forward_t(&f, false).map_err(err)?.chi;
+                    sum = Some(match sum {
+                        None => chi,
+                        Some(s) => (s + chi).map_err(err)?,
+                    });
+                }
+                let sum = sum.ok_or_else(|| Error::Numerics("no orientation".into()))?;
+                ((sum / n as f64).map_err(err)? * &mask).map_err(err)?
+            }
+            MethodName::Tkd
+            | MethodName::Cfl2
+            | MethodName::Ilsqr
+            | MethodName::Tv
+            | MethodName::Cosmos => unreachable!("not a learned method"),
+        };
+        chi.flatten_all()
+            .and_then(|t| t.to_vec1::<f32>())
+            .map_err(err)
+    }
+
+    fn parameters(&self) -> serde_json::Value {
+        serde_json::json!({ "Weights": self.weights.display().to_string() })
+    }
+
+    /// LP-CNN's gradient step sums over orientations, so a set is one problem for it.
+    fn joint_orientations(&self) -> bool {
+        self.kind == MethodName::Lpcnn
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::inversion::Orientation;
+    use candle_core::DType;
+    use candle_nn::{VarBuilder, VarMap};
+
+    #[test]
+    fn refuses_to_run_without_weights() {
+        let err = Learned::new(MethodName::Lpcnn, None)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(err.contains("--weights"), "{err}");
+        let err = Learned::new(MethodName::Unet, Some("/no/such.safetensors".into()))
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(err.contains("/no/such.safetensors"), "{err}");
+    }
+
+    #[test]
+    fn runs_each_method_from_a_weights_file_and_rejects_the_wrong_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let save = |name: &str, build: &dyn Fn(VarBuilder) -> candle_core::Result<()>| {
+            let vm = VarMap::new();
+            build(VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu)).unwrap();
+            let path = dir.path().join(name);
+            vm.save(&path).unwrap();
+            path
+        };
+        let unet = save("unet.safetensors", &|vb| {
+            LoopNet::new(&loopnet::Config::unet(), vb).map(|_| ())
+        });
+        let lp = save("lpcnn.safetensors", &|vb| {
+            LpCnn::new(&lpcnn::Config::default(), vb).map(|_| ())
+        });
+        let dims = [8, 8, 8];
+        let field = crate::nn::testing::random(512, 1);
+        let mask: Vec<bool> = (0..512).map(|i| i % 7 != 0).collect();
+        let problem = Problem {
+            dims,
+            voxel_size: [1.0; 3],
+            orientations: vec![Orientation {
+                field: &field,
+                b0: [0.0, 0.0, 1.0],
+            }],
+            mask: &mask,
+        };
+        let chi = Learned::new(MethodName::Unet, Some(unet.clone()))
+            .unwrap()
+            .invert(&problem)
+            .unwrap();
+        assert_eq!(chi.len(), 512);
+        assert!(chi.iter().zip(&mask).all(|(c, &m)| m || *c == 0.0));
+        let err = Learned::new(MethodName::Lpcnn, Some(unet))
+            .unwrap()
+            .invert(&problem)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("unet.safetensors") && err.contains("LP-CNN"),
+            "{err}"
+        );
+        let chi = Learned::new(MethodName::Lpcnn, Some(lp))
+            .unwrap()
+            .invert(&problem)
+            .unwrap();
+        assert!(chi
+            .iter()
+            .zip(&mask)
+            .all(|(c, &m)| c.is_finite() && (m || *c == 0.0)));
+    }
+}

@@ -1,0 +1,340 @@
+//! LoopNet (Chen et al., ISMRM 2024) and, with `loops = 1, ghpa = false`, the plain 3D U-net
+//! baseline.
+//!
+//! A U-net whose extracting (encoder) and expanding (decoder) paths are shared by `T` loops.
+//! In loop `t` the expanding-path features of loop `t − 1` at each level are concatenated to
+//! the extracting path's input at the same level (the reverse connection; zeros in the first
+//! loop, so every loop runs the same weights). Each loop's output is a 1×1 conv of its last
+//! expanding features plus the input (the final skip). Optionally (IR2QSM) a 1×1 conv fuses
+//! the loops' outputs. GHPA ([`super::ghpa`]) is added residually after the conv blocks of
+//! the deeper levels.
+//!
+//! Levels: conv blocks are two [conv 3³ (no bias), BN, ReLU]; down is 2× max pooling; up is
+//! 2× nearest upsampling then a 1×1 conv to the level's channels, concatenated with the skip.
+//! Inputs of any size are zero-padded at the far end to a multiple of `2^(levels − 1)` and the
+//! outputs cropped back.
+
+use candle_core::{Module, ModuleT, Result, Tensor};
+use candle_nn::VarBuilder;
+use serde::Deserialize;
+
+use super::conv3d::Conv3d;
+use super::ghpa::Ghpa;
+use super::layers::BatchNorm3d;
+use super::pool::{max_pool2, upsample2};
+
+/// Architecture of LoopNet / the U-net baseline.
+#[derive(Clone, Debug, PartialEq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Channels per level, full resolution first.
+    pub channels: Vec<usize>,
+    /// Loops `T` sharing the weights.
+    pub loops: usize,
+    /// GHPA after the conv blocks of levels `ghpa_from_level..`.
+    pub ghpa: bool,
+    pub ghpa_from_level: usize,
+    /// Side of GHPA's learnable plane grids.
+    pub ghpa_map_size: usize,
+    /// Fuse the loops' outputs with a 1×1 conv (IR2QSM) instead of returning the last loop's.
+    pub fuse: bool,
+}
+
+impl Default for Config {
+    /// LoopNet as described: 4 levels of 16-32-64-128 channels, GHPA. `T = 3` is our
+    /// choice (the abstract does not fix it here); fusion off until training shows it helps.
+    fn default() -> Self {
+        Config {
+            channels: vec![16, 32, 64, 128],
+            loops: 3,
+            ghpa: true,
+            ghpa_from_level: 2,
+            ghpa_map_size: 8,
+            fuse: false,
+        }
+    }
+}
+
+impl Config {
+    /// The plain U-net baseline: one loop, no GHPA.
+    pub fn unet() -> Self {
+        Config {
+            loops: 1,
+            ghpa: false,
+            ..Config::default()
+        }
+    }
+
+    /// Sizes must be multiples of this (inputs are padded to it).
+    pub fn stride(&self) -> usize {
+        1 << (self.channels.len() - 1)
+    }
+}
+
+/// Two [conv 3³, BN, ReLU], then optionally `x + GHPA(x)`.
+#[derive(Clone, Debug)]
+struct Block {
+    c1: Conv3d,
+    b1: BatchNorm3d,
+    c2: Conv3d,
+    b2: BatchNorm3d,
+    ghpa: Option<Ghpa>,
+}
+
+impl Block {
+    fn new(cin: usize, cout: usize, ghpa: Option<usize>, vb: VarBuilder) -> Result<Self> {
+        Ok(Block {
+            c1: Conv3d::new(cin, cout, 3, false, vb.pp("conv1"))?,
+            b1: BatchNorm3d::new(cout, vb.pp("bn1"))?,
+            c2: Conv3d::new(cout, cout, 3, false, vb.pp("conv2"))?,
+            b2: BatchNorm3d::new(cout, vb.pp("bn2"))?,
+            ghpa: ghpa
+                .map(|s| Ghpa::new(cout, s, vb.pp("ghpa")))
+                .transpose()?,
+        })
+    }
+}
+
+impl ModuleT for Block {
+    fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        let h = if train {
+            let h = self.b1.forward_t(&self.c1.forward(x)?, train)?.relu()?;
+            self.b2.forward_t(&self.c2.forward(&h)?, train)?.relu()?
+        } else {
+            // Inference: batch norms folded into the convolutions, ReLU fused.
+            let (s1, t1) = self.b1.scale_shift()?;
+            let (s2, t2) = self.b2.scale_shift()?;
+            let h = self.c1.forward_affine_act(x, &s1, &t1, true)?;
+            self.c2.forward_affine_act(&h, &s2, &t2, true)?
+        };
+        match &self.ghpa {
+            Some(g) => h.clone() + g.forward(&h)?,
+            None => Ok(h),
+        }
+    }
+}
+
+/// Outputs of one forward pass, cropped to the input's size.
+pub struct Output {
+    /// Each loop's χ `[N, 1, D, H, W]`, in loop order (for deep supervision).
+    pub loops: Vec<Tensor>,
+    /// The network's χ: the fused loops, or the last loop's output.
+    pub chi: Tensor,
+}
+
+/// LoopNet / U-net.
+#[derive(Clone, Debug)]
+pub struct LoopNet {
+    cfg: Config,
+    enc: Vec<Block>,
+    up: Vec<Conv3d>,
+    dec: Vec<Block>,
+    head: Conv3d,
+    fuse: Option<Conv3d>,
+}
+
+impl LoopNet {
+    pub fn new(cfg: &Config, vb: VarBuilder) -> Result<Self> {
+        let c = &cfg.channels;
+        let levels = c.len();
+        if levels < 2 || cfg.loops == 0 || c.contains(&0) {
+            candle_core::bail!("LoopNet needs at least two levels and one loop, got {cfg:?}");
+        }
+        let ghpa = |l: usize| (cfg.ghpa && l >= cfg.ghpa_from_level).then_some(cfg.ghpa_map_size);
+        let feedback = |l: usize| {
+            if cfg.loops > 1 && l + 1 < levels {
+                c[l]
+            } else {
+                0
+            }
+        };
+        let mut enc = Vec::new();
+        for l in 0..levels {
+            let cin = if l == 0 { 1 } else { c[l - 1] } + feedback(l);
+            enc.push(Block::new(cin, c[l], ghpa(l), vb.pp(format!("enc.{l}")))?);
+        }
+        let mut up = Vec::new();
+        let mut dec = Vec::new();
+        for l in 0..levels - 1 {
+            up.push(Conv3d::new(
+                c[l + 1],
+                c[l],
+                1,
+                true,
+                vb.pp(format!("up.{l}")),
+            )?);
+            dec.push(Block::new(
+                2 * c[l],
+                c[l],
+                ghpa(l),
+                vb.pp(format!("dec.{l}")),
+            )?);
+        }
+        Ok(LoopNet {
+            cfg: cfg.clone(),
+            enc,
+            up,
+            dec,
+            head: Conv3d::new(c[0], 1, 1, true, vb.pp("head"))?,
+            fuse: (cfg.fuse && cfg.loops > 1)
+                .then(|| Conv3d::new(cfg.loops, 1, 1, true, vb.pp("fuse")))
+                .transpose()?,
+        })
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.cfg
+    }
+
+    /// χ from a local field `[N, 1, D, H, W]` (any size; padded internally).
+    pub fn forward_t(&self, x: &Tensor, train: bool) -> Result<Output> {
+        let (n, _, d, h, w) = x.dims5()?;
+        let s = self.cfg.stride();
+        let mut xp = x.clone();
+        for (axis, len) in [(2, d), (3, h), (4, w)] {
+            let extra = len.div_ceil(s) * s - len;
+            if extra > 0 {
+                xp = xp.pad_with_zeros(axis, 0, extra)?;
+            }
+        }
+        let levels = self.cfg.channels.len();
+        let mut feedback: Vec<Option<Tensor>> = vec![None; levels - 1];
+        let mut outs = Vec::with_capacity(self.cfg.loops);
+        for _ in 0..self.cfg.loops {
+            let mut skips = Vec::with_capacity(levels - 1);
+            let mut f = xp.clone();
+            for l in 0..levels {
+                if l > 0 {
+                    f = max_pool2(&f)?;
+                }
+                if self.cfg.loops > 1 && l + 1 < levels {
+                    let fb = match &feedback[l] {
+                        Some(t) => t.clone(),
+                        None => {
+                            let (_, _, a, b, c) = f.dims5()?;
+                            Tensor::zeros(
+                                (n, self.cfg.channels[l], a, b, c),
+                                f.dtype(),
+                                f.device(),
+                            )?
+                        }
+                    };
+                    f = Tensor::cat(&[&f, &fb], 1)?;
+                }
+                f = self.enc[l].forward_t(&f, train)?;
+                if l + 1 < levels {
+                    skips.push(f.clone());
+                }
+            }
+            for l in (0..levels - 1).rev() {
+                let u = self.up[l].forward(&upsample2(&f)?)?;
+                f = self.dec[l].forward_t(&Tensor::cat(&[&u, &skips[l]], 1)?, train)?;
+                feedback[l] = Some(f.clone());
+            }
+            outs.push((self.head.forward(&f)? + &xp)?);
+        }
+        let chi = match &self.fuse {
+            Some(fuse) => fuse.forward(&Tensor::cat(&outs, 1)?)?,
+            None => outs.last().expect("at least one loop").clone(),
+        };
+        let crop = |t: &Tensor| -> Result<Tensor> {
+            t.narrow(2, 0, d)?
+                .narrow(3, 0, h)?
+                .narrow(4, 0, w)?
+                .contiguous()
+        };
+        Ok(Output {
+            loops: outs.iter().map(crop).collect::<Result<_>>()?,
+            chi: crop(&chi)?,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::nn::testing::{random_tensor, values};
+    use candle_core::{DType, Device};
+    use candle_nn::{Optimizer, VarMap};
+
+    fn tiny(loops: usize, ghpa: bool) -> Config {
+        Config {
+            channels: vec![4, 4, 8, 8],
+            loops,
+            ghpa,
+            ghpa_map_size: 4,
+            ..Config::default()
+        }
+    }
+
+    fn build(cfg: &Config) -> (VarMap, LoopNet) {
+        let vm = VarMap::new();
+        let net =
+            LoopNet::new(cfg, VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu)).unwrap();
+        (vm, net)
+    }
+
+    fn parameters(vm: &VarMap) -> usize {
+        vm.all_vars().iter().map(|v| v.elem_count()).sum()
+    }
+
+    #[test]
+    fn output_has_the_input_shape_for_any_size() {
+        for (loops, ghpa) in [(1, false), (2, true)] {
+            let (_, net) = build(&tiny(loops, ghpa));
+            for dims in [(8, 16, 8), (5, 7, 9)] {
+                let x = random_tensor((1, 1, dims.0, dims.1, dims.2), 1);
+                let out = net.forward_t(&x, false).unwrap();
+                assert_eq!(out.chi.dims(), x.dims());
+                assert_eq!(out.loops.len(), loops);
+                assert!(values(&out.chi).iter().all(|v| v.is_finite()));
+            }
+        }
+    }
+
+    #[test]
+    fn loops_share_weights() {
+        let count = |loops| parameters(&build(&tiny(loops, true)).0);
+        assert_eq!(count(2), count(5));
+        // The reverse connections add input channels once, not per loop.
+        assert!(count(1) < count(2));
+        // The published sizes: the U-net baseline is a few hundred thousand parameters.
+        let unet = parameters(&build(&Config::unet()).0);
+        assert!((100_000..2_000_000).contains(&unet), "{unet}");
+    }
+
+    #[test]
+    fn later_loops_see_the_earlier_loops() {
+        let (_, net) = build(&tiny(3, false));
+        let x = random_tensor((1, 1, 8, 8, 8), 2);
+        let out = net.forward_t(&x, false).unwrap();
+        // Same weights, same input: the loops differ only through the reverse connections.
+        assert_ne!(values(&out.loops[0]), values(&out.loops[1]));
+    }
+
+    #[test]
+    fn adam_steps_reduce_the_loss() {
+        for cfg in [tiny(2, true), tiny(1, false)] {
+            let (vm, net) = build(&cfg);
+            let x = random_tensor((2, 1, 8, 8, 8), 3);
+            // A target the network can move towards: a scaled, shifted copy of the input.
+            let target = ((&x * 0.5).unwrap() + 0.1).unwrap();
+            let params = candle_nn::ParamsAdamW {
+                lr: 1e-2,
+                weight_decay: 0.0,
+                ..Default::default()
+            };
+            let mut opt = candle_nn::AdamW::new(vm.all_vars(), params).unwrap();
+            let loss = |net: &LoopNet| -> Tensor {
+                let y = net.forward_t(&x, true).unwrap().chi;
+                (y - &target).unwrap().sqr().unwrap().mean_all().unwrap()
+            };
+            let first = loss(&net).to_scalar::<f32>().unwrap();
+            for _ in 0..8 {
+                opt.backward_step(&loss(&net)).unwrap();
+            }
+            let last = loss(&net).to_scalar::<f32>().unwrap();
+            assert!(last < 0.7 * first, "{cfg:?}: loss {first} -> {last}");
+        }
+    }
+}

@@ -1,0 +1,444 @@
+//! LP-CNN (Lai, Aggarwal, van Zijl, Li and Sulam, MICCAI 2020): a learned proximal gradient
+//! descent for multi-orientation dipole inversion.
+//!
+//! `x₀ = α Σᵢ Dᵢᵀ yᵢ`, then for `k = 1..K`: `x ← M · prox(M · (x + α Σᵢ Dᵢᵀ (yᵢ − Dᵢ x)))`,
+//! with `M` the brain mask, one prox network shared by all iterations, and one learned step
+//! `α`. The data term sums over orientations, so the same weights serve 1..N orientations.
+//! The prox runs on z-scored values: `prox(v) = σ · net((v − μ)/σ) + μ`, with μ, σ the
+//! statistics of the training targets, stored with the weights (`norm.mean`, `norm.std`).
+
+use candle_core::{Module, ModuleT, Result, Tensor};
+use candle_nn::{Init, VarBuilder};
+use serde::Deserialize;
+
+use super::conv3d::Conv3d;
+use super::dipole::DipoleSet;
+use super::layers::{BatchNorm3d, Dropout3d};
+use super::tiling::{apply_tiled, Tiling};
+
+/// Architecture of LP-CNN; the default is the published one (≈ 446 k parameters).
+#[derive(Clone, Debug, PartialEq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Unrolled proximal-gradient iterations.
+    pub iterations: usize,
+    /// Feature channels of the prox network.
+    pub channels: usize,
+    /// Residual blocks of the prox network.
+    pub blocks: usize,
+    /// Channel-dropout probability inside each residual block (training only).
+    pub dropout: f32,
+    /// Initial value of the learned step α.
+    pub alpha_init: f64,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            iterations: 3,
+            channels: 32,
+            blocks: 8,
+            dropout: 0.5,
+            alpha_init: 4.0,
+        }
+    }
+}
+
+/// `[conv 3³, BN, ReLU, dropout3d, conv 3³, BN] + skip, ReLU`.
+#[derive(Clone, Debug)]
+struct ResBlock {
+    conv1: Conv3d,
+    bn1: BatchNorm3d,
+    drop: Dropout3d,
+    conv2: Conv3d,
+    bn2: BatchNorm3d,
+}
+
+impl ResBlock {
+    fn new(c: usize, dropout: f32, vb: VarBuilder) -> Result<Self> {
+        Ok(ResBlock {
+            conv1: Conv3d::new(c, c, 3, false, vb.pp("conv1"))?,
+            bn1: BatchNorm3d::new(c, vb.pp("bn1"))?,
+            drop: Dropout3d::new(dropout),
+            conv2: Conv3d::new(c, c, 3, false, vb.pp("conv2"))?,
+            bn2: BatchNorm3d::new(c, vb.pp("bn2"))?,
+        })
+    }
+}
+
+impl ModuleT for ResBlock {
+    fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        if !train {
+            // Inference: batch norms folded into the convolutions, bias and ReLU fused.
+            let (s1, t1) = self.bn1.scale_shift()?;
+            let (s2, t2) = self.bn2.scale_shift()?;
+            let h = self.conv1.forward_affine_act(x, &s1, &t1, true)?;
+            let h = self.conv2.forward_affine_act(&h, &s2, &t2, false)?;
+            return (h + x)?.relu();
+        }
+        let h = self.bn1.forward_t(&self.conv1.forward(x)?, train)?.relu()?;
+        let h = self.drop.forward_t(&h, train)?;
+        let h = self.bn2.forward_t(&self.conv2.forward(&h)?, train)?;
+        (h + x)?.relu()
+    }
+}
+
+/// The prox network: conv 1→C (3³, no bias) + ReLU, residual blocks, then 1×1×1 convs
+/// C→C + ReLU, C→C + ReLU, C→1.
+#[derive(Clone, Debug)]
+pub struct Prox {
+    conv_in: Conv3d,
+    blocks: Vec<ResBlock>,
+    head: [Conv3d; 3],
+}
+
+impl Prox {
+    pub fn new(cfg: &Config, vb: VarBuilder) -> Result<Self> {
+        let c = cfg.channels;
+        let blocks = (0..cfg.blocks)
+            .map(|i| ResBlock::new(c, cfg.dropout, vb.pp(format!("blocks.{i}"))))
+            .collect::<Result<_>>()?;
+        let vh = vb.pp("head");
+        Ok(Prox {
+            conv_in: Conv3d::new(1, c, 3, false, vb.pp("conv_in"))?,
+            blocks,
+            head: [
+                Conv3d::new(c, c, 1, true, vh.pp("0"))?,
+                Conv3d::new(c, c, 1, true, vh.pp("1"))?,
+                Conv3d::new(c, 1, 1, true, vh.pp("2"))?,
+            ],
+        })
+    }
+}
+
+impl ModuleT for Prox {
+    fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        let mut h = relu_conv(&self.conv_in, x, train)?;
+        for b in &self.blocks {
+            h = b.forward_t(&h, train)?;
+        }
+        let h = relu_conv(&self.head[0], &h, train)?;
+        let h = relu_conv(&self.head[1], &h, train)?;
+        self.head[2].forward(&h)
+    }
+}
+
+/// `relu(conv(x))`, fused into one pass at inference.
+fn relu_conv(conv: &Conv3d, x: &Tensor, train: bool) -> Result<Tensor> {
+    if train {
+        return conv.forward(x)?.relu();
+    }
+    let c = conv.weight().dim(0)?;
+    let ones = Tensor::ones(c, x.dtype(), x.device())?;
+    conv.forward_affine_act(x, &ones, &ones.zeros_like()?, true)
+}
+
+/// LP-CNN: the unrolled iterations around one shared [`Prox`].
+#[derive(Clone, Debug)]
+pub struct LpCnn {
+    cfg: Config,
+    prox: Prox,
+    alpha: Tensor,
+    mean: Tensor,
+    std: Tensor,
+}
+
+impl LpCnn {
+    /// Variables: `alpha` `[1]`, `norm.mean` and `norm.std` `[1]`, and the prox under `prox.`.
+    pub fn new(cfg: &Config, vb: VarBuilder) -> Result<Self> {
+        if cfg.iterations == 0 || cfg.channels == 0 {
+            candle_core::bail!("LP-CNN needs at least one iteration and one channel");
+        }
+        Ok(LpCnn {
+            cfg: cfg.clone(),
+            prox: Prox::new(cfg, vb.pp("prox"))?,
+            alpha: vb.get_with_hints(1, "alpha", Init::Const(cfg.alpha_init))?,
+            mean: vb.get_with_hints(1, "norm.mean", Init::Const(0.0))?,
+            std: vb.get_with_hints(1, "norm.std", Init::Const(1.0))?,
+        })
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.cfg
+    }
+
+    /// χ `[N, 1, D, H, W]` (ppm) from local fields `[N, B, D, H, W]` (ppm, one channel per
+    /// orientation, in the order of `ops`) and a 0/1 mask `[N, 1, D, H, W]`.
+    pub fn forward_t(
+        &self,
+        fields: &Tensor,
+        ops: &DipoleSet,
+        mask: &Tensor,
+        train: bool,
+    ) -> Result<Tensor> {
+        self.run(fields, ops, mask, train, None)
+    }
+
+    /// Inference with the prox applied in overlapping tiles (the data term stays global);
+    /// the result matches [`Self::forward_t`] when the tiling's margin is at least
+    /// [`Self::prox_radius`].
+    pub fn infer_tiled(
+        &self,
+        fields: &Tensor,
+        ops: &DipoleSet,
+        mask: &Tensor,
+        tiling: &Tiling,
+    ) -> Result<Tensor> {
+        self.run(fields, ops, mask, false, Some(tiling))
+    }
+
+    /// Receptive-field radius of the prox in voxels (one per 3³ convolution).
+    pub fn prox_radius(&self) -> usize {
+        1 + 2 * self.cfg.blocks
+    }
+
+    /// Approximate activation memory of the prox at inference, per voxel: a few C-channel
+    /// f32 tensors are alive at once.
+    pub fn prox_bytes_per_voxel(&self) -> usize {
+        4 * 4 * self.cfg.channels
+    }
+
+    fn run(
+        &self,
+        fields: &Tensor,
+        ops: &DipoleSet,
+        mask: &Tensor,
+        train: bool,
+        tiling: Option<&Tiling>,
+    ) -> Result<Tensor> {
+        // The normalisation is data, not a trained parameter.
+        let (mean, std) = (self.mean.detach(), self.std.detach());
+        let net = |z: &Tensor| self.prox.forward_t(z, train);
+        let prox = |v: &Tensor| -> Result<Tensor> {
+            let z = v.broadcast_sub(&mean)?.broadcast_div(&std)?;
+            let out = match tiling {
+                Some(t) => apply_tiled(&z, t, &net)?,
+                None => net(&z)?,
+            };
+            out.broadcast_mul(&std)?.broadcast_add(&mean)
+        };
+        self.unrolled(fields, ops, mask, &prox)
+    }
+
+    /// The unrolled iterations with any prox (the trained one in [`Self::forward_t`]).
+    pub fn unrolled(
+        &self,
+        fields: &Tensor,
+        ops: &DipoleSet,
+        mask: &Tensor,
+        prox: &dyn Fn(&Tensor) -> Result<Tensor>,
+    ) -> Result<Tensor> {
+        let aty = ops.adjoint(fields)?;
+        let mut x = aty.broadcast_mul(&self.alpha)?;
+        for _ in 0..self.cfg.iterations {
+            let grad = (ops.adjoint(&ops.forward(&x)?)? - &aty)?;
+            let v = (x - grad.broadcast_mul(&self.alpha)?)?;
+            x = (prox(&(v * mask)?)? * mask)?;
+        }
+        Ok(x)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::nn::testing::{random_tensor, values};
+    use candle_core::{DType, Device};
+    use candle_nn::VarMap;
+
+    fn tiny() -> Config {
+        Config {
+            channels: 4,
+            blocks: 1,
+            ..Config::default()
+        }
+    }
+
+    fn directions(n: usize) -> Vec<[f64; 3]> {
+        let all = [
+            [0.0, 0.0, 1.0],
+            [0.3, 0.0, 0.954],
+            [0.0, 0.3, 0.954],
+            [-0.2, 0.2, 0.959],
+        ];
+        all[..n].to_vec()
+    }
+
+    #[test]
+    fn published_configuration_has_446k_parameters() {
+        let vm = VarMap::new();
+        LpCnn::new(
+            &Config::default(),
+            VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu),
+        )
+        .unwrap();
+        // Trainable: convolutions, BN affine, α (running stats and μ, σ are buffers).
+        let n: usize = vm
+            .data()
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(k, _)| !k.contains("running_") && !k.starts_with("norm."))
+            .map(|(_, v)| v.as_tensor().elem_count())
+            .sum();
+        assert!((440_000..452_000).contains(&n), "{n} parameters");
+    }
+
+    #[test]
+    fn runs_with_one_two_and_four_orientations_on_the_same_weights() {
+        let vm = VarMap::new();
+        let net = LpCnn::new(
+            &tiny(),
+            VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu),
+        )
+        .unwrap();
+        let (nx, ny, nz) = (8, 6, 4);
+        let mask = Tensor::ones((1, 1, nz, ny, nx), DType::F32, &Device::Cpu)
+            .unwrap()
+            .pad_with_zeros(4, 1, 1)
+            .unwrap();
+        for n in [1, 2, 4] {
+            let ops = DipoleSet::new([nx + 2, ny, nz], [1.0; 3], &directions(n));
+            let y = random_tensor((1, n, nz, ny, nx + 2), n as u64);
+            let chi = net.forward_t(&y, &ops, &mask, false).unwrap();
+            assert_eq!(chi.dims(), &[1, 1, nz, ny, nx + 2]);
+            let (c, m) = (values(&chi), values(&mask));
+            assert!(c.iter().all(|v| v.is_finite()));
+            assert!(c.iter().zip(&m).all(|(c, m)| *m == 1.0 || *c == 0.0));
+            assert!(c.iter().any(|&v| v != 0.0));
+        }
+        // A wrong number of orientations for the operators is an error.
+        let ops = DipoleSet::new([nx + 2, ny, nz], [1.0; 3], &directions(2));
+        let y = random_tensor((1, 3, nz, ny, nx + 2), 9);
+        assert!(net.forward_t(&y, &ops, &mask, false).is_err());
+    }
+
+    /// With an identity prox and a full mask each iteration is a gradient step on
+    /// `½ Σᵢ ‖Dᵢ x − yᵢ‖²`; with α below 2 / max_k Σᵢ Dᵢ(k)² (4 for one orientation, 2 for
+    /// two, since D² ≤ 4/9) the data residual must fall at every iteration.
+    #[test]
+    fn gradient_steps_reduce_the_data_residual() {
+        let dims = [8, 8, 8];
+        for (n, alpha) in [(1, 4.0), (2, 2.0)] {
+            let ops = DipoleSet::new(dims, [1.0; 3], &directions(n));
+            // Consistent fields from a random χ (so the residual can fall towards zero).
+            let chi = random_tensor((1, 1, 8, 8, 8), 11);
+            let y = ops.forward(&chi).unwrap();
+            let mask = Tensor::ones((1, 1, 8, 8, 8), DType::F32, &Device::Cpu).unwrap();
+            let residual = |x: &Tensor| -> f32 {
+                let r = (ops.forward(x).unwrap() - &y).unwrap();
+                r.sqr().unwrap().sum_all().unwrap().to_scalar().unwrap()
+            };
+            let start = residual(&mask.zeros_like().unwrap());
+            let mut last = start;
+            for k in 1..=4 {
+                let cfg = Config {
+                    iterations: k,
+                    alpha_init: alpha,
+                    ..tiny()
+                };
+                let vm = VarMap::new();
+                let vb = VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu);
+                let net = LpCnn::new(&cfg, vb).unwrap();
+                let x = net.unrolled(&y, &ops, &mask, &|v| Ok(v.clone())).unwrap();
+                let r = residual(&x);
+                assert!(
+                    r < last,
+                    "{n} orientations, iteration {k}: {r} after {last}"
+                );
+                last = r;
+            }
+            assert!(last < 0.5 * start, "{n} orientations: {last} from {start}");
+        }
+    }
+
+    #[test]
+    fn tiled_inference_matches_whole_volume_inference() {
+        let vm = VarMap::new();
+        let net = LpCnn::new(
+            &tiny(),
+            VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu),
+        )
+        .unwrap();
+        let ops = DipoleSet::new([14, 10, 12], [1.0; 3], &directions(2));
+        let y = random_tensor((1, 2, 12, 10, 14), 5);
+        let mask = Tensor::ones((1, 1, 12, 10, 14), DType::F32, &Device::Cpu).unwrap();
+        let whole = values(&net.forward_t(&y, &ops, &mask, false).unwrap());
+        let tiling = Tiling {
+            tile: [8, 8, 8],
+            margin: net.prox_radius(),
+            blend: 2,
+        };
+        let tiled = values(&net.infer_tiled(&y, &ops, &mask, &tiling).unwrap());
+        let scale = whole.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+        for (a, b) in tiled.iter().zip(&whole) {
+            assert!((a - b).abs() < 1e-4 * scale, "{a} vs {b}");
+        }
+    }
+
+    /// The fused inference path (BN folded into the convolutions) against the plain ops.
+    #[test]
+    fn folded_inference_matches_the_layer_by_layer_computation() {
+        let vm = VarMap::new();
+        let vb = VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu);
+        let block = ResBlock::new(4, 0.5, vb.pp("b")).unwrap();
+        // Non-trivial running statistics and affine parameters.
+        {
+            let data = vm.data().lock().unwrap();
+            for (i, name) in ["running_mean", "running_var", "weight", "bias"]
+                .iter()
+                .enumerate()
+            {
+                for bn in ["bn1", "bn2"] {
+                    let v =
+                        (random_tensor(4, 20 + i as u64) + if i == 1 { 1.0 } else { 0.0 }).unwrap();
+                    data[&format!("b.{bn}.{name}")].set(&v).unwrap();
+                }
+            }
+        }
+        let x = random_tensor((1, 4, 5, 6, 7), 3);
+        let got = values(&block.forward_t(&x, false).unwrap());
+        let h = block
+            .bn1
+            .forward_t(&block.conv1.forward(&x).unwrap(), false)
+            .unwrap();
+        let h = block.conv2.forward(&h.relu().unwrap()).unwrap();
+        let h = block.bn2.forward_t(&h, false).unwrap();
+        let want = values(&(h + &x).unwrap().relu().unwrap());
+        for (a, b) in got.iter().zip(&want) {
+            assert!((a - b).abs() < 1e-5, "{a} vs {b}");
+        }
+    }
+
+    #[test]
+    fn weights_round_trip_through_safetensors_and_mismatches_name_file_and_tensor() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("lpcnn.safetensors");
+        let vm = VarMap::new();
+        let net = LpCnn::new(
+            &tiny(),
+            VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu),
+        )
+        .unwrap();
+        vm.save(&path).unwrap();
+        let loaded =
+            crate::nn::weights::build(&path, "LP-CNN", &Device::Cpu, |vb| LpCnn::new(&tiny(), vb))
+                .unwrap();
+        let ops = DipoleSet::new([6, 6, 6], [1.0; 3], &directions(1));
+        let y = random_tensor((1, 1, 6, 6, 6), 3);
+        let mask = Tensor::ones((1, 1, 6, 6, 6), DType::F32, &Device::Cpu).unwrap();
+        let a = values(&net.forward_t(&y, &ops, &mask, false).unwrap());
+        let b = values(&loaded.forward_t(&y, &ops, &mask, false).unwrap());
+        assert_eq!(a, b);
+        // A file for 4 channels read as the published 32-channel model.
+        let err = crate::nn::weights::build(&path, "LP-CNN", &Device::Cpu, |vb| {
+            LpCnn::new(&Config::default(), vb)
+        })
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("lpcnn.safetensors") && err.contains("prox."),
+            "{err}"
+        );
+    }
+}

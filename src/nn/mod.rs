@@ -1,0 +1,30 @@
+//! Learned inversion on Candle: 3D layers, the dipole operator as a differentiable op, and
+//! the LP-CNN, LoopNet and U-net models. Knows tensors and physics, nothing about BIDS.
+//!
+//! Layout, fixed once for the whole module: activations are `[N, C, D, H, W]` row-major f32.
+//! A project volume (`Vec<f32>`, x fastest, dims `[nx, ny, nz]`) maps to a tensor of shape
+//! `[nz, ny, nx]` *without moving data*: `D = z`, `H = y`, `W = x`. So the physics module's
+//! dims are the reverse of a tensor's last three dims (see [`tensor_dims`]).
+//!
+//! Candle (0.11) has no 3D convolution, pooling, upsampling or FFT; [`conv3d`], [`pool`] and
+//! [`dipole`] add them as custom ops with backward passes.
+
+pub mod conv3d;
+pub mod dipole;
+pub mod ghpa;
+pub mod layers;
+pub mod loopnet;
+pub mod lpcnn;
+pub mod pool;
+pub mod tiling;
+pub mod weights;
+
+#[cfg(test)]
+pub(crate) mod testing;
+
+pub use conv3d::{conv3d, Conv3d};
+
+/// Tensor dims `[D, H, W]` of a volume with physics dims `[nx, ny, nz]`.
+pub fn tensor_dims(dims: [usize; 3]) -> [usize; 3] {
+    [dims[2], dims[1], dims[0]]
+}
