@@ -379,7 +379,7 @@ fn interpolation_taps(p: usize, nc: usize, halve: bool) -> [Option<(usize, f64)>
     if !halve {
         return [Some((p, 1.0)), None];
     }
-    if p % 2 == 0 {
+    if p.is_multiple_of(2) {
         [Some((p / 2, 1.0)), None]
     } else {
         [

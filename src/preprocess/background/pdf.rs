@@ -43,23 +43,30 @@ pub enum Preconditioner {
 pub struct PdfConfig {
     /// Stop when the residual of the normal equations falls below this fraction of their
     /// right-hand side. Default 1e-3: the right-hand side is mostly background, often ten
-    /// times the local field or more, so a loose tolerance leaves background behind.
+    /// times the local field or more, so a loose tolerance leaves background behind (on the
+    /// simulated MNI head from raw phase, 1e-2 stopped after 10 iterations at 87 % NRMSE of
+    /// TKD, 1e-3 after 33 at 55 %). Iterating much further fits exterior sources next to
+    /// the mask to the local field itself: stopping early is PDF's regularisation.
     pub tolerance: f64,
-    /// At most this many CG iterations (two dipole convolutions each). Default 200.
+    /// At most this many CG iterations (two dipole convolutions each). Default 100.
     pub max_iterations: usize,
     /// Zero padding (mm) added along every axis before the dipole convolutions. Default 20.
     pub pad_mm: f64,
     /// `none` (default) or `jacobi`.
     pub preconditioner: Preconditioner,
+    /// Weigh voxels by the inverse noise of the field when the pipeline has it (raw phase
+    /// with magnitude). Default true; false gives every voxel of the mask the same weight.
+    pub use_noise_weight: bool,
 }
 
 impl Default for PdfConfig {
     fn default() -> Self {
         PdfConfig {
             tolerance: 1e-3,
-            max_iterations: 200,
+            max_iterations: 100,
             pad_mm: 20.0,
             preconditioner: Preconditioner::None,
+            use_noise_weight: true,
         }
     }
 }
@@ -95,6 +102,7 @@ pub fn pdf(
             config.tolerance, config.max_iterations, config.pad_mm
         )));
     }
+    let weight = weight.filter(|_| config.use_noise_weight);
     let w2 = squared_weights(mask, weight)?;
     let pdims =
         [0, 1, 2].map(|a| fast_len(dims[a] + (2.0 * config.pad_mm / vox[a]).ceil() as usize));
@@ -155,7 +163,7 @@ pub fn pdf(
         {
             let q = normal(&p);
             let pq = dot(&p, &q);
-            if !(pq > 0.0) {
+            if pq.is_nan() || pq <= 0.0 {
                 break;
             }
             let alpha = (rz / pq) as f32;
