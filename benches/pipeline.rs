@@ -251,10 +251,10 @@ fn background_methods(dims: [usize; 3]) {
         .map(|i| {
             let x = rel(i);
             let mut v = 0.0;
-            if ball(x, [0.0, 0.55, -0.75], 15.0) {
+            if ball(x, [0.0, 0.6, -1.3], 15.0) {
                 v -= 9.0; // sinus-like air
             }
-            if ball(x, [0.0, -1.2, 0.0], 12.0) {
+            if ball(x, [0.0, -1.25, 0.0], 10.0) {
                 v += 2.0; // bone-like
             }
             if mask[i] {
