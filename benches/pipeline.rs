@@ -1,9 +1,10 @@
 //! Pipeline benchmark: prints, measured in one run, the time of every stage of the raw-phase
 //! pipeline on a 1 mm whole-head grid as a ratio to one FFT forward+inverse pair on the same
 //! grid (absolute times drift on shared machines; ratios do not), TKD's own ratio, and the
-//! whole raw-phase → TKD time on the grid of a peer comparison.
+//! whole raw-phase → TKD time on the grid of a peer comparison, and each background removal
+//! method's time over TKD's on the same work grid.
 //!
-//! `cargo bench --bench pipeline [-- --dims NX NY NZ] [--quick]`
+//! `cargo bench --bench pipeline [-- --dims NX NY NZ] [--quick] [--background-only]`
 //!
 //! The stages are timed by the pipeline itself (the `ProcessingTimeSeconds` of the Chimap
 //! sidecar), on a dataset that `chimap simulate` writes first (not timed), so the benchmark
@@ -20,6 +21,8 @@ use chimap::inversion::{self, Method, Orientation, Problem};
 use chimap::physics::fft::fast_len;
 use chimap::physics::{DipoleOperator, Fft3};
 use chimap::pipeline::{self, Config};
+use chimap::preprocess::background::{self, BackgroundConfig, Method as Background};
+use chimap::{Geometry, Volume};
 
 #[derive(Parser)]
 struct Simulate {
@@ -249,6 +252,11 @@ fn main() {
     );
     inversions(work, t_work, quick);
 
+    background_methods(work);
+    if args.iter().any(|a| a == "--background-only") {
+        return;
+    }
+
     let dir = tempfile::tempdir().expect("temporary folder");
     println!(
         "\nparticipant pipeline, raw phase → TKD, 5 echoes (stage times recorded by the pipeline)"
@@ -286,6 +294,104 @@ fn main() {
             total,
             load,
             total / t_peer
+        );
+    }
+}
+
+/// Times V-SHARP, PDF and LBV (default settings) on `dims` (the pipeline's padded work grid)
+/// against TKD on the same grid. The input is a head-like total field: an ellipsoidal brain
+/// with a few susceptibility inclusions, and air- and bone-like sources outside it whose
+/// field dominates (the number of PDF iterations depends on the data, so white noise would
+/// not do).
+fn background_methods(dims: [usize; 3]) {
+    let n: usize = dims.iter().product();
+    let c = dims.map(|d| d as f64 / 2.0);
+    let rel = |i: usize| {
+        let p = [
+            i % dims[0],
+            (i / dims[0]) % dims[1],
+            i / (dims[0] * dims[1]),
+        ];
+        [0, 1, 2].map(|a| p[a] as f64 - c[a])
+    };
+    let semi = [
+        0.36 * dims[0] as f64,
+        0.38 * dims[1] as f64,
+        0.34 * dims[2] as f64,
+    ];
+    let mask: Vec<bool> = (0..n)
+        .map(|i| {
+            let x = rel(i);
+            (0..3).map(|a| (x[a] / semi[a]).powi(2)).sum::<f64>() < 1.0
+        })
+        .collect();
+    let ball = |x: [f64; 3], c: [f64; 3], r: f64| {
+        (0..3).map(|a| (x[a] - c[a] * semi[a]).powi(2)).sum::<f64>() < r * r
+    };
+    let chi: Vec<f32> = (0..n)
+        .map(|i| {
+            let x = rel(i);
+            let mut v = 0.0;
+            if ball(x, [0.0, 0.6, -1.3], 15.0) {
+                v -= 9.0; // sinus-like air
+            }
+            if ball(x, [0.0, -1.25, 0.0], 10.0) {
+                v += 2.0; // bone-like
+            }
+            if mask[i] {
+                v += 0.05 * (x[0] / 9.0).sin() as f32 * (x[1] / 11.0).cos() as f32;
+                if ball(x, [0.2, 0.1, 0.0], 6.0) || ball(x, [-0.2, 0.1, 0.0], 6.0) {
+                    v += 0.15;
+                }
+            }
+            v
+        })
+        .collect();
+    let b0 = [0.0, 0.0, 1.0];
+    let field = DipoleOperator::new(dims, [1.0; 3], b0).forward(&chi);
+    let total = Volume::new(dims, field, Geometry::from_voxel_size([1.0; 3]));
+    let tkd = inversion::tkd::Tkd::new(Default::default());
+    let problem = Problem {
+        dims,
+        voxel_size: [1.0; 3],
+        orientations: vec![Orientation {
+            field: &total.data,
+            b0,
+        }],
+        mask: &mask,
+    };
+    let t_tkd = time(3, || tkd.invert(&problem).expect("TKD runs"));
+    let t_pair = fft_pair(dims);
+    println!(
+        "\nbackground removal on the work grid {}×{}×{}, brain {:.2} M voxels; TKD {:.1} ms",
+        dims[0],
+        dims[1],
+        dims[2],
+        mask.iter().filter(|&&m| m).count() as f64 / 1e6,
+        t_tkd * 1e3
+    );
+    println!(
+        "  {:<9} {:>9} {:>8} {:>11}   result",
+        "method", "ms", "/ TKD", "/ FFT pair"
+    );
+    for method in [Background::Vsharp, Background::Pdf, Background::Lbv] {
+        let config = BackgroundConfig {
+            method,
+            ..Default::default()
+        };
+        let mut details = None;
+        let t = time(1, || {
+            let out = background::remove_background(&total, &mask, b0, None, &config)
+                .expect("background removal runs");
+            details = Some(out.details);
+        });
+        println!(
+            "  {:<9} {:>9.1} {:>8.1} {:>11.1}   {}",
+            method.name(),
+            t * 1e3,
+            t / t_tkd,
+            t / t_pair,
+            details.expect("ran once")
         );
     }
 }

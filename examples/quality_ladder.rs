@@ -9,8 +9,9 @@
 //!     --mask ../shared/data/mni_phantom/brainmask.nii.gz --seg ../shared/data/mni_phantom/seg.nii.gz
 //! ```
 //!
-//! `--methods tkd,cfl2,ilsqr,tv` (before the simulate flags) scores several inversions; the
-//! default is TKD alone. `--skip-simulation` reuses `WORK_DIR/raw` from an earlier run.
+//! Options, before WORK_DIR: `--methods tkd,cfl2,ilsqr,tv` scores several inversions (default
+//! TKD alone); `--skip-simulation` reuses `WORK_DIR/raw` from an earlier run;
+//! `--background vsharp|pdf|lbv` and `--config FILE.yaml` change the pipeline's settings.
 //!
 //! It simulates a raw dataset into `WORK_DIR/raw` (ground truth in its derivatives), then runs
 //! the participant pipeline three times per method and prints the demeaned NRMSE for:
@@ -35,8 +36,8 @@ struct Simulate {
     args: chimap::simulate::SimulateArgs,
 }
 
-fn run(bids: &Path, out: &Path, method: MethodName) {
-    let mut config = Config::default();
+fn run(bids: &Path, out: &Path, config: &Config, method: MethodName) {
+    let mut config = config.clone();
     config.inversion.method = method;
     let settings = Settings {
         bids_dir: bids.to_path_buf(),
@@ -106,6 +107,7 @@ fn main() {
     let mut argv: Vec<String> = std::env::args().skip(1).collect();
     let mut methods = vec![MethodName::Tkd];
     let mut simulate = true;
+    let mut config = Config::default();
     loop {
         match argv.first().map(String::as_str) {
             Some("--methods") if argv.len() > 1 => {
@@ -119,12 +121,21 @@ fn main() {
                 simulate = false;
                 argv.remove(0);
             }
+            Some("--config") if argv.len() > 1 => {
+                config = Config::from_file(Path::new(&argv[1])).unwrap_or_else(|e| panic!("{e}"));
+                argv.drain(..2);
+            }
+            Some("--background") if argv.len() > 1 => {
+                config.preprocess.background.method =
+                    serde_yaml::from_str(&argv[1]).expect("--background vsharp|pdf|lbv");
+                argv.drain(..2);
+            }
             _ => break,
         }
     }
     assert!(
         !argv.is_empty(),
-        "usage: quality_ladder [--methods LIST] [--skip-simulation] WORK_DIR [chimap simulate flags...]"
+        "usage: quality_ladder [--methods LIST] [--skip-simulation] [--config FILE.yaml] [--background vsharp|pdf|lbv] WORK_DIR [chimap simulate flags...]"
     );
     let work = PathBuf::from(argv.remove(0));
     let raw = work.join("raw");
@@ -159,10 +170,14 @@ fn main() {
     };
     for &method in &methods {
         for (_, input, rung) in &rungs {
-            run(input, &out_dir(method, rung), method);
+            run(input, &out_dir(method, rung), &config, method);
         }
     }
 
+    println!(
+        "\nbackground removal: {}",
+        config.preprocess.background.method.name()
+    );
     for chi_truth_path in walk(&truth)
         .into_iter()
         .filter(|p| p.to_string_lossy().ends_with("_Chimap.nii.gz"))

@@ -7,9 +7,9 @@ pub mod cfl2;
 pub mod cgls;
 pub mod cosmos;
 pub mod ilsqr;
+pub mod learned;
 #[cfg(test)]
 mod testing;
-pub mod learned;
 pub mod tkd;
 pub mod tv;
 

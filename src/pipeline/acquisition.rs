@@ -440,7 +440,18 @@ fn raw_local_field(
     );
 
     stages.start("background removal");
-    let mut local = preprocess::background::vsharp(&total_ppm, &mask, &pre.background)?;
+    // PDF weighs each voxel by the inverse noise of its field (the noise is capped, so finite).
+    let weight: Option<Vec<f32>> = fit
+        .noise_hz
+        .as_ref()
+        .map(|n| n.data.iter().map(|&s| 1.0 / s).collect());
+    let mut local = preprocess::background::remove_background(
+        &total_ppm,
+        &mask,
+        acq.b0_direction,
+        weight.as_deref(),
+        &pre.background,
+    )?;
     let (void_chi, sources) = if pre.voids.enabled && pre.voids.fit_sources {
         stages.start("void sources");
         let (chi, sources) = preprocess::voids::fit_void_sources(
@@ -479,7 +490,7 @@ fn raw_local_field(
         Output {
             path: deriv.path(e, Some("eroded"), "mask"),
             volume: mask_volume(&rss, &local.mask),
-            sidecar: json!({ "Type": "Brain", "Description": "Brain mask eroded by V-SHARP background removal: where the local field and the Chimap are defined" }),
+            sidecar: json!({ "Type": "Brain", "Description": pre.background.method.mask_description() }),
         },
     ];
     let weight = fit
@@ -500,12 +511,20 @@ fn raw_local_field(
             "NoiseSigma": fit.noise_sigma,
             "BrainMask": pre.mask,
             "SignalVoids": { "config": pre.voids, "voxels": filled.voids.iter().filter(|&&v| v).count(), "sources": sources },
-            "BackgroundRemoval": { "method": "V-SHARP", "config": pre.background, "radii_mm": local.radii_mm },
+            "BackgroundRemoval": background_parameters(&pre.background, local.details),
         }),
     })
 }
 
-/// Total field (ppm) + mask on the work grid → local field by V-SHARP, with the eroded mask
+/// The background removal method, its parameters and what it reported, for the sidecar.
+fn background_parameters(config: &preprocess::BackgroundConfig, details: Value) -> Value {
+    let mut v = config.parameters();
+    v["result"] = details;
+    v
+}
+
+/// Total field (ppm) + mask on the work grid → local field by the configured background
+/// removal (uniform weight: a field map carries no noise estimate), with its output mask
 /// written out. `dims` is the input grid.
 fn background_removal(
     dims: [usize; 3],
@@ -515,11 +534,13 @@ fn background_removal(
     deriv: &Derivatives,
     acq: &Acquisition,
 ) -> Result<LocalField> {
-    let local = preprocess::background::vsharp(&total_ppm, &mask, &config.preprocess.background)?;
+    let bg = &config.preprocess.background;
+    let local =
+        preprocess::background::remove_background(&total_ppm, &mask, acq.b0_direction, None, bg)?;
     let outputs = vec![Output {
         path: deriv.path(&acq.entities, Some("eroded"), "mask"),
         volume: mask_volume(&local.field, &local.mask),
-        sidecar: json!({ "Type": "Brain", "Description": "Brain mask eroded by V-SHARP background removal: where the local field and the Chimap are defined" }),
+        sidecar: json!({ "Type": "Brain", "Description": bg.method.mask_description() }),
     }];
     Ok(LocalField {
         dims,
@@ -530,7 +551,7 @@ fn background_removal(
         weight: None,
         parameters: json!({
             "Input": "total field map",
-            "BackgroundRemoval": { "method": "V-SHARP", "config": config.preprocess.background, "radii_mm": local.radii_mm },
+            "BackgroundRemoval": background_parameters(bg, local.details),
         }),
     })
 }

@@ -14,8 +14,9 @@
 //!    supplied mask.
 //! 4. [`fill_voids`]`(&fit.field_hz, &mask, Some(&rss), Some(&fit.residual_rad), &VoidConfig) -> Result<VoidFill>`
 //!    in-paints unreliable voxels: `VoidFill { field, voids }`.
-//! 5. [`vsharp`]`(&filled.field, &mask, &BackgroundConfig) -> Result<LocalField>`: the local
-//!    field (Hz) and the eroded mask on which it is defined: `LocalField { field, mask, radii_mm }`.
+//! 5. [`remove_background`]`(&filled.field, &mask, b0, weight, &BackgroundConfig) -> Result<LocalField>`:
+//!    the local field and the mask on which it is defined, by V-SHARP, PDF or LBV
+//!    (`background.method`): `LocalField { field, mask, details }`.
 //!
 //! [`Config`] gathers the per-stage settings as YAML sections. Morphology helpers
 //! ([`erode`], [`dilate`], components, distance transform) live in [`mask`]; FFT-free SMV
@@ -29,7 +30,7 @@ pub mod unwrap;
 pub mod util;
 pub mod voids;
 
-pub use background::{vsharp, BackgroundConfig, LocalField};
+pub use background::{remove_background, vsharp, BackgroundConfig, LocalField};
 pub use echo_fit::{fit_field, root_sum_of_squares, EchoFitConfig, FieldFit};
 pub use mask::{brain_mask, dilate, erode, user_mask, MaskConfig, ThresholdMethod};
 pub use scale::{scale_phase, PhaseScaleMode, PhaseScaling, ScaleConfig};
@@ -52,7 +53,7 @@ pub struct Config {
     pub mask: MaskConfig,
     /// Void detection and in-painting.
     pub voids: VoidConfig,
-    /// V-SHARP background removal.
+    /// Background removal (V-SHARP, PDF or LBV).
     pub background: BackgroundConfig,
 }
 
@@ -273,14 +274,14 @@ mod tests {
         let local = vsharp(&filled.field, &mask, &cfg.background).unwrap();
         let t5 = std::time::Instant::now();
         eprintln!(
-            "threads {}: scale {:.2}s fit {:.2}s mask {:.2}s voids {:.2}s vsharp {:.2}s ({} radii)",
+            "threads {}: scale {:.2}s fit {:.2}s mask {:.2}s voids {:.2}s vsharp {:.2}s ({})",
             rayon::current_num_threads(),
             (t1 - t0).as_secs_f64(),
             (t2 - t1).as_secs_f64(),
             (t3 - t2).as_secs_f64(),
             (t4 - t3).as_secs_f64(),
             (t5 - t4).as_secs_f64(),
-            local.radii_mm.len()
+            local.details
         );
     }
 }

@@ -1,4 +1,4 @@
-//! Background field removal by V-SHARP (Li et al. 2011; Wu et al. 2012).
+//! V-SHARP (Li et al. 2011; Wu et al. 2012).
 //!
 //! A background field is harmonic inside the brain, so it equals its spherical mean: for
 //! every voxel whose sphere of radius r fits in the mask, `f − S_r*f` contains only the local
@@ -12,51 +12,13 @@
 //! radius, and the sphere spectra are computed without FFTs (`util::sphere_kernel_fast`).
 
 use rayon::prelude::*;
-use serde::{Deserialize, Serialize};
+use serde_json::json;
 
-use super::mask::squared_distance_to;
-use super::util::sphere_kernel_any;
+use super::{BackgroundConfig, LocalField};
 use crate::physics::fft::Fft3;
+use crate::preprocess::mask::squared_distance_to;
+use crate::preprocess::util::sphere_kernel_any;
 use crate::{Error, Mask, Result, Volume};
-
-/// Background removal settings (YAML section `background`).
-#[derive(Clone, Debug, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct BackgroundConfig {
-    /// Largest SMV radius (mm). Default 12 mm (Wu et al. 2012 use up to ~12–25 mm; larger
-    /// keeps more low frequencies but costs FFTs).
-    pub max_radius_mm: f64,
-    /// Smallest SMV radius (mm), which sets how far the final mask is eroded. `null`
-    /// (default) = the smallest voxel dimension, i.e. one voxel.
-    pub min_radius_mm: Option<f64>,
-    /// Radius step (mm). `null` (default) = the smallest voxel dimension.
-    pub radius_step_mm: Option<f64>,
-    /// Truncation of the deconvolution: k-space points where |1 − Ŝ_rmax| is below this are
-    /// set to zero. Dimensionless; default 0.05.
-    pub truncation: f64,
-}
-
-impl Default for BackgroundConfig {
-    fn default() -> Self {
-        BackgroundConfig {
-            max_radius_mm: 12.0,
-            min_radius_mm: None,
-            radius_step_mm: None,
-            truncation: 0.05,
-        }
-    }
-}
-
-/// Result of [`vsharp`].
-#[derive(Clone, Debug)]
-pub struct LocalField {
-    /// Local field, in the units of the input field (Hz in the pipeline); zero outside `mask`.
-    pub field: Volume,
-    /// The input mask eroded by the smallest radius: where `field` is defined.
-    pub mask: Mask,
-    /// The radii used, largest first (mm).
-    pub radii_mm: Vec<f64>,
-}
 
 /// The radii from `max` down to `min` in steps of `step` (mm), always ending at `min`.
 pub fn radii(config: &BackgroundConfig, voxel_size: [f64; 3]) -> Result<Vec<f64>> {
@@ -162,43 +124,16 @@ pub fn vsharp(field: &Volume, mask: &[bool], config: &BackgroundConfig) -> Resul
     Ok(LocalField {
         field: field.with_data(local),
         mask: final_mask,
-        radii_mm: radii,
+        details: json!({ "radii_mm": radii }),
     })
 }
 
 #[cfg(test)]
-pub(crate) mod tests {
+mod tests {
+    use super::super::tests::{add_ball, add_mask, nrmse};
     use super::*;
     use crate::physics::DipoleOperator;
     use crate::Geometry;
-
-    /// Adds χ to every voxel whose centre lies within `r` voxels of `c`.
-    pub fn add_ball(chi: &mut [f32], dims: [usize; 3], c: [f64; 3], r: f64, value: f32) {
-        let [nx, ny, nz] = dims;
-        for k in 0..nz {
-            for j in 0..ny {
-                for i in 0..nx {
-                    let d2 = (i as f64 - c[0]).powi(2)
-                        + (j as f64 - c[1]).powi(2)
-                        + (k as f64 - c[2]).powi(2);
-                    if d2 <= r * r {
-                        chi[i + nx * (j + ny * k)] += value;
-                    }
-                }
-            }
-        }
-    }
-
-    pub fn nrmse(got: &[f32], want: &[f32], region: &[bool]) -> f64 {
-        let (mut e, mut n) = (0.0f64, 0.0f64);
-        for i in 0..got.len() {
-            if region[i] {
-                e += (got[i] as f64 - want[i] as f64).powi(2);
-                n += (want[i] as f64).powi(2);
-            }
-        }
-        (e / n).sqrt()
-    }
 
     #[test]
     fn radii_run_from_max_to_min() {
@@ -280,13 +215,5 @@ pub(crate) mod tests {
         .unwrap();
         let diff = nrmse(&out2.field.data, &out.field.data, &out.mask);
         assert!(diff < 1e-3, "linear field changed the result by {diff}");
-    }
-
-    fn add_mask(mask: &mut [bool], dims: [usize; 3], c: [f64; 3], r: f64) {
-        let mut v = vec![0.0f32; mask.len()];
-        add_ball(&mut v, dims, c, r, 1.0);
-        for (m, x) in mask.iter_mut().zip(v) {
-            *m |= x > 0.0;
-        }
     }
 }
