@@ -359,6 +359,7 @@ fn background_methods(dims: [usize; 3]) {
             b0,
         }],
         mask: &mask,
+        weight: None,
     };
     let t_tkd = time(3, || tkd.invert(&problem).expect("TKD runs"));
     let t_pair = fft_pair(dims);

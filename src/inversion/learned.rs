@@ -177,6 +177,7 @@ mod tests {
                 b0: [0.0, 0.0, 1.0],
             }],
             mask: &mask,
+            weight: None,
         };
         let chi = Learned::new(MethodName::Unet, Some(unet.clone()))
             .unwrap()
