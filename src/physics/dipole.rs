@@ -38,18 +38,18 @@ pub fn dipole_kernel(dims: [usize; 3], voxel_size: [f64; 3], b0: [f64; 3]) -> Ve
             0.0
         }
     };
+    let fx: Vec<Vec<f64>> = (0..nh).map(|i| freqs(i, nx, voxel_size[0])).collect();
+    let fy: Vec<Vec<f64>> = (0..ny).map(|j| freqs(j, ny, voxel_size[1])).collect();
+    let fz: Vec<Vec<f64>> = (0..nz).map(|k| freqs(k, nz, voxel_size[2])).collect();
     let mut d = vec![0.0f32; nh * ny * nz];
-    for k in 0..nz {
-        let fz = freqs(k, nz, voxel_size[2]);
-        for j in 0..ny {
-            let fy = freqs(j, ny, voxel_size[1]);
+    for (k, fz) in fz.iter().enumerate() {
+        for (j, fy) in fy.iter().enumerate() {
             let row = nh * (j + ny * k);
-            for i in 0..nh {
-                let fx = freqs(i, nx, voxel_size[0]);
+            for (i, fx) in fx.iter().enumerate() {
                 let mut sum = 0.0;
-                for &kz in &fz {
-                    for &ky in &fy {
-                        for &kx in &fx {
+                for &kz in fz {
+                    for &ky in fy {
+                        for &kx in fx {
                             sum += d_at(kx, ky, kz);
                         }
                     }
