@@ -120,42 +120,37 @@ impl TvAdmm {
             .for_each(|s| *s = if *s > 0.0 { 1.0 / *s } else { 0.0 });
 
         let fields: Vec<&[f32]> = problem.orientations.iter().map(|o| o.field).collect();
+        // Only the sums the χ-update needs are kept besides the duals: q = ρ₁(z + u) and
+        // rᵢ = ρ₂(sᵢ + vᵢ), refreshed in the passes that update z and sᵢ, so z and sᵢ never
+        // need arrays of their own.
         let mut chi = vec![0.0f32; n];
-        let mut z = [vec![0.0f32; n], vec![0.0f32; n], vec![0.0f32; n]];
-        let mut u = z.clone();
-        let mut gx = z.clone();
-        let mut s: Vec<Vec<f32>> = vec![vec![0.0f32; n]; fields.len()];
+        let mut u = [vec![0.0f32; n], vec![0.0f32; n], vec![0.0f32; n]];
+        let mut q = u.clone();
+        let mut gx = u.clone();
         let mut v: Vec<Vec<f32>> = vec![vec![0.0f32; n]; fields.len()];
-        let mut dchi: Vec<Vec<f32>> = vec![vec![0.0f32; n]; fields.len()];
-        let mut tmp = z.clone();
+        let mut r: Vec<Vec<f32>> = vec![vec![0.0f32; n]; fields.len()];
+        let mut dchi: Vec<Vec<f32>> = vec![Vec::new(); fields.len()];
 
         let mut iterations = 0;
         for it in 1..=c.max_iterations {
             iterations = it;
             // χ-update in k-space.
-            for a in 0..3 {
-                tmp[a]
-                    .par_iter_mut()
-                    .zip(&z[a])
-                    .zip(&u[a])
-                    .for_each(|((t, &z), &u)| *t = rho1 * (z + u));
-            }
-            let mut rhs = fft.forward(&grad.adjoint(&tmp));
-            for (i, k) in kernels.iter().enumerate() {
-                let sv: Vec<f32> = s[i]
-                    .par_iter()
-                    .zip(&v[i])
-                    .map(|(&s, &v)| rho2 * (s + v))
-                    .collect();
-                let mut spec = fft.forward(&sv);
-                multiply_real(&mut spec, k);
-                rhs.par_iter_mut().zip(&spec).for_each(|(a, b)| *a += b);
+            let mut rhs = fft.forward(&grad.adjoint(&q));
+            for (r, k) in r.iter().zip(&kernels) {
+                let spec = fft.forward(r);
+                rhs.par_chunks_mut(4096)
+                    .zip(spec.par_chunks(4096))
+                    .zip(k.par_chunks(4096))
+                    .for_each(|((a, b), k)| {
+                        for ((a, b), &k) in a.iter_mut().zip(b).zip(k) {
+                            *a += b * k;
+                        }
+                    });
             }
             multiply_real(&mut rhs, &inv_den);
-            for (i, k) in kernels.iter().enumerate() {
-                let mut spec = rhs.clone();
-                multiply_real(&mut spec, k);
-                dchi[i] = fft.inverse(&mut spec);
+            for (d, k) in dchi.iter_mut().zip(&kernels) {
+                let mut spec: Vec<_> = rhs.par_iter().zip(k).map(|(a, &k)| a * k).collect();
+                *d = fft.inverse(&mut spec);
             }
             let new = fft.inverse(&mut rhs);
             let (change, norm) = new
@@ -165,43 +160,44 @@ impl TvAdmm {
                 .reduce(|| (0.0, 0.0), |x, y| (x.0 + y.0, x.1 + y.1));
             chi = new;
 
-            // z-update: isotropic shrinkage of ∇χ − u; then u += z − ∇χ.
+            // z-update: isotropic shrinkage of ∇χ − u; u += z − ∇χ; q = ρ₁(z + u).
             grad.forward_into(&chi, &mut gx);
             let t = lambda / rho1;
-            let [zx, zy, zz] = &mut z;
             let [ux, uy, uz] = &mut u;
-            zx.par_iter_mut()
-                .zip(zy.par_iter_mut())
-                .zip(zz.par_iter_mut())
+            let [qx, qy, qz] = &mut q;
+            ux.par_iter_mut()
+                .zip(uy.par_iter_mut())
+                .zip(uz.par_iter_mut())
                 .zip(
-                    ux.par_iter_mut()
-                        .zip(uy.par_iter_mut())
-                        .zip(uz.par_iter_mut()),
+                    qx.par_iter_mut()
+                        .zip(qy.par_iter_mut())
+                        .zip(qz.par_iter_mut()),
                 )
                 .enumerate()
-                .for_each(|(i, (((zx, zy), zz), ((ux, uy), uz)))| {
+                .for_each(|(i, (((ux, uy), uz), ((qx, qy), qz)))| {
                     let g = [gx[0][i], gx[1][i], gx[2][i]];
                     let p = [g[0] - *ux, g[1] - *uy, g[2] - *uz];
                     let m = (p[0] * p[0] + p[1] * p[1] + p[2] * p[2]).sqrt();
                     let f = if m > t { 1.0 - t / m } else { 0.0 };
-                    *zx = f * p[0];
-                    *zy = f * p[1];
-                    *zz = f * p[2];
-                    *ux += *zx - g[0];
-                    *uy += *zy - g[1];
-                    *uz += *zz - g[2];
+                    for (((u, q), p), g) in [ux, uy, uz].into_iter().zip([qx, qy, qz]).zip(p).zip(g)
+                    {
+                        let z = f * p;
+                        *u += z - g;
+                        *q = rho1 * (z + *u);
+                    }
                 });
 
-            // s-update (weighted data term) and its dual.
+            // s-update (weighted data term), its dual, and r = ρ₂(s + v).
             for i in 0..fields.len() {
-                s[i].par_iter_mut()
-                    .zip(v[i].par_iter_mut())
+                v[i].par_iter_mut()
+                    .zip(r[i].par_iter_mut())
                     .zip(&dchi[i])
                     .zip(fields[i])
                     .zip(&w2)
-                    .for_each(|((((s, v), &dx), &f), &w)| {
-                        *s = (w * f + rho2 * (dx - *v)) / (w + rho2);
-                        *v += *s - dx;
+                    .for_each(|((((v, r), &dx), &f), &w)| {
+                        let s = (w * f + rho2 * (dx - *v)) / (w + rho2);
+                        *v += s - dx;
+                        *r = rho2 * (s + *v);
                     });
             }
 
