@@ -4,7 +4,7 @@
 //! whole raw-phase → TKD time on the grid of a peer comparison, and each background removal
 //! method's time over TKD's on the same work grid.
 //!
-//! `cargo bench --bench pipeline [-- --dims NX NY NZ] [--quick] [--background-only]`
+//! `cargo bench --bench pipeline [-- --dims NX NY NZ] [--quick] [--background-only] [--inversions-only]`
 //!
 //! The stages are timed by the pipeline itself (the `ProcessingTimeSeconds` of the Chimap
 //! sidecar), on a dataset that `chimap simulate` writes first (not timed), so the benchmark
@@ -251,6 +251,9 @@ fn main() {
         t_tkd / t_fft
     );
     inversions(work, t_work, quick);
+    if args.iter().any(|a| a == "--inversions-only") {
+        return;
+    }
 
     background_methods(work);
     if args.iter().any(|a| a == "--background-only") {

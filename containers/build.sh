@@ -22,7 +22,7 @@ IMAGE=chimap/chimap:$VERSION
 
 echo "== build stage: cargo build --release --locked --bin chimap"
 cargo build --release --locked --bin chimap
-BIN=target/release/chimap
+BIN=${CARGO_TARGET_DIR:-target}/release/chimap
 
 echo "== runtime stage: from scratch, the binary and the libraries it links"
 ROOTFS=$(mktemp -d "${TMPDIR:-/tmp}/chimap-rootfs.XXXXXX")

@@ -20,7 +20,8 @@ took() { echo "   ($((SECONDS - STEP_START)) s)"; }
 
 step "chimap binary"
 cargo build --release --bin chimap
-export PATH="$REPO/target/release:$PATH"
+# CARGO_TARGET_DIR moves the build output (CI caches often set it).
+export PATH="${CARGO_TARGET_DIR:-$REPO/target}/release:$PATH"
 chimap --version
 took
 

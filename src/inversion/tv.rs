@@ -126,7 +126,6 @@ impl TvAdmm {
         let mut chi = vec![0.0f32; n];
         let mut u = [vec![0.0f32; n], vec![0.0f32; n], vec![0.0f32; n]];
         let mut q = u.clone();
-        let mut gx = u.clone();
         let mut v: Vec<Vec<f32>> = vec![vec![0.0f32; n]; fields.len()];
         let mut r: Vec<Vec<f32>> = vec![vec![0.0f32; n]; fields.len()];
         let mut dchi: Vec<Vec<f32>> = vec![Vec::new(); fields.len()];
@@ -160,31 +159,39 @@ impl TvAdmm {
                 .reduce(|| (0.0, 0.0), |x, y| (x.0 + y.0, x.1 + y.1));
             chi = new;
 
-            // z-update: isotropic shrinkage of ∇χ − u; u += z − ∇χ; q = ρ₁(z + u).
-            grad.forward_into(&chi, &mut gx);
+            // z-update: isotropic shrinkage of ∇χ − u; u += z − ∇χ; q = ρ₁(z + u). The
+            // gradient is used where it is computed, slab by slab, never stored.
             let t = lambda / rho1;
+            let slab = dims[0] * dims[1];
             let [ux, uy, uz] = &mut u;
             let [qx, qy, qz] = &mut q;
-            ux.par_iter_mut()
-                .zip(uy.par_iter_mut())
-                .zip(uz.par_iter_mut())
+            ux.par_chunks_mut(slab)
+                .zip(uy.par_chunks_mut(slab))
+                .zip(uz.par_chunks_mut(slab))
                 .zip(
-                    qx.par_iter_mut()
-                        .zip(qy.par_iter_mut())
-                        .zip(qz.par_iter_mut()),
+                    qx.par_chunks_mut(slab)
+                        .zip(qy.par_chunks_mut(slab))
+                        .zip(qz.par_chunks_mut(slab)),
                 )
                 .enumerate()
-                .for_each(|(i, (((ux, uy), uz), ((qx, qy), qz)))| {
-                    let g = [gx[0][i], gx[1][i], gx[2][i]];
-                    let p = [g[0] - *ux, g[1] - *uy, g[2] - *uz];
-                    let m = (p[0] * p[0] + p[1] * p[1] + p[2] * p[2]).sqrt();
-                    let f = if m > t { 1.0 - t / m } else { 0.0 };
-                    for (((u, q), p), g) in [ux, uy, uz].into_iter().zip([qx, qy, qz]).zip(p).zip(g)
-                    {
-                        let z = f * p;
-                        *u += z - g;
-                        *q = rho1 * (z + *u);
-                    }
+                .for_each(|(k, (((ux, uy), uz), ((qx, qy), qz)))| {
+                    grad.for_each_in_slab(&chi, k, |o, g| {
+                        let p = [g[0] - ux[o], g[1] - uy[o], g[2] - uz[o]];
+                        let m = (p[0] * p[0] + p[1] * p[1] + p[2] * p[2]).sqrt();
+                        let f = if m > t { 1.0 - t / m } else { 0.0 };
+                        for (a, (u, q)) in [
+                            (&mut ux[o], &mut qx[o]),
+                            (&mut uy[o], &mut qy[o]),
+                            (&mut uz[o], &mut qz[o]),
+                        ]
+                        .into_iter()
+                        .enumerate()
+                        {
+                            let z = f * p[a];
+                            *u += z - g[a];
+                            *q = rho1 * (z + *u);
+                        }
+                    });
                 });
 
             // s-update (weighted data term), its dual, and r = ρ₂(s + v).

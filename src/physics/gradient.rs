@@ -34,31 +34,50 @@ impl Gradient {
 
     /// `∇x` written into `g` (three volumes of the grid's size).
     pub fn forward_into(&self, x: &[f32], g: &mut [Vec<f32>; 3]) {
-        let [nx, ny, nz] = self.dims;
-        let [hx, hy, hz] = self.inv_h;
-        let slab = nx * ny;
+        let slab = self.dims[0] * self.dims[1];
         let [gx, gy, gz] = g;
         gx.par_chunks_mut(slab)
             .zip(gy.par_chunks_mut(slab))
             .zip(gz.par_chunks_mut(slab))
             .enumerate()
             .for_each(|(k, ((gx, gy), gz))| {
-                let kp = (k + 1) % nz;
-                for j in 0..ny {
-                    let jp = (j + 1) % ny;
-                    let row = nx * (j + ny * k);
-                    let row_y = nx * (jp + ny * k);
-                    let row_z = nx * (j + ny * kp);
-                    for i in 0..nx {
-                        let ip = if i + 1 == nx { 0 } else { i + 1 };
-                        let c = x[row + i];
-                        let o = i + nx * j;
-                        gx[o] = (x[row + ip] - c) * hx;
-                        gy[o] = (x[row_y + i] - c) * hy;
-                        gz[o] = (x[row_z + i] - c) * hz;
-                    }
-                }
+                self.for_each_in_slab(x, k, |o, g| {
+                    gx[o] = g[0];
+                    gy[o] = g[1];
+                    gz[o] = g[2];
+                })
             });
+    }
+
+    /// Calls `f(offset in the slab, ∇x)` for every voxel of z-slab `k`, so that a solver can
+    /// use the gradient where it is computed instead of storing it (TV-ADMM's shrinkage).
+    #[inline]
+    pub fn for_each_in_slab(&self, x: &[f32], k: usize, mut f: impl FnMut(usize, [f32; 3])) {
+        let [nx, ny, nz] = self.dims;
+        let [hx, hy, hz] = self.inv_h;
+        let kp = (k + 1) % nz;
+        for j in 0..ny {
+            let jp = (j + 1) % ny;
+            let row = nx * (j + ny * k);
+            let row_y = nx * (jp + ny * k);
+            let row_z = nx * (j + ny * kp);
+            for i in 0..nx {
+                let ip = if i + 1 == nx { 0 } else { i + 1 };
+                let c = x[row + i];
+                f(
+                    i + nx * j,
+                    [
+                        (x[row + ip] - c) * hx,
+                        (x[row_y + i] - c) * hy,
+                        (x[row_z + i] - c) * hz,
+                    ],
+                );
+            }
+        }
+    }
+
+    pub fn dims(&self) -> [usize; 3] {
+        self.dims
     }
 
     /// The adjoint `∇ᵀg` (minus the backward-difference divergence).
