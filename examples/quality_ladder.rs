@@ -87,13 +87,6 @@ fn volume(path: &Path) -> Vec<f32> {
         .data
 }
 
-fn dims_of(path: &Path) -> [usize; 3] {
-    io::read_image(path)
-        .unwrap_or_else(|e| panic!("{e}"))
-        .frames[0]
-        .dims
-}
-
 /// Seconds the inversion stage took, from the Chimap's sidecar.
 fn inversion_seconds(chi_path: &Path) -> f64 {
     let sidecar: serde_json::Value =
@@ -193,7 +186,11 @@ fn main() {
             .strip_prefix(&truth)
             .unwrap()
             .to_path_buf();
-        let truth_chi = volume(&chi_truth_path);
+        let truth_image = io::read_image(&chi_truth_path)
+            .unwrap_or_else(|e| panic!("{e}"))
+            .frames
+            .swap_remove(0);
+        let (truth_dims, truth_chi) = (truth_image.dims, truth_image.data);
         let brain: Vec<bool> = volume(
             &truth
                 .join(&anat)
@@ -211,8 +208,7 @@ fn main() {
             .zip(&brain)
             .map(|(&v, &b)| v > 0.5 && b)
             .collect();
-        let reference =
-            evaluate::metrics::Reference::new(&truth_chi, &eroded, dims_of(&chi_truth_path));
+        let reference = evaluate::metrics::Reference::new(&truth_chi, &eroded, truth_dims);
         println!("\n{name}: demeaned NRMSE (%)              eroded mask   whole brain mask   HFEN (%)   XSIM   inversion (s)");
         for &method in &methods {
             let m = format!("{method:?}").to_lowercase();

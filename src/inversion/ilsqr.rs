@@ -15,6 +15,7 @@
 use serde::{Deserialize, Serialize};
 
 use super::cgls::cgls;
+use super::tkd::truncate;
 use super::{restrict, Method, Problem};
 use crate::physics::fft::{multiply_real, Fft3};
 use crate::physics::gradient::Gradient;
@@ -146,19 +147,7 @@ impl Ilsqr {
         let fast = restrict(fft.filter(&once, &blend), mask);
 
         // Scale and offset to TKD (threshold 1/8) by least squares in the mask.
-        let t = 0.125f32;
-        let inv: Vec<f32> = d
-            .iter()
-            .map(|&v| {
-                if v.abs() >= t {
-                    1.0 / v
-                } else if v < 0.0 {
-                    -1.0 / t
-                } else {
-                    1.0 / t
-                }
-            })
-            .collect();
+        let inv: Vec<f32> = d.iter().map(|&v| 1.0 / truncate(v, 0.125)).collect();
         let mut spec = f_spec;
         multiply_real(&mut spec, &inv);
         let tkd = fft.inverse(&mut spec);

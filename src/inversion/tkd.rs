@@ -35,9 +35,9 @@ impl Tkd {
     }
 }
 
-/// The truncated kernel value.
+/// The truncated kernel value (also iLSQR's TKD reference).
 #[inline]
-fn truncate(d: f32, t: f32) -> f32 {
+pub(super) fn truncate(d: f32, t: f32) -> f32 {
     if d.abs() >= t {
         d
     } else if d < 0.0 {
