@@ -420,6 +420,7 @@ fn raw_local_field(
         ));
     };
     let mask = preprocess::mask::brain_mask(&rss, Some(&fit.residual_rad), &pre.mask)?;
+    let first_magnitude = magnitude.as_deref().map(|m| &m[0]).unwrap_or(&rss);
 
     stages.start("signal voids");
     let filled = preprocess::voids::fill_voids(
@@ -458,7 +459,7 @@ fn raw_local_field(
             &mut local.field,
             &local.mask,
             &filled.voids,
-            &filled.signal_loss,
+            &preprocess::voids::signal_loss(first_magnitude, &mask, &pre.voids),
             acq.b0_direction,
             &pre.voids,
         );

@@ -65,10 +65,6 @@ pub struct VoidFill {
     pub field: Volume,
     /// The voxels that were refilled (subset of the mask).
     pub voids: Mask,
-    /// Fraction of each voxel's signal that is lost, 1 − m / (local mean m), clamped to
-    /// [0, 1]; 1 everywhere without a magnitude. Read as the fraction of the voxel that a void
-    /// source occupies (partial volume).
-    pub signal_loss: Vec<f32>,
 }
 
 /// Detects voids inside `mask` from the magnitude (RSS or echo 1) and the fit residual
@@ -89,42 +85,18 @@ pub fn fill_voids(
         return Err(Error::Numerics("empty mask given to void detection".into()));
     }
     let mut voids = vec![false; field.len()];
-    let mut signal_loss = vec![1.0f32; field.len()];
     if !config.enabled {
         return Ok(VoidFill {
             field: field.clone(),
-            signal_loss: vec![1.0; voids.len()],
             voids,
         });
     }
     if let Some(m) = magnitude {
-        let fft = Fft3::new(dims);
-        let g = gaussian_kernel(dims, vox, config.local_mean_sigma_mm);
-        let mm: Vec<f32> = m
-            .data
-            .par_iter()
-            .zip(mask)
-            .map(|(&v, &k)| if k { v } else { 0.0 })
-            .collect();
-        let w: Vec<f32> = mask.par_iter().map(|&k| k as u8 as f32).collect();
-        let num = smooth(&fft, &g, &mm);
-        let den = smooth(&fft, &g, &w);
+        let relative = relative_magnitude(m, mask, config.local_mean_sigma_mm);
         let ratio = config.magnitude_ratio as f32;
         voids.par_iter_mut().enumerate().for_each(|(i, v)| {
-            if mask[i] && den[i] > 1e-3 {
-                *v |= mm[i] < ratio * num[i] / den[i];
-            }
+            *v |= mask[i] && relative[i] < ratio;
         });
-        signal_loss = (0..mm.len())
-            .into_par_iter()
-            .map(|i| {
-                if den[i] > 1e-3 && num[i] > 0.0 {
-                    (1.0 - mm[i] * den[i] / num[i]).clamp(0.0, 1.0)
-                } else {
-                    1.0
-                }
-            })
-            .collect();
     }
     if let Some(r) = residual_rad {
         if let Some(med) = quantile(&r.data, Some(mask), 0.5) {
@@ -144,8 +116,56 @@ pub fn fill_voids(
     Ok(VoidFill {
         field: field.with_data(filled),
         voids,
-        signal_loss,
     })
+}
+
+/// Each mask voxel's magnitude over the local mean magnitude in the mask (Gaussian of σ
+/// `sigma_mm`), so that coil shading does not read as signal loss. `f32::NAN` outside the
+/// mask or where the local mean is undefined.
+pub fn relative_magnitude(magnitude: &Volume, mask: &[bool], sigma_mm: f64) -> Vec<f32> {
+    let dims = magnitude.dims;
+    let fft = Fft3::new(dims);
+    let g = gaussian_kernel(dims, magnitude.geometry.voxel_size, sigma_mm);
+    let mm: Vec<f32> = magnitude
+        .data
+        .par_iter()
+        .zip(mask)
+        .map(|(&v, &k)| if k { v } else { 0.0 })
+        .collect();
+    let w: Vec<f32> = mask.par_iter().map(|&k| k as u8 as f32).collect();
+    let num = smooth(&fft, &g, &mm);
+    let den = smooth(&fft, &g, &w);
+    (0..mm.len())
+        .into_par_iter()
+        .map(|i| {
+            if mask[i] && den[i] > 1e-3 && num[i] > 0.0 {
+                mm[i] * den[i] / num[i]
+            } else {
+                f32::NAN
+            }
+        })
+        .collect()
+}
+
+/// The fraction of each voxel's signal that is lost, 1 − m / (local mean m), clamped to
+/// [0, 1] (1 where undefined): read as the fraction of the voxel that a void source occupies
+/// (partial volume), for [`fit_void_sources`].
+///
+/// Pass the first echo's magnitude: later echoes also darken a source's neighbours by
+/// dephasing, which would spread the source over its halo. On the MNI phantom the first echo
+/// gives calcification voxels 0.81 and their 1 mm halo 0.24, the echoes' root-sum-of-squares
+/// 0.72 and 0.49, and the first echo lowers the pipeline's TKD error by 5 points.
+pub fn signal_loss(magnitude: &Volume, mask: &[bool], config: &VoidConfig) -> Vec<f32> {
+    relative_magnitude(magnitude, mask, config.local_mean_sigma_mm)
+        .par_iter()
+        .map(|&r| {
+            if r.is_nan() {
+                1.0
+            } else {
+                (1.0 - r).clamp(0.0, 1.0)
+            }
+        })
+        .collect()
 }
 
 /// A void modelled as a uniform susceptibility source.
@@ -158,7 +178,7 @@ pub struct VoidSource {
 
 /// Models every connected void as a source of one susceptibility spread over its voxels in
 /// proportion to `occupancy` (the fraction of each voxel's signal that is lost, see
-/// [`VoidFill::signal_loss`]): its χ is the least-squares fit (with a local constant) of the
+/// [`signal_loss`]): its χ is the least-squares fit (with a local constant) of the
 /// source's dipole field to the local field in a shell around the void,
 /// where the field is measured. The void's field is then removed from `local` and the void
 /// refilled harmonically from the corrected surroundings; the returned map holds each void's
@@ -467,10 +487,11 @@ mod tests {
                 f[i] += 120.0;
             }
         }
+        let mag = Volume::new(dims, mag, geom.clone());
         let out = fill_voids(
             &Volume::new(dims, f, geom.clone()),
             &mask,
-            Some(&Volume::new(dims, mag, geom.clone())),
+            Some(&mag),
             None,
             &VoidConfig::default(),
         )
@@ -483,19 +504,16 @@ mod tests {
         let nb = blob.iter().filter(|&&v| v).count();
         assert!(nv < 4 * nb, "{nv} void voxels for a blob of {nb}");
         // The blob keeps a tenth of the signal; tissue far from it has lost none.
+        let loss = signal_loss(&mag, &mask, &VoidConfig::default());
         let centre = 24 + n * (18 + n * 20);
         assert!(
-            out.signal_loss[centre] > 0.8,
+            loss[centre] > 0.8,
             "loss at the blob centre {}",
-            out.signal_loss[centre]
+            loss[centre]
         );
         let tissue = 20 + n * (20 + n * 8);
         assert!(mask[tissue] && !blob[tissue]);
-        assert!(
-            out.signal_loss[tissue] < 0.1,
-            "loss in plain tissue {}",
-            out.signal_loss[tissue]
-        );
+        assert!(loss[tissue] < 0.1, "loss in plain tissue {}", loss[tissue]);
         let err = (0..truth.len())
             .filter(|&i| mask[i])
             .map(|i| (out.field.data[i] - truth[i]).abs())
