@@ -23,6 +23,8 @@ const MAX_MEMORY_BYTES: usize = 3 << 30;
 pub struct Learned {
     kind: MethodName,
     weights: PathBuf,
+    /// Hex SHA-256 of the weights file, so that a Chimap names exactly the model behind it.
+    sha256: String,
 }
 
 impl Learned {
@@ -41,7 +43,12 @@ impl Learned {
                 "weights file not found; pass an existing safetensors file to --weights",
             ));
         }
-        Ok(Learned { kind, weights })
+        let sha256 = weights::sha256_hex(&weights)?;
+        Ok(Learned {
+            kind,
+            weights,
+            sha256,
+        })
     }
 }
 
@@ -120,7 +127,10 @@ impl Method for Learned {
     }
 
     fn parameters(&self) -> serde_json::Value {
-        serde_json::json!({ "Weights": self.weights.display().to_string() })
+        serde_json::json!({
+            "Weights": self.weights.display().to_string(),
+            "WeightsSha256": self.sha256,
+        })
     }
 
     /// LP-CNN's gradient step sums over orientations, so a set is one problem for it.
@@ -194,10 +204,14 @@ mod tests {
             err.contains("unet.safetensors") && err.contains("LP-CNN"),
             "{err}"
         );
-        let chi = Learned::new(MethodName::Lpcnn, Some(lp))
+        let method = Learned::new(MethodName::Lpcnn, Some(lp.clone())).unwrap();
+        let recorded = method.parameters()["WeightsSha256"]
+            .as_str()
             .unwrap()
-            .invert(&problem)
-            .unwrap();
+            .to_string();
+        assert_eq!(recorded, weights::sha256_hex(&lp).unwrap());
+        assert_eq!(recorded.len(), 64);
+        let chi = method.invert(&problem).unwrap();
         assert!(chi
             .iter()
             .zip(&mask)
