@@ -41,6 +41,11 @@ pub struct VoidConfig {
     /// Thickness (mm) of the shell around a void whose local field the source is fitted to.
     /// Default 5 mm: the dipole field of a small source falls off as 1/r³.
     pub shell_mm: f64,
+    /// Voxels closer than this (mm) to a void are left out of its fit. Default 1.5 mm: next
+    /// to a strong source the measured field is biased low by dephasing within each voxel
+    /// (on the MNI phantom it follows the true field with slope 0.72 at 1–2 mm from a
+    /// calcification and 0.92 at 2–3 mm), which made the fitted source too weak.
+    pub shell_gap_mm: f64,
 }
 
 impl Default for VoidConfig {
@@ -54,6 +59,7 @@ impl Default for VoidConfig {
             dilate_mm: 1.0,
             fit_sources: true,
             shell_mm: 5.0,
+            shell_gap_mm: 1.5,
         }
     }
 }
@@ -244,13 +250,14 @@ pub fn fit_void_sources(
         }
         let unit = DipoleOperator::new(bdims, vox, b0).forward(&ind);
         let near = dilate(&comp, bdims, vox, config.shell_mm);
+        let inner = dilate(&comp, bdims, vox, config.shell_gap_mm.max(0.0));
         // Fit χ and a constant over the shell: measured, in the mask, not in any void.
         let (mut n, mut su, mut sf, mut suu, mut suf) = (0.0f64, 0.0, 0.0, 0.0, 0.0);
         for k in 0..ext[2] {
             for j in 0..ext[1] {
                 for i in 0..ext[0] {
                     let (b, g) = (bidx(i, j, k), gidx(i, j, k));
-                    if near[b] && !comp[b] && mask[g] && !voids[g] {
+                    if near[b] && !inner[b] && mask[g] && !voids[g] {
                         let (u, f) = (unit[b] as f64, local.data[g] as f64);
                         n += 1.0;
                         su += u;
