@@ -34,7 +34,9 @@ pub use background::{remove_background, vsharp, BackgroundConfig, LocalField};
 pub use echo_fit::{fit_field, root_sum_of_squares, EchoFitConfig, FieldFit};
 pub use mask::{brain_mask, dilate, erode, user_mask, MaskConfig, ThresholdMethod};
 pub use scale::{scale_phase, PhaseScaleMode, PhaseScaling, ScaleConfig};
-pub use unwrap::{laplacian_unwrap, LaplacianForm, LaplacianUnwrapper, UnwrapConfig};
+pub use unwrap::{
+    laplacian_unwrap, LaplacianForm, LaplacianUnwrapper, RomeoConfig, UnwrapConfig, UnwrapMethod,
+};
 pub use voids::{fill_voids, VoidConfig, VoidFill};
 
 use serde::{Deserialize, Serialize};
@@ -45,7 +47,7 @@ use serde::{Deserialize, Serialize};
 pub struct Config {
     /// Raw phase to radians.
     pub scale: ScaleConfig,
-    /// Laplacian unwrapping.
+    /// Phase unwrapping (Laplacian or ROMEO-like region growing).
     pub unwrap: UnwrapConfig,
     /// Offset removal and multi-echo fit.
     pub echo_fit: EchoFitConfig,
