@@ -472,6 +472,11 @@ fn unwrappers(dims: [usize; 3], t_fft: f64) {
         ("echo fit with Laplacian", t_fit_lap),
         ("echo fit with romeo", t_fit_romeo),
     ] {
-        println!("  {:<28} {:>9.1} ms {:>8.2} FFT pairs", name, t * 1e3, t / t_fft);
+        println!(
+            "  {:<28} {:>9.1} ms {:>8.2} FFT pairs",
+            name,
+            t * 1e3,
+            t / t_fft
+        );
     }
 }

@@ -32,7 +32,14 @@ fn load(dir: &Path) -> (Vec<Volume>, Vec<Volume>) {
         .fold(0.0f32, |m, &p| m.max(p.abs()));
     let phase = phase
         .iter()
-        .map(|v| v.with_data(v.data.iter().map(|&p| p / max * std::f32::consts::PI).collect()))
+        .map(|v| {
+            v.with_data(
+                v.data
+                    .iter()
+                    .map(|&p| p / max * std::f32::consts::PI)
+                    .collect(),
+            )
+        })
         .collect();
     (phase, mag)
 }
@@ -60,7 +67,10 @@ fn romeo_small_unwraps_linear_in_te_and_rewraps_exactly() {
     let te = [4.0f32, 8.0, 12.0];
     let mask = magnitude_mask(&mag[0], 0.3);
     let n_mask = mask.iter().filter(|&&b| b).count();
-    assert!(n_mask > dims.iter().product::<usize>() / 4, "mask of {n_mask} voxels");
+    assert!(
+        n_mask > dims.iter().product::<usize>() / 4,
+        "mask of {n_mask} voxels"
+    );
 
     // ROMEO's template mode on the raw phase (no offset removal: a line in TE per voxel).
     let p: Vec<&[f32]> = phase.iter().map(|v| v.data.as_slice()).collect();

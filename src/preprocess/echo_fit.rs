@@ -179,8 +179,9 @@ pub fn fit_field(
             Some(l) => l.unwrap_phase(&delta_w, w01.as_deref()),
             None => {
                 // The difference image's magnitude is the geometric mean of the two echoes'.
-                let m01: Option<Vec<f32>> =
-                    w01.as_ref().map(|w| w.par_iter().map(|v| v.sqrt()).collect());
+                let m01: Option<Vec<f32>> = w01
+                    .as_ref()
+                    .map(|w| w.par_iter().map(|v| v.sqrt()).collect());
                 let q = Quality {
                     magnitude: m01.as_deref(),
                     ..Quality::phase(&delta_w)
@@ -244,12 +245,8 @@ pub fn fit_field(
         None => {
             let removed = offset.is_some();
             let t = (unwrap.romeo.template_echo - 1).min(n_echo - 1);
-            let reference: Option<Vec<f32>> = removed.then(|| {
-                field_guess
-                    .par_iter()
-                    .map(|&f| tau * f * te[t])
-                    .collect()
-            });
+            let reference: Option<Vec<f32>> =
+                removed.then(|| field_guess.par_iter().map(|&f| tau * f * te[t]).collect());
             let p: Vec<&[f32]> = psi.iter().map(|v| v.as_slice()).collect();
             let m: Option<Vec<&[f32]>> =
                 magnitudes.map(|m| m.iter().map(|v| v.data.as_slice()).collect());
@@ -679,7 +676,10 @@ mod tests {
         let cfg = EchoFitConfig::default();
         let fit = fit_field(&s.phases, Some(&s.mags), &s.te, &cfg, &romeo()).unwrap();
         let (rms, mean) = rms_error(&fit, &s, &s.inside);
-        assert!(rms < 0.7 && mean.abs() < 1.0, "rms {rms} Hz, mean {mean} Hz");
+        assert!(
+            rms < 0.7 && mean.abs() < 1.0,
+            "rms {rms} Hz, mean {mean} Hz"
+        );
         let res = quantile(&fit.residual_rad.data, Some(&s.inside), 0.5).unwrap();
         assert!(res < 0.02, "median residual {res} rad");
 

@@ -6,9 +6,9 @@
 //!    converts phase to radians in place (detects radians vs scanner integers; rejects
 //!    NaN/Inf and uninterpretable ranges naming the file). `PhaseScaling` goes in the sidecar.
 //! 2. [`fit_field`]`(&phases, Some(&magnitudes), &echo_times_s, &EchoFitConfig, &UnwrapConfig) -> Result<FieldFit>`
-//!    removes the smooth receive-phase offset, unwraps every echo (Laplacian, temporally
-//!    consistent) and fits the field through the origin: `FieldFit { field_hz, noise_hz,
-//!    residual_rad, offset_rad, noise_sigma }`.
+//!    removes the smooth receive-phase offset, unwraps every echo (`unwrap.method`: Laplacian
+//!    or ROMEO-like region growing; temporally consistent) and fits the field through the
+//!    origin: `FieldFit { field_hz, noise_hz, residual_rad, offset_rad, noise_sigma }`.
 //! 3. [`brain_mask`]`(&rss, Some(&fit.residual_rad), &MaskConfig) -> Result<Mask>` with
 //!    `rss = `[`root_sum_of_squares`]`(&magnitudes)`, or [`user_mask`]`(&vol, dims, path)` for a
 //!    supplied mask.

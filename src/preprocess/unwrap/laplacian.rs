@@ -18,9 +18,9 @@ use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use super::UnwrapConfig;
-use crate::preprocess::util::{quantile, weighted_median_int, wrap};
 use crate::physics::fft::{multiply_real, Fft3};
 use crate::physics::kernels::laplacian_kernel;
+use crate::preprocess::util::{quantile, weighted_median_int, wrap};
 
 /// Which estimate of the phase Laplacian to invert.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -106,8 +106,7 @@ impl RomeoConfig {
         }
         if self.max_regions == 0 || self.template_echo == 0 {
             return Err(Error::Config(
-                "unwrap.romeo.max_regions and unwrap.romeo.template_echo must be at least 1"
-                    .into(),
+                "unwrap.romeo.max_regions and unwrap.romeo.template_echo must be at least 1".into(),
             ));
         }
         Ok(())
@@ -226,7 +225,8 @@ pub fn edge_costs(dims: [usize; 3], q: &Quality, cfg: &RomeoConfig) -> Vec<u8> {
                         let u = v + stride[d];
                         let outside = q.mask.is_some_and(|m| !(m[v] && m[u]));
                         let c = cost_of(edge_weight(v, u, q, cfg, m_top));
-                        slab[3 * (i + nx * j) + d] = if outside && c != NO_EDGE { WORST } else { c };
+                        slab[3 * (i + nx * j) + d] =
+                            if outside && c != NO_EDGE { WORST } else { c };
                     }
                 }
             }
@@ -432,7 +432,11 @@ pub fn merge_regions(
         if rv == ru {
             continue;
         }
-        let (a, b, pa, pb) = if rv < ru { (rv, ru, v, u) } else { (ru, rv, u, v) };
+        let (a, b, pa, pb) = if rv < ru {
+            (rv, ru, v, u)
+        } else {
+            (ru, rv, u, v)
+        };
         let k = ((phase[pa] + TAU * g.turns[pa] as f32 - phase[pb] - TAU * g.turns[pb] as f32)
             / TAU)
             .round() as i32;
@@ -494,7 +498,10 @@ pub fn merge_regions(
 pub fn centre(g: &mut Growth, phase: &[f32], weights: Option<&[f32]>) {
     let k = weighted_median_int((0..phase.len()).map(|v| {
         let now = phase[v] + TAU * g.turns[v] as f32;
-        ((now / TAU).round() as i64, weights.map_or(1.0, |w| w[v] as f64))
+        (
+            (now / TAU).round() as i64,
+            weights.map_or(1.0, |w| w[v] as f64),
+        )
     }));
     if k != 0 {
         g.turns.par_iter_mut().for_each(|t| *t -= k as i32);
@@ -580,9 +587,8 @@ pub fn unwrap_echoes(
         )));
     }
     let mag = |e: usize| magnitudes.map(|m| m[e]);
-    let weights = |e: usize| -> Option<Vec<f32>> {
-        mag(e).map(|m| m.par_iter().map(|&v| v * v).collect())
-    };
+    let weights =
+        |e: usize| -> Option<Vec<f32>> { mag(e).map(|m| m.par_iter().map(|&v| v * v).collect()) };
     // The neighbouring echo whose spatial differences the template's should match.
     let second = (n_echo > 1).then(|| {
         let o = if t == 0 { 1 } else { t - 1 };
@@ -618,7 +624,10 @@ pub fn unwrap_echoes(
             .collect();
         out[e] = Some(phi);
     }
-    Ok((out.into_iter().map(Option::unwrap).collect(), template.regions))
+    Ok((
+        out.into_iter().map(Option::unwrap).collect(),
+        template.regions,
+    ))
 }
 
 /// The phase at echo time `t` of voxel `v` predicted from the unwrapped echoes `done`

@@ -6,11 +6,7 @@ const N: usize = 40;
 const DIMS: [usize; 3] = [N, N, N];
 
 fn coords(v: usize) -> (f32, f32, f32) {
-    (
-        (v % N) as f32,
-        ((v / N) % N) as f32,
-        (v / (N * N)) as f32,
-    )
+    ((v % N) as f32, ((v / N) % N) as f32, (v / (N * N)) as f32)
 }
 
 /// A smooth phase (rad) with a 22 rad bump and a ramp: up to ≈ 2 rad between neighbours,
@@ -23,12 +19,7 @@ fn smooth_phase(v: usize) -> f32 {
 
 /// Complex signal: magnitude 1 with phase `truth` where `inside`, noise of σ elsewhere
 /// (random phase, Rayleigh magnitude); complex noise of `sigma` everywhere.
-fn signal(
-    truth: &[f32],
-    inside: &[bool],
-    sigma: f64,
-    rng: &mut Rng,
-) -> (Vec<f32>, Vec<f32>) {
+fn signal(truth: &[f32], inside: &[bool], sigma: f64, rng: &mut Rng) -> (Vec<f32>, Vec<f32>) {
     let mut p = vec![0.0f32; truth.len()];
     let mut m = vec![0.0f32; truth.len()];
     for v in 0..truth.len() {
@@ -55,7 +46,10 @@ fn assert_whole_turns(out: &[f32], input: &[f32]) {
     for (v, (&o, &i)) in out.iter().zip(input).enumerate() {
         let k = (o - i) / TAU;
         // f32 spacing at |o| ≲ 100 rad is ≈ 1e-5.
-        assert!((k - k.round()).abs() < 1e-5, "voxel {v}: {o} − {i} is not whole turns");
+        assert!(
+            (k - k.round()).abs() < 1e-5,
+            "voxel {v}: {o} − {i} is not whole turns"
+        );
         assert!(
             (wrap(o) - wrap(i)).abs() < 1e-4 || (wrap(o) - wrap(i)).abs() > TAU - 1e-4,
             "voxel {v}: re-wrapped {} vs {}",
@@ -100,11 +94,19 @@ fn smooth_phase_with_many_wraps_and_a_noise_background_is_recovered_exactly() {
     assert_eq!(k, 0, "centring");
     // Without the magnitude the noise voxels compete with tissue on phase coherence alone;
     // the ball must still come out in one piece.
-    let plain = unwrap_spatial(DIMS, &Quality::phase(&wrapped), None, None, &Default::default());
+    let plain = unwrap_spatial(
+        DIMS,
+        &Quality::phase(&wrapped),
+        None,
+        None,
+        &Default::default(),
+    );
     assert_whole_turns(&plain.phase, &wrapped);
     let mut hist = std::collections::BTreeMap::<i32, usize>::new();
     for v in (0..truth.len()).filter(|&v| inside[v]) {
-        *hist.entry(((plain.phase[v] - truth[v]) / TAU).round() as i32).or_default() += 1;
+        *hist
+            .entry(((plain.phase[v] - truth[v]) / TAU).round() as i32)
+            .or_default() += 1;
     }
     let total = inside.iter().filter(|&&b| b).count();
     let bad = total - hist.values().max().unwrap();
@@ -299,7 +301,13 @@ fn a_reference_fixes_the_template_and_mask_and_nan_are_handled() {
     };
     let reference: Vec<f32> = truth.iter().map(|t| t + 1.0).collect();
     let w: Vec<f32> = mag.iter().map(|m| m * m).collect();
-    let out = unwrap_spatial(DIMS, &q, Some(&reference), Some(&w), &RomeoConfig::default());
+    let out = unwrap_spatial(
+        DIMS,
+        &q,
+        Some(&reference),
+        Some(&w),
+        &RomeoConfig::default(),
+    );
     assert!(out.phase[5].is_nan());
     let mut clean = out.phase.clone();
     clean[5] = 0.0;
