@@ -388,7 +388,7 @@ pub fn align_to_reference(
         let w = weights.map_or(1.0, |w| w[v] as f64);
         let now = phase[v] + TAU * g.turns[v] as f32;
         let k = ((reference[v] - now) / TAU).round();
-        if !(w > 0.0) || !k.is_finite() {
+        if w.is_nan() || w <= 0.0 || !k.is_finite() {
             continue;
         }
         let h = &mut votes[g.region[v] as usize];
