@@ -4,7 +4,7 @@
 //! whole raw-phase → TKD time on the grid of a peer comparison, and each background removal
 //! method's time over TKD's on the same work grid.
 //!
-//! `cargo bench --bench pipeline [-- --dims NX NY NZ] [--quick] [--background-only] [--inversions-only]`
+//! `cargo bench --bench pipeline [-- --dims NX NY NZ] [--quick] [--unwrap-only] [--background-only] [--inversions-only]`
 //!
 //! The stages are timed by the pipeline itself (the `ProcessingTimeSeconds` of the Chimap
 //! sidecar), on a dataset that `chimap simulate` writes first (not timed), so the benchmark
@@ -250,6 +250,10 @@ fn main() {
         t_tkd * 1e3,
         t_tkd / t_fft
     );
+    unwrappers(dims, t_fft);
+    if args.iter().any(|a| a == "--unwrap-only") {
+        return;
+    }
     inversions(work, t_work, quick);
     if args.iter().any(|a| a == "--inversions-only") {
         return;
@@ -396,6 +400,83 @@ fn background_methods(dims: [usize; 3]) {
             t / t_tkd,
             t / t_pair,
             details.expect("ran once")
+        );
+    }
+}
+
+/// Times the unwrappers on `dims` against one FFT pair there: one volume by Laplacian
+/// unwrapping and by region growing, five echoes in ROMEO's template mode, and the whole echo
+/// fit (offset removal, unwrapping, fit) with each method. The data: an ellipsoidal head with
+/// a smooth field of several turns at the last echo, complex noise, noise-only background.
+fn unwrappers(dims: [usize; 3], t_fft: f64) {
+    use chimap::preprocess::echo_fit::{fit_field, EchoFitConfig};
+    use chimap::preprocess::unwrap::romeo::{self, Quality};
+    use chimap::preprocess::unwrap::{LaplacianUnwrapper, UnwrapConfig, UnwrapMethod};
+    use chimap::simulate::rng::Rng;
+    let n: usize = dims.iter().product();
+    let te = [0.004f64, 0.008, 0.012, 0.016, 0.020];
+    let c = dims.map(|d| d as f64 / 2.0);
+    let mut rng = Rng::new(3);
+    let geom = Geometry::from_voxel_size([1.0; 3]);
+    let (mut phases, mut mags) = (vec![], vec![]);
+    for &t in &te {
+        let (mut p, mut m) = (vec![0.0f32; n], vec![0.0f32; n]);
+        for v in 0..n {
+            let x = (v % dims[0]) as f64 - c[0];
+            let y = ((v / dims[0]) % dims[1]) as f64 - c[1];
+            let z = (v / (dims[0] * dims[1])) as f64 - c[2];
+            let r2 = (x / 75.0).powi(2) + (y / 90.0).powi(2) + (z / 70.0).powi(2);
+            let a = if r2 < 1.0 { 1.0 } else { 0.0 };
+            let f = 60.0 * (-r2 * 4.0).exp() + 0.3 * x - 0.2 * z;
+            let ph = 0.5 + 0.01 * x + std::f64::consts::TAU * f * t;
+            let re = a * ph.cos() + 0.05 * rng.normal();
+            let im = a * ph.sin() + 0.05 * rng.normal();
+            p[v] = im.atan2(re) as f32;
+            m[v] = (re * re + im * im).sqrt() as f32;
+        }
+        phases.push(Volume::new(dims, p, geom.clone()));
+        mags.push(Volume::new(dims, m, geom.clone()));
+    }
+    println!("\nunwrapping (ratio to one FFT pair on the input grid)");
+    let w: Vec<f32> = mags[0].data.iter().map(|m| m * m).collect();
+    let lap = LaplacianUnwrapper::new(dims, [1.0; 3], &UnwrapConfig::default());
+    let t_lap = time(3, || lap.unwrap_phase(&phases[0].data, Some(&w)));
+    let cfg = UnwrapConfig::default().romeo;
+    let q = Quality {
+        magnitude: Some(&mags[0].data),
+        second_echo: Some((&phases[1].data, 0.5)),
+        ..Quality::phase(&phases[0].data)
+    };
+    let t_romeo = time(1, || romeo::unwrap_spatial(dims, &q, None, Some(&w), &cfg));
+    let p: Vec<&[f32]> = phases.iter().map(|v| v.data.as_slice()).collect();
+    let m: Vec<&[f32]> = mags.iter().map(|v| v.data.as_slice()).collect();
+    let te32 = te.map(|t| t as f32);
+    let t_echoes = time(1, || {
+        romeo::unwrap_echoes(dims, &p, Some(&m), &te32, None, false, &cfg).expect("unwraps")
+    });
+    let fit = |method| {
+        let u = UnwrapConfig {
+            method,
+            ..Default::default()
+        };
+        time(1, || {
+            fit_field(&phases, Some(&mags), &te, &EchoFitConfig::default(), &u).expect("fits")
+        })
+    };
+    let t_fit_lap = fit(UnwrapMethod::Laplacian);
+    let t_fit_romeo = fit(UnwrapMethod::Romeo);
+    for (name, t) in [
+        ("Laplacian, one volume", t_lap),
+        ("region growing, one volume", t_romeo),
+        ("region growing, 5 echoes", t_echoes),
+        ("echo fit with Laplacian", t_fit_lap),
+        ("echo fit with romeo", t_fit_romeo),
+    ] {
+        println!(
+            "  {:<28} {:>9.1} ms {:>8.2} FFT pairs",
+            name,
+            t * 1e3,
+            t / t_fft
         );
     }
 }

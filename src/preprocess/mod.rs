@@ -6,9 +6,9 @@
 //!    converts phase to radians in place (detects radians vs scanner integers; rejects
 //!    NaN/Inf and uninterpretable ranges naming the file). `PhaseScaling` goes in the sidecar.
 //! 2. [`fit_field`]`(&phases, Some(&magnitudes), &echo_times_s, &EchoFitConfig, &UnwrapConfig) -> Result<FieldFit>`
-//!    removes the smooth receive-phase offset, unwraps every echo (Laplacian, temporally
-//!    consistent) and fits the field through the origin: `FieldFit { field_hz, noise_hz,
-//!    residual_rad, offset_rad, noise_sigma }`.
+//!    removes the smooth receive-phase offset, unwraps every echo (`unwrap.method`: Laplacian
+//!    or ROMEO-like region growing; temporally consistent) and fits the field through the
+//!    origin: `FieldFit { field_hz, noise_hz, residual_rad, offset_rad, noise_sigma }`.
 //! 3. [`brain_mask`]`(&rss, Some(&fit.residual_rad), &MaskConfig) -> Result<Mask>` with
 //!    `rss = `[`root_sum_of_squares`]`(&magnitudes)`, or [`user_mask`]`(&vol, dims, path)` for a
 //!    supplied mask.
@@ -34,7 +34,9 @@ pub use background::{remove_background, vsharp, BackgroundConfig, LocalField};
 pub use echo_fit::{fit_field, root_sum_of_squares, EchoFitConfig, FieldFit};
 pub use mask::{brain_mask, dilate, erode, user_mask, MaskConfig, ThresholdMethod};
 pub use scale::{scale_phase, PhaseScaleMode, PhaseScaling, ScaleConfig};
-pub use unwrap::{laplacian_unwrap, LaplacianForm, LaplacianUnwrapper, UnwrapConfig};
+pub use unwrap::{
+    laplacian_unwrap, LaplacianForm, LaplacianUnwrapper, RomeoConfig, UnwrapConfig, UnwrapMethod,
+};
 pub use voids::{fill_voids, VoidConfig, VoidFill};
 
 use serde::{Deserialize, Serialize};
@@ -45,7 +47,7 @@ use serde::{Deserialize, Serialize};
 pub struct Config {
     /// Raw phase to radians.
     pub scale: ScaleConfig,
-    /// Laplacian unwrapping.
+    /// Phase unwrapping (Laplacian or ROMEO-like region growing).
     pub unwrap: UnwrapConfig,
     /// Offset removal and multi-echo fit.
     pub echo_fit: EchoFitConfig,
@@ -82,6 +84,17 @@ mod tests {
         assert_eq!(partial.background.truncation, 0.1);
         assert!(!partial.echo_fit.free_offset);
         assert!(serde_yaml::from_str::<Config>("mask:\n  radius: 3\n").is_err());
+        assert_eq!(back.unwrap.method, UnwrapMethod::Laplacian);
+        let romeo: Config = serde_yaml::from_str(
+            "unwrap:\n  method: romeo\n  romeo:\n    max_regions: 8\n    template_echo: 2\n",
+        )
+        .unwrap();
+        assert_eq!(romeo.unwrap.method, UnwrapMethod::Romeo);
+        assert_eq!(romeo.unwrap.romeo.max_regions, 8);
+        assert_eq!(romeo.unwrap.romeo.template_echo, 2);
+        assert!(romeo.unwrap.romeo.magnitude_coherence);
+        assert!(serde_yaml::from_str::<Config>("unwrap:\n  romeo:\n    seeds: 3\n").is_err());
+        assert!(serde_yaml::from_str::<Config>("unwrap:\n  method: best\n").is_err());
     }
 
     /// NRMSE after removing the mean difference in the region (χ maps are referenced anyway).

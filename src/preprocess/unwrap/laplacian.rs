@@ -17,9 +17,10 @@
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
-use super::util::{quantile, weighted_median_int, wrap};
+use super::UnwrapConfig;
 use crate::physics::fft::{multiply_real, Fft3};
 use crate::physics::kernels::laplacian_kernel;
+use crate::preprocess::util::{quantile, weighted_median_int, wrap};
 
 /// Which estimate of the phase Laplacian to invert.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -29,36 +30,6 @@ pub enum LaplacianForm {
     WrappedDifference,
     /// Σ sin(φ_nb − φ)/h², i.e. cos φ ∇²sin φ − sin φ ∇²cos φ (Schofield & Zhu 2003).
     Sine,
-}
-
-/// Phase unwrapping settings (YAML section `unwrap`).
-#[derive(Clone, Debug, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct UnwrapConfig {
-    /// `wrapped_difference` (default) or `sine`; see [`LaplacianForm`].
-    pub laplacian: LaplacianForm,
-    /// With magnitude weights, voxels whose magnitude is below this fraction of the 99th
-    /// percentile magnitude are left out of the phase Laplacian (their neighbour differences
-    /// count as zero). Noise voxels are dense with phase residues whose errors would
-    /// otherwise spread into the tissue. Dimensionless; default 0.1.
-    pub reliable_fraction: f64,
-    /// Snap each voxel to the wrapped data plus the nearest whole number of turns of the
-    /// Laplacian estimate, so that re-wrapping reproduces the input. Off by default: where
-    /// the estimate strays by more than π (steep fields next to air) snapping creates
-    /// patches of whole-turn errors, which are not harmonic and survive background removal,
-    /// whereas the plain Laplacian estimate errs only by a harmonic function that V-SHARP
-    /// removes.
-    pub round_to_turns: bool,
-}
-
-impl Default for UnwrapConfig {
-    fn default() -> Self {
-        UnwrapConfig {
-            laplacian: LaplacianForm::WrappedDifference,
-            reliable_fraction: 0.1,
-            round_to_turns: false,
-        }
-    }
 }
 
 /// A Laplacian unwrapper for one grid: the FFT plan and the inverse Laplacian are built once
@@ -73,6 +44,7 @@ pub struct LaplacianUnwrapper {
 }
 
 impl LaplacianUnwrapper {
+    /// Builds the FFT plan and the inverse Laplacian for `dims` and `voxel_size` (mm).
     pub fn new(dims: [usize; 3], voxel_size: [f64; 3], config: &UnwrapConfig) -> Self {
         let inv_laplacian = laplacian_kernel(dims, voxel_size)
             .into_iter()
@@ -88,6 +60,7 @@ impl LaplacianUnwrapper {
         }
     }
 
+    /// The grid this unwrapper was built for.
     pub fn dims(&self) -> [usize; 3] {
         self.fft.dims()
     }
