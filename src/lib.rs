@@ -29,6 +29,7 @@ pub mod nn;
 pub mod physics;
 pub mod pipeline;
 pub mod preprocess;
+pub mod qc;
 pub mod simulate;
 
 pub use error::{Error, Result};

@@ -110,6 +110,11 @@ pub struct RunArgs {
     #[arg(long, value_name = "N", help_heading = "Processing")]
     pub nthreads: Option<usize>,
 
+    /// Invert acquisitions whose local-field checks fail (they are still recorded in the
+    /// `_desc-qc.json` and the report). Default: a failed check stops that acquisition.
+    #[arg(long, help_heading = "Processing")]
+    pub ignore_qc_failures: bool,
+
     /// Recompute outputs that already exist. Default: finished acquisitions are skipped.
     #[arg(long, help_heading = "Processing")]
     pub overwrite: bool,

@@ -78,6 +78,9 @@ pub fn settings(run: &RunArgs) -> Result<Settings> {
     if let Some(w) = &run.weights {
         config.inversion.weights = Some(w.clone());
     }
+    if run.ignore_qc_failures {
+        config.qc.ignore_failures = true;
+    }
     // Fail before any processing when a learned method lacks its weights.
     config.inversion.method()?;
     if let Some(t) = run.field_strength {
