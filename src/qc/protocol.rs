@@ -157,7 +157,7 @@ mod tests {
 
         let mut i = s.inputs(&s.local);
         i.echo_grid_mismatch_mm = Some(4.0);
-        i.b0_direction = [0.0, 0.7071, 0.7071];
+        i.b0_direction = [0.0, 0.6, 0.8]; // 36.9° from z
         let c = all(&i, &config);
         assert_eq!(find(&c, "echo_grid_mismatch_mm").verdict, Verdict::Fail);
         assert_eq!(find(&c, "b0_tilt_degrees").verdict, Verdict::Warn);

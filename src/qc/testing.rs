@@ -7,8 +7,6 @@ use crate::preprocess;
 use crate::{Geometry, Mask, Volume};
 
 pub struct Scene {
-    pub dims: [usize; 3],
-    pub geometry: Geometry,
     pub brain: Mask,
     /// The brain mask less a one-voxel rim (as background removal leaves it).
     pub mask: Mask,
@@ -84,10 +82,8 @@ impl Scene {
         );
         let echo_times = vec![0.004, 0.008, 0.012, 0.016];
         let b0_tesla = 3.0;
-        let local = Volume::new(dims, local_data, geometry.clone());
+        let local = Volume::new(dims, local_data, geometry);
         Scene {
-            dims,
-            geometry,
             brain,
             mask,
             magnitude,
