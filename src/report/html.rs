@@ -38,7 +38,8 @@ h1{font-size:1.5em}h2{font-size:1.2em;border-bottom:1px solid #ccc;padding-botto
 table{border-collapse:collapse;margin:.5em 0}td,th{border:1px solid #ddd;padding:.25em .5em;\
 text-align:left;font-size:.9em;vertical-align:top}th{background:#f4f4f4}\
 .pass{background:#dff0d8}.warn{background:#fcf8e3}.fail{background:#f2dede}\
-figure{margin:.5em 0 1em 0}figcaption{font-size:.9em}.bar{display:flex;\
+figure{display:table;margin:.5em 0 1em 0}figcaption{display:table-caption;\
+caption-side:bottom;font-size:.9em}.bar{display:flex;\
 justify-content:space-between;font-size:.8em;color:#444}pre{background:#f8f8f8;padding:.5em;\
 overflow:auto;font-size:.8em}.verdict{font-weight:bold;padding:0 .4em}";
 
