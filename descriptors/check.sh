@@ -3,8 +3,9 @@
 #   Boutiques (bosh validate, the descriptor's tests via bosh exec launch without a container),
 #   Snakemake (local executor, 2 cores; dry runs of the group gate and the SLURM profile),
 #   the Nextflow module (rendered and run without Nextflow, which cannot be installed here),
-#   pybids on the Snakemake output, and the BIDS validator (schema-based from PyPI, and the
-#   npm bids-validator) on bids/example.
+#   pybids on the Snakemake output, the group level and the HTML reports rendered in headless
+#   Chromium (descriptors/check_report.sh, which installs Debian's chromium as root), and the
+#   BIDS validator (schema-based from PyPI, and the npm bids-validator) on bids/example.
 # Needs python3 (3.11), node and npm (20), PyPI and npm reachable; builds chimap if needed.
 # Tools are installed once into $CHIMAP_TOOLS (default ~/.cache/chimap-tools) and reused.
 set -euo pipefail
@@ -81,6 +82,11 @@ took
 
 step "pybids reads the Snakemake output as a derivative dataset"
 CHIMAP_OUTPUT_DIR=$WORK/snakemake/chimap "$VENV/pytest" -q -p no:cacheprovider tests/python
+took
+
+step "Reports: group level on the Snakemake output, then headless Chromium loads every image"
+chimap bids/example "$WORK/snakemake/chimap" group
+bash descriptors/check_report.sh "$WORK/snakemake/chimap" sub-1.html sub-2.html group.html
 took
 
 step "BIDS validator (schema-based, bids-validator-deno) on bids/example: no errors"

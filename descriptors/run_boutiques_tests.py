@@ -17,7 +17,7 @@ import boutiques
 
 REPO = Path(__file__).resolve().parents[1]
 DESCRIPTOR = REPO / "descriptors" / "chimap.boutiques.json"
-NOT_IN_EXAMPLE = {"chimap_sessions"}
+NOT_IN_EXAMPLE = {"chimap_sessions", "group_qc", "group_report"}
 
 
 def main():

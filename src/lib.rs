@@ -3,9 +3,9 @@
 //! The modules are listed in the order data flows through a participant-level run:
 //!
 //! ```text
-//! bids ─▶ io ─▶ preprocess ─▶ checks ─▶ inversion ─▶ derivatives
-//!  discover   NIfTI   scale, unwrap,   local-field   TKD, …      Chimap, masks,
-//!  group      read/   echo fit, mask,  QC verdicts               fields, sidecars
+//! bids ─▶ io ─▶ preprocess ─▶ qc ─▶ inversion ─▶ derivatives ─▶ report
+//!  discover   NIfTI   scale, unwrap,   local-field   TKD, …      Chimap, masks,  subject HTML,
+//!  group      read/   echo fit, mask,  QC verdicts               fields, sidecars group level
 //!             write   background
 //! ```
 //!
@@ -29,6 +29,8 @@ pub mod nn;
 pub mod physics;
 pub mod pipeline;
 pub mod preprocess;
+pub mod qc;
+pub mod report;
 pub mod simulate;
 
 pub use error::{Error, Result};

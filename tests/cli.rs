@@ -648,3 +648,222 @@ fn evaluate_scores_maps_prints_a_table_and_writes_json() {
         assert!(!out2.exists());
     }
 }
+
+/// Copies a folder tree.
+fn copy_tree(from: &Path, to: &Path) {
+    for e in walkdir::WalkDir::new(from)
+        .into_iter()
+        .filter_map(|e| e.ok())
+    {
+        let dest = to.join(e.path().strip_prefix(from).unwrap());
+        if e.file_type().is_dir() {
+            std::fs::create_dir_all(&dest).unwrap();
+        } else {
+            std::fs::copy(e.path(), &dest).unwrap();
+        }
+    }
+}
+
+fn example() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("bids/example")
+}
+
+/// Every `<img src>` of an HTML page, resolved beside it; each must be a PNG.
+fn assert_images_exist(page: &Path) -> usize {
+    let html = std::fs::read_to_string(page).unwrap();
+    let srcs: Vec<&str> = html
+        .split("<img src=\"")
+        .skip(1)
+        .map(|s| s.split('"').next().unwrap())
+        .collect();
+    for s in &srcs {
+        let p = page.parent().unwrap().join(s);
+        let bytes = std::fs::read(&p).unwrap_or_else(|_| panic!("{} is missing", p.display()));
+        assert!(
+            bytes.starts_with(b"\x89PNG\r\n\x1a\n"),
+            "{} is not a PNG",
+            p.display()
+        );
+    }
+    assert!(
+        !html.contains("http://") && !html.contains("https://"),
+        "external resource"
+    );
+    srcs.len()
+}
+
+#[test]
+fn a_corrupted_echo_fails_qc_unless_ignored_and_the_report_shows_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let ds = dir.path().join("ds");
+    copy_tree(&example(), &ds);
+    // Echo 3 of sub-1 ori1 replaced by uniform random scanner phase.
+    let p = ds.join("sub-1/anat/sub-1_acq-ori1_echo-3_part-phase_MEGRE.nii.gz");
+    let mut v = io::read_image(&p).unwrap().frames.swap_remove(0);
+    let mut x = 12345u64;
+    for d in v.data.iter_mut() {
+        x = x
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        *d = ((x >> 33) % 8192) as f32 - 4096.0;
+    }
+    io::write_volume_i16(&p, &[&v]).unwrap();
+    let out = dir.path().join("out");
+    let args = [
+        ds.to_str().unwrap(),
+        out.to_str().unwrap(),
+        "participant",
+        "--participant-label",
+        "1",
+    ];
+    let o = chimap(&args);
+    assert_clean_failure(&o, "echo_consistency", &out);
+    assert!(
+        stderr(&o).contains("--ignore-qc-failures"),
+        "{}",
+        stderr(&o)
+    );
+    let anat = out.join("sub-1/anat");
+    let qc = io::read_json(&anat.join("sub-1_acq-ori1_desc-qc.json")).unwrap();
+    assert_eq!(qc["Verdict"], "fail");
+    assert!(!anat.join("sub-1_acq-ori1_desc-tkd_Chimap.nii.gz").exists());
+    // The sound orientation is unaffected.
+    let qc2 = io::read_json(&anat.join("sub-1_acq-ori2_desc-qc.json")).unwrap();
+    assert_ne!(qc2["Verdict"], "fail", "{qc2}");
+    assert!(anat.join("sub-1_acq-ori2_desc-tkd_Chimap.nii.gz").is_file());
+    // The report exists with the failing section and its preprocessing figures.
+    let page = out.join("sub-1.html");
+    let html = std::fs::read_to_string(&page).unwrap();
+    assert!(
+        html.contains("inversion did not run"),
+        "failed section explained"
+    );
+    assert!(assert_images_exist(&page) >= 7);
+
+    let mut ignore = args.to_vec();
+    ignore.push("--ignore-qc-failures");
+    let o = chimap(&ignore);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(anat.join("sub-1_acq-ori1_desc-tkd_Chimap.nii.gz").is_file());
+    let qc = io::read_json(&anat.join("sub-1_acq-ori1_desc-qc.json")).unwrap();
+    assert_eq!(qc["FailuresIgnored"], true);
+}
+
+#[test]
+fn an_unremoved_background_field_fails_qc() {
+    // The true total field of the example, presented as a local field.
+    let dir = tempfile::tempdir().unwrap();
+    let truth = example().join("derivatives/chimap-truth");
+    let ds = dir.path().join("fields");
+    std::fs::create_dir_all(ds.join("sub-1/anat")).unwrap();
+    std::fs::copy(
+        truth.join("dataset_description.json"),
+        ds.join("dataset_description.json"),
+    )
+    .unwrap();
+    for (from, to) in [
+        ("desc-total_fieldmap", "desc-local_fieldmap"),
+        ("desc-brain_mask", "desc-brain_mask"),
+    ] {
+        for ext in ["nii.gz", "json"] {
+            std::fs::copy(
+                truth.join(format!("sub-1/anat/sub-1_acq-ori1_{from}.{ext}")),
+                ds.join(format!("sub-1/anat/sub-1_acq-ori1_{to}.{ext}")),
+            )
+            .unwrap();
+        }
+    }
+    let out = dir.path().join("out");
+    let o = chimap(&[ds.to_str().unwrap(), out.to_str().unwrap(), "participant"]);
+    assert_clean_failure(&o, "residual_background", &out);
+    // The true local field passes.
+    for ext in ["nii.gz", "json"] {
+        std::fs::copy(
+            truth.join(format!(
+                "sub-1/anat/sub-1_acq-ori1_desc-local_fieldmap.{ext}"
+            )),
+            ds.join(format!(
+                "sub-1/anat/sub-1_acq-ori1_desc-local_fieldmap.{ext}"
+            )),
+        )
+        .unwrap();
+    }
+    let o = chimap(&[ds.to_str().unwrap(), out.to_str().unwrap(), "participant"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+}
+
+#[test]
+fn reports_on_the_example_then_the_group_level_with_a_segmentation() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out");
+    let ex = example();
+    let o = chimap(&[ex.to_str().unwrap(), out.to_str().unwrap(), "participant"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    for sub in ["sub-1", "sub-2"] {
+        // Magnitude, total field, local field and χ for each of two orientations.
+        assert_eq!(assert_images_exist(&out.join(format!("{sub}.html"))), 8);
+    }
+    // A rerun that skips everything still rebuilds the report from disk.
+    std::fs::remove_file(out.join("sub-1.html")).unwrap();
+    let o = chimap(&[ex.to_str().unwrap(), out.to_str().unwrap(), "participant"]);
+    assert!(stderr(&o).contains("skipped 4"), "{}", stderr(&o));
+    assert_eq!(assert_images_exist(&out.join("sub-1.html")), 8);
+
+    // A two-label segmentation for one acquisition: left and right halves of its mask.
+    let seg_dir = dir.path().join("seg");
+    std::fs::create_dir_all(&seg_dir).unwrap();
+    let mask = io::read_image(&out.join("sub-1/anat/sub-1_acq-ori1_desc-eroded_mask.nii.gz"))
+        .unwrap()
+        .frames
+        .swap_remove(0);
+    let nx = mask.dims[0];
+    let seg = mask.with_data(
+        mask.data
+            .iter()
+            .enumerate()
+            .map(|(c, &m)| {
+                if m > 0.5 {
+                    1.0 + ((c % nx) * 2 / nx) as f32
+                } else {
+                    0.0
+                }
+            })
+            .collect(),
+    );
+    io::write_volume(
+        &seg_dir.join("sub-1_acq-ori1_desc-halves_dseg.nii.gz"),
+        &seg,
+    )
+    .unwrap();
+    let o = chimap(&[
+        ex.to_str().unwrap(),
+        out.to_str().unwrap(),
+        "group",
+        "--seg-dir",
+        seg_dir.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let tsv = std::fs::read_to_string(out.join("group_qc.tsv")).unwrap();
+    let lines: Vec<&str> = tsv.lines().collect();
+    assert_eq!(lines.len(), 5, "{tsv}");
+    let head: Vec<&str> = lines[0].split('\t').collect();
+    for col in [
+        "residual_background",
+        "echo_consistency",
+        "chi_tkd_mean",
+        "chi_tkd_label2_mean",
+    ] {
+        assert!(head.contains(&col), "{col} missing: {head:?}");
+    }
+    let row: Vec<&str> = lines[1].split('\t').collect();
+    assert_eq!(row.len(), head.len());
+    let label = |name: &str| row[head.iter().position(|h| *h == name).unwrap()].parse::<f64>();
+    assert!(label("chi_tkd_label1_mean").is_ok() && label("chi_tkd_label2_mean").is_ok());
+    let html = std::fs::read_to_string(out.join("group.html")).unwrap();
+    assert!(html.matches("<svg").count() >= 10, "one plot per value");
+    // Without participant outputs the group level explains what to do.
+    let empty = dir.path().join("empty");
+    std::fs::create_dir_all(&empty).unwrap();
+    let o = chimap(&[ex.to_str().unwrap(), empty.to_str().unwrap(), "group"]);
+    assert_clean_failure(&o, "run the participant level first", &empty);
+}

@@ -51,6 +51,8 @@ pub struct ConfigArgs {
 pub enum AnalysisLevel {
     /// Process each selected participant (and session) independently.
     Participant,
+    /// Summarise OUTPUT_DIR after the participants: group_qc.tsv and group.html.
+    Group,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -109,6 +111,17 @@ pub struct RunArgs {
     /// Worker threads. Default: all available cores.
     #[arg(long, value_name = "N", help_heading = "Processing")]
     pub nthreads: Option<usize>,
+
+    /// Invert acquisitions whose local-field checks fail (they are still recorded in the
+    /// `_desc-qc.json` and the report). Default: a failed check stops that acquisition.
+    #[arg(long, help_heading = "Processing")]
+    pub ignore_qc_failures: bool,
+
+    /// Group level: a folder searched for segmentations named `<acquisition>_*dseg.nii.gz`
+    /// (e.g. `sub-1_acq-ori1_desc-aseg_dseg.nii.gz`) on the acquisition's grid; χ is then
+    /// summarised per label as well as over the mask.
+    #[arg(long, value_name = "DIR", help_heading = "Group level")]
+    pub seg_dir: Option<PathBuf>,
 
     /// Recompute outputs that already exist. Default: finished acquisitions are skipped.
     #[arg(long, help_heading = "Processing")]

@@ -63,6 +63,22 @@ fn print_config(c: &args::ConfigArgs) -> Result<()> {
     Ok(())
 }
 
+/// The group level: reads OUTPUT_DIR, writes `group_qc.tsv` and `group.html`.
+fn run_group(run: &RunArgs) -> Result<()> {
+    let s = settings(run)?;
+    if let Some(dir) = &run.seg_dir {
+        if !dir.is_dir() {
+            return Err(Error::Usage(format!(
+                "--seg-dir {} is not a folder",
+                dir.display()
+            )));
+        }
+    }
+    let (tsv, html) = crate::report::group::run(&s.output_dir, run.seg_dir.as_deref())?;
+    tracing::info!("group level: {} and {}", tsv.display(), html.display());
+    Ok(())
+}
+
 /// Turns the arguments into validated settings.
 pub fn settings(run: &RunArgs) -> Result<Settings> {
     let (Some(bids_dir), Some(output_dir)) = (run.bids_dir.clone(), run.output_dir.clone()) else {
@@ -77,6 +93,9 @@ pub fn settings(run: &RunArgs) -> Result<Settings> {
     }
     if let Some(w) = &run.weights {
         config.inversion.weights = Some(w.clone());
+    }
+    if run.ignore_qc_failures {
+        config.qc.ignore_failures = true;
     }
     // Fail before any processing when a learned method lacks its weights.
     config.inversion.method()?;
@@ -129,6 +148,9 @@ fn run_participants(run: RunArgs) -> ExitCode {
                 "--nthreads must be a positive number of threads".into(),
             )));
         }
+    }
+    if run.analysis_level == Some(args::AnalysisLevel::Group) {
+        return finish(run_group(&run));
     }
     let summary = match settings(&run).and_then(|s| Ok((pipeline::run(&s)?, s.dry_run))) {
         Ok((summary, dry_run)) => {

@@ -40,7 +40,10 @@ impl Derivatives {
             "DatasetLinks": { SOURCE_LINK: source_uri },
         });
         io::write_json(&root.join("dataset_description.json"), &description)?;
-        io::write_atomic(&root.join(".bidsignore"), b"*.html\nlogs/\nfigures/\n")?;
+        io::write_atomic(
+            &root.join(".bidsignore"),
+            b"*.html\nlogs/\nfigures/\n*_desc-qc.json\ngroup_qc.tsv\n",
+        )?;
         Ok(Derivatives {
             root: root.to_path_buf(),
         })

@@ -10,7 +10,7 @@ use super::Config;
 use crate::bids::{Acquisition, FieldKind, OrientationSet, Source};
 use crate::derivatives::{mask_volume, source_uri, Derivatives};
 use crate::inversion::{self, Orientation, Problem};
-use crate::{preprocess, Error, Mask, Result, Volume};
+use crate::{preprocess, qc, Error, Mask, Result, Volume};
 
 #[derive(Debug, PartialEq, Eq)]
 pub enum Outcome {
@@ -44,6 +44,8 @@ pub(super) struct LocalField {
     /// Relative reliability of each voxel's field for the weighted methods (from the echo
     /// fit's noise); `None` when there is none (field-map inputs).
     pub weight: Option<Vec<f32>>,
+    /// The local-field checks (run before inversion).
+    pub checks: Vec<qc::Check>,
 }
 
 /// Data weight from the field's noise: `median(σ)/σ` in the mask, capped at 4 so that a few
@@ -80,6 +82,13 @@ pub fn process(
     let b0_tesla = acq.field_strength.or(config.field_strength);
     let common = common_sidecar(acq, b0_tesla);
     let mut local = local_field(acq, root, config, deriv, b0_tesla, &mut stages)?;
+    if let Err(e) = gate_on_checks(deriv, acq, &local, config) {
+        // Keep what preprocessing made, so the report can show why it failed.
+        let mut outputs = std::mem::take(&mut local.outputs);
+        outputs.push(local_field_output(deriv, acq, &local));
+        write_outputs(deriv, outputs, &common, local.dims)?;
+        return Err(e);
+    }
 
     stages.start("inversion");
     let problem = Problem {
@@ -172,6 +181,7 @@ pub fn process_set(
         let mut outputs = std::mem::take(&mut local.outputs);
         outputs.push(local_field_output(deriv, acq, &local));
         write_outputs(deriv, outputs, &common_sidecar(acq, b0_tesla), local.dims)?;
+        gate_on_checks(deriv, acq, &local, config)?;
         locals.push(local);
     }
 
@@ -249,6 +259,43 @@ pub fn process_set(
     Ok(Outcome::Done)
 }
 
+/// Writes the acquisition's qc json and logs its warnings; a failed check is an error naming
+/// the check and `--ignore-qc-failures`, unless `qc.ignore_failures` is set.
+fn gate_on_checks(
+    deriv: &Derivatives,
+    acq: &Acquisition,
+    local: &LocalField,
+    config: &Config,
+) -> Result<()> {
+    let folder = deriv.folder(&acq.entities);
+    std::fs::create_dir_all(&folder).map_err(|e| Error::io(&folder, e))?;
+    let path = qc::json_path(&folder, &acq.name());
+    let ignore = config.qc.ignore_failures;
+    qc::write_json(&path, &acq.name(), &local.checks, ignore)?;
+    for c in local
+        .checks
+        .iter()
+        .filter(|c| c.verdict != qc::Verdict::Pass)
+    {
+        tracing::warn!(
+            "{}: QC {} {} = {}: {}",
+            acq.name(),
+            c.verdict.as_str(),
+            c.name,
+            qc::format_value(c.value),
+            c.message
+        );
+    }
+    match qc::failure_message(&local.checks) {
+        Some(msg) if !ignore => Err(Error::input(path, msg)),
+        Some(_) => {
+            tracing::warn!("{}: QC failures ignored (--ignore-qc-failures)", acq.name());
+            Ok(())
+        }
+        None => Ok(()),
+    }
+}
+
 /// The local field of one acquisition on the padded work grid, from whatever it provides:
 /// raw phase (every preprocessing stage), a total field map (background removal) or a
 /// local field map (nothing).
@@ -281,11 +328,11 @@ fn local_field(
             let work = work_dims(dims);
             let field_w = field_ppm.padded(work);
             let mask_w = crate::volume::pad(&mask_v, dims, work, false);
-            match kind {
+            let (mut local, brain) = match kind {
                 FieldKind::Local => {
                     let mut f = field_w;
                     zero_outside(&mut f.data, &mask_w);
-                    LocalField {
+                    let local = LocalField {
                         dims,
                         field: f,
                         mask: mask_w,
@@ -293,13 +340,34 @@ fn local_field(
                         parameters: json!({ "Input": "local field map" }),
                         void_chi: None,
                         weight: None,
-                    }
+                        checks: Vec::new(),
+                    };
+                    (local, None)
                 }
                 FieldKind::Total => {
                     stages.start("background removal");
-                    background_removal(dims, field_w, mask_w, config, deriv, acq)?
+                    let local =
+                        background_removal(dims, field_w, mask_w.clone(), config, deriv, acq)?;
+                    (local, Some(mask_w))
                 }
-            }
+            };
+            stages.start("checks");
+            local.checks = qc::run(
+                &qc::Inputs {
+                    local_ppm: &local.field,
+                    mask: &local.mask,
+                    brain_mask: brain.as_ref(),
+                    total_hz: None,
+                    magnitude: None,
+                    echo_coherence: None,
+                    echo_times: &[],
+                    echo_grid_mismatch_mm: None,
+                    b0_direction: acq.b0_direction,
+                    b0_tesla,
+                },
+                &config.qc,
+            );
+            local
         }
     })
 }
@@ -389,6 +457,11 @@ fn raw_local_field(
         integer_phase,
         phase_paths,
     } = echoes;
+    let echo_grid_mismatch_mm = phase
+        .iter()
+        .chain(&magnitude)
+        .map(|v| qc::protocol::grid_mismatch_mm(&phase[0].geometry, &v.geometry, v.dims))
+        .fold(0.0f64, f64::max);
     stages.start("phase scaling");
     let scaling =
         preprocess::scale::scale_phase(&mut phase, &phase_paths, integer_phase, &pre.scale)?;
@@ -407,7 +480,6 @@ fn raw_local_field(
         &pre.echo_fit,
         &pre.unwrap,
     )?;
-    drop(phase);
 
     stages.start("mask");
     let Some(rss) = magnitude
@@ -421,6 +493,8 @@ fn raw_local_field(
     };
     let mask = preprocess::mask::brain_mask(&rss, Some(&fit.residual_rad), &pre.mask)?;
     let first_magnitude = magnitude.as_deref().map(|m| &m[0]).unwrap_or(&rss);
+    let echo_coherence = qc::echoes::pair_coherence(&phase, &mask);
+    drop(phase);
 
     stages.start("signal voids");
     let filled = preprocess::voids::fill_voids(
@@ -468,6 +542,23 @@ fn raw_local_field(
         (None, Vec::new())
     };
 
+    stages.start("checks");
+    let checks = qc::run(
+        &qc::Inputs {
+            local_ppm: &local.field,
+            mask: &local.mask,
+            brain_mask: Some(&mask),
+            total_hz: Some(&fit.field_hz),
+            magnitude: Some(&rss),
+            echo_coherence: Some(&echo_coherence),
+            echo_times: &echo_times,
+            echo_grid_mismatch_mm: Some(echo_grid_mismatch_mm),
+            b0_direction: acq.b0_direction,
+            b0_tesla: Some(b0_tesla),
+        },
+        &config.qc,
+    );
+
     let e = &acq.entities;
     let outputs = vec![
         Output {
@@ -505,6 +596,7 @@ fn raw_local_field(
         outputs,
         void_chi,
         weight,
+        checks,
         parameters: json!({
             "PhaseScaling": scaling,
             "Unwrapping": pre.unwrap,
@@ -550,6 +642,7 @@ fn background_removal(
         outputs,
         void_chi: None,
         weight: None,
+        checks: Vec::new(),
         parameters: json!({
             "Input": "total field map",
             "BackgroundRemoval": background_parameters(bg, local.details),

@@ -5,7 +5,7 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
-use crate::{inversion, preprocess, Error, Result};
+use crate::{inversion, preprocess, qc, Error, Result};
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -17,6 +17,8 @@ pub struct Config {
     pub preprocess: preprocess::Config,
     /// From the local field to χ.
     pub inversion: inversion::Config,
+    /// Limits of the local-field checks run before inversion.
+    pub qc: qc::Config,
 }
 
 impl Config {

@@ -199,6 +199,24 @@ pub fn run(settings: &Settings) -> Result<Summary> {
             }
         }
     }
+    // One report per subject, built from what is on disk (so skipped work is included).
+    let mut subjects: Vec<&str> = units
+        .iter()
+        .map(|u| match u {
+            Unit::One(acq) => acq.entities.sub.as_str(),
+            Unit::Set(set) => set.subject.as_str(),
+        })
+        .collect();
+    subjects.dedup();
+    for sub in subjects {
+        match crate::report::subject(&settings.output_dir, &discovery.root, sub) {
+            Ok(path) => tracing::info!("report: {}", path.display()),
+            Err(e) => {
+                tracing::error!("sub-{sub} report: {e}");
+                summary.failed.push((format!("sub-{sub} report"), e));
+            }
+        }
+    }
     summary.failed.extend(discovery.problems);
     Ok(summary)
 }

@@ -1,0 +1,243 @@
+//! The visual QC report: one self-contained HTML page per subject, `OUTPUT_DIR/sub-<label>.html`,
+//! with its PNG figures in `OUTPUT_DIR/sub-<label>/figures/`, and the group level
+//! (`group_qc.tsv`, `group.html`).
+//!
+//! Everything is built from what is on disk in the derivative dataset (maps, sidecars, qc
+//! json), so a rerun that skipped finished acquisitions still gets a complete report. The
+//! magnitude comes from the source dataset, found through the `bids:raw:` URIs in `Sources`.
+//!
+//! - [`figure`]: montages (three planes) and colour maps, written as PNG.
+//! - [`html`]: the subject page.
+//! - [`group`]: the group table and page.
+
+pub mod figure;
+pub mod group;
+pub mod html;
+
+use std::path::{Path, PathBuf};
+
+use serde_json::Value;
+
+use crate::derivatives::sidecar_path;
+use crate::{io, qc, Error, Result, Volume};
+
+/// The outputs of one acquisition (or orientation set) found on disk.
+#[derive(Clone, Debug, Default)]
+pub struct Found {
+    /// `sub-1_acq-ori1` (the name before `_desc-`).
+    pub prefix: String,
+    pub folder: PathBuf,
+    pub qc: Option<PathBuf>,
+    /// `(method, path)` of every Chimap.
+    pub chimaps: Vec<(String, PathBuf)>,
+}
+
+impl Found {
+    /// `<prefix>_desc-<desc>_<suffix>.nii.gz` if it exists.
+    pub fn map(&self, desc: &str, suffix: &str) -> Option<PathBuf> {
+        let p = self
+            .folder
+            .join(format!("{}_desc-{desc}_{suffix}.nii.gz", self.prefix));
+        p.is_file().then_some(p)
+    }
+
+    /// Subject and session labels from the prefix.
+    pub fn entity(&self, key: &str) -> Option<String> {
+        self.prefix
+            .split('_')
+            .find_map(|p| p.strip_prefix(&format!("{key}-")).map(str::to_string))
+    }
+}
+
+/// Every acquisition with a qc json or a Chimap under `dir`, sorted by name.
+pub fn find_outputs(dir: &Path) -> Vec<Found> {
+    let mut found: std::collections::BTreeMap<(PathBuf, String), Found> = Default::default();
+    for entry in walkdir::WalkDir::new(dir)
+        .into_iter()
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_type().is_file())
+    {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let folder = entry.path().parent().unwrap_or(dir).to_path_buf();
+        let (prefix, what) = if let Some(p) = name.strip_suffix("_desc-qc.json") {
+            (p.to_string(), None)
+        } else if let Some(stem) = name.strip_suffix("_Chimap.nii.gz") {
+            match stem.rsplit_once("_desc-") {
+                Some((p, method)) => (p.to_string(), Some(method.to_string())),
+                None => continue,
+            }
+        } else {
+            continue;
+        };
+        let f = found
+            .entry((folder.clone(), prefix.clone()))
+            .or_insert_with(|| Found {
+                prefix,
+                folder,
+                ..Found::default()
+            });
+        match what {
+            None => f.qc = Some(entry.path().to_path_buf()),
+            Some(m) => f.chimaps.push((m, entry.path().to_path_buf())),
+        }
+    }
+    let mut out: Vec<Found> = found.into_values().collect();
+    for f in &mut out {
+        f.chimaps.sort();
+    }
+    out
+}
+
+/// Reads a map; `None` when it is missing, with a warning when it is unreadable.
+pub(crate) fn read_map(path: &Path) -> Option<Volume> {
+    match io::read_image(path) {
+        Ok(mut img) if !img.frames.is_empty() => Some(img.frames.swap_remove(0)),
+        Ok(_) => None,
+        Err(e) => {
+            tracing::warn!("report: {e}");
+            None
+        }
+    }
+}
+
+/// The sidecar of a map, or an empty object.
+pub(crate) fn read_sidecar(path: &Path) -> Value {
+    io::read_json(&sidecar_path(path)).unwrap_or(Value::Null)
+}
+
+/// The first magnitude (echo 1 when named) among the `bids:raw:` sources, in `bids_root`.
+fn magnitude_source(sidecar: &Value, bids_root: &Path) -> Option<PathBuf> {
+    let prefix = format!("bids:{}:", crate::derivatives::SOURCE_LINK);
+    let mut mags: Vec<PathBuf> = sidecar["Sources"]
+        .as_array()?
+        .iter()
+        .filter_map(|s| s.as_str()?.strip_prefix(&prefix).map(str::to_string))
+        .filter(|s| s.contains("part-mag"))
+        .map(|s| bids_root.join(s))
+        .collect();
+    mags.sort();
+    mags.into_iter().find(|p| p.is_file())
+}
+
+/// One figure of the page: file name under `figures/`, caption, colour range and units.
+#[derive(Clone, Debug)]
+pub struct Figure {
+    pub file: String,
+    pub caption: String,
+    pub range: (f32, f32),
+    pub units: String,
+    pub diverging: bool,
+}
+
+/// Renders the figures of one acquisition into `fig_dir`; missing maps are skipped.
+fn figures(found: &Found, bids_root: &Path, fig_dir: &Path) -> Result<Vec<Figure>> {
+    use figure::Style;
+    let brain = found
+        .map("brain", "mask")
+        .or_else(|| found.map("eroded", "mask"))
+        .and_then(|p| read_map(&p))
+        .map(|v| v.data.iter().map(|&x| x > 0.5).collect::<Vec<bool>>());
+    let eroded = found
+        .map("eroded", "mask")
+        .and_then(|p| read_map(&p))
+        .map(|v| v.data.iter().map(|&x| x > 0.5).collect::<Vec<bool>>());
+    let local = found.map("local", "fieldmap");
+    let total = found.map("total", "fieldmap");
+    let sidecar_source = total
+        .as_ref()
+        .or(found.chimaps.first().map(|c| &c.1))
+        .map(|p| read_sidecar(p))
+        .unwrap_or(Value::Null);
+    let mut items: Vec<(String, PathBuf, Style, &str, String)> = Vec::new();
+    if let Some(m) = magnitude_source(&sidecar_source, bids_root) {
+        items.push((
+            "magnitude".into(),
+            m,
+            Style::Grey,
+            "",
+            "Magnitude (first echo)".into(),
+        ));
+    }
+    if let Some(p) = total {
+        items.push((
+            "total".into(),
+            p,
+            Style::Diverging,
+            "Hz",
+            "Total field (echo fit)".into(),
+        ));
+    }
+    if let Some(p) = local {
+        items.push((
+            "local".into(),
+            p,
+            Style::Diverging,
+            "ppm",
+            "Local field, outline: mask after background removal".into(),
+        ));
+    }
+    for (method, p) in &found.chimaps {
+        items.push((
+            format!("chi-{method}"),
+            p.clone(),
+            Style::Diverging,
+            "ppm",
+            format!("χ, {method}"),
+        ));
+    }
+    let mut out = Vec::new();
+    for (tag, path, style, units, caption) in items {
+        let Some(v) = read_map(&path) else { continue };
+        let mask_ok = |m: &Option<Vec<bool>>| m.as_ref().filter(|m| m.len() == v.len()).cloned();
+        let (brain, eroded) = (mask_ok(&brain), mask_ok(&eroded));
+        let centre = figure::centre_of(brain.as_deref().unwrap_or(&[]), v.dims);
+        let range = figure::display_range(&v, style, eroded.as_deref().or(brain.as_deref()));
+        let outline = if tag == "local" {
+            eroded.as_deref()
+        } else {
+            None
+        };
+        let img = figure::montage(&v, style, range, centre, outline);
+        let file = format!("{}_{tag}.png", found.prefix);
+        img.write_png(&fig_dir.join(&file))?;
+        out.push(Figure {
+            file,
+            caption,
+            range,
+            units: units.to_string(),
+            diverging: style == Style::Diverging,
+        });
+    }
+    Ok(out)
+}
+
+/// Writes `OUTPUT_DIR/sub-<label>.html` and its figures from what is on disk; returns the
+/// page's path.
+pub fn subject(output_dir: &Path, bids_root: &Path, label: &str) -> Result<PathBuf> {
+    let sub_dir = output_dir.join(format!("sub-{label}"));
+    let fig_dir = sub_dir.join("figures");
+    std::fs::create_dir_all(&fig_dir).map_err(|e| Error::io(&fig_dir, e))?;
+    let mut sections = Vec::new();
+    for found in find_outputs(&sub_dir) {
+        let checks = match &found.qc {
+            Some(p) => qc::read_json(p)?.1,
+            None => Vec::new(),
+        };
+        let figs = figures(&found, bids_root, &fig_dir)?;
+        let chimaps: Vec<(String, Value)> = found
+            .chimaps
+            .iter()
+            .map(|(m, p)| (m.clone(), read_sidecar(p)))
+            .collect();
+        sections.push(html::Section {
+            name: found.prefix.clone(),
+            checks,
+            figures: figs,
+            chimaps,
+        });
+    }
+    let page = html::subject_page(label, &sections);
+    let path = output_dir.join(format!("sub-{label}.html"));
+    io::write_atomic(&path, page.as_bytes())?;
+    Ok(path)
+}
