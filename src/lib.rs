@@ -30,6 +30,7 @@ pub mod physics;
 pub mod pipeline;
 pub mod preprocess;
 pub mod simulate;
+pub mod train;
 
 pub use error::{Error, Result};
 pub use volume::{Geometry, Mask, Volume};
