@@ -5,3 +5,4 @@ pub mod adam;
 pub mod config;
 pub mod init;
 pub mod synth;
+pub mod trainer;
