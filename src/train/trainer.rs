@@ -8,7 +8,7 @@
 use std::collections::HashMap;
 use std::path::Path;
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{Device, Tensor};
 use candle_nn::VarMap;
 
 use super::adam::Adam;
@@ -352,8 +352,6 @@ impl Trainer {
     fn variable(&self, name: &str) -> Vec<f32> {
         self.vm.data().lock().unwrap()[name]
             .flatten_all()
-            .unwrap()
-            .to_dtype(DType::F32)
             .unwrap()
             .to_vec1()
             .unwrap()
