@@ -237,4 +237,21 @@ mod tests {
         let lrs: Vec<f64> = (0..5).map(|e| cfg.learning_rate(e)).collect();
         assert_eq!(lrs, vec![0.01, 0.01, 0.005, 0.005, 0.0025]);
     }
+
+    /// The paper-size configurations shipped in `weights/` stay valid as the keys evolve.
+    #[test]
+    fn shipped_configurations_parse() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("weights");
+        let mut seen = 0;
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.extension().is_some_and(|e| e == "yaml") {
+                TrainConfig::from_file(&path).unwrap();
+                seen += 1;
+            }
+        }
+        assert!(seen >= 2, "{seen} configurations in {}", dir.display());
+        let paper = TrainConfig::from_file(&dir.join("lpcnn-paper.yaml")).unwrap();
+        assert_eq!(paper.model.lpcnn, lpcnn::Config::default());
+    }
 }
