@@ -12,7 +12,7 @@
 //! published 7 T directions listed in the data README). Scores: demeaned NRMSE, HFEN (%),
 //! SSIM, inside the brain mask.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use clap::Parser;
 
@@ -54,11 +54,11 @@ const DIRECTIONS: [[f64; 3]; 4] = [
     [0.0021, -0.2207, 0.9753],
 ];
 
-fn method(name: &str, weights: &PathBuf) -> Box<dyn inversion::Method + Send + Sync> {
+fn method(name: &str, weights: &Path) -> Box<dyn inversion::Method + Send + Sync> {
     let m: MethodName = clap::ValueEnum::from_str(name, true).expect("a method name");
     match m {
         MethodName::Lpcnn | MethodName::Loopnet | MethodName::Unet => {
-            Box::new(Learned::new(m, Some(weights.clone())).expect("weights"))
+            Box::new(Learned::new(m, Some(weights.to_path_buf())).expect("weights"))
         }
         _ => inversion::Config {
             method: m,
@@ -95,7 +95,7 @@ fn main() {
             orientations: 1,
             ..DataConfig::default()
         };
-        let synth = Synth::new(&cfg, 0x5eed_0ff).expect("synthetic data");
+        let synth = Synth::new(&cfg, 0x05ee_d0ff).expect("synthetic data");
         for name in &methods {
             let m = method(name, &args.weights);
             let (mut sum, t0) = ([0.0; 3], std::time::Instant::now());

@@ -183,7 +183,10 @@ impl TrainConfig {
                 "epochs, steps_per_epoch and batch_size must be at least 1".into(),
             ));
         }
-        if self.schedule.every_epochs == 0 || !(self.schedule.gamma > 0.0) {
+        if self.schedule.every_epochs == 0
+            || self.schedule.gamma.is_nan()
+            || self.schedule.gamma <= 0.0
+        {
             return Err(Error::Config(
                 "schedule.every_epochs must be at least 1 and schedule.gamma positive".into(),
             ));

@@ -658,7 +658,7 @@ mod tests {
         let data: Vec<f32> = (0..n)
             .map(|v| {
                 let (i, k) = (v % 24, v / (24 * 20));
-                if k >= 4 && k < 14 {
+                if (4..14).contains(&k) {
                     0.01 * i as f32 + 0.005
                 } else {
                     0.0
