@@ -32,6 +32,7 @@ pub mod preprocess;
 pub mod qc;
 pub mod report;
 pub mod simulate;
+pub mod train;
 
 pub use error::{Error, Result};
 pub use volume::{Geometry, Mask, Volume};

@@ -34,6 +34,8 @@ pub enum Command {
     Simulate(crate::simulate::SimulateArgs),
     /// Score χ maps against a reference with the QSM challenge metrics.
     Evaluate(crate::evaluate::EvaluateArgs),
+    /// Train LP-CNN, LoopNet or the U-net on synthetic (or NIfTI) susceptibility patches.
+    Train(crate::train::TrainArgs),
 }
 
 #[derive(Args, Debug)]
@@ -209,6 +211,23 @@ mod tests {
             Some(Command::Config(c)) => assert!(c.default),
             other => panic!("unexpected {other:?}"),
         }
+    }
+
+    #[test]
+    fn train_subcommand_parses() {
+        let cli = Cli::try_parse_from([
+            "chimap", "train", "--model", "lpcnn", "--config", "t.yaml", "--out", "o",
+        ])
+        .unwrap();
+        match cli.command {
+            Some(Command::Train(t)) => {
+                assert_eq!(t.model, Some(crate::train::config::ModelKind::Lpcnn));
+                assert_eq!(t.out, Some(PathBuf::from("o")));
+                assert!(t.resume.is_none());
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+        assert!(Cli::try_parse_from(["chimap", "train", "--model", "resnet"]).is_err());
     }
 
     #[test]

@@ -31,6 +31,10 @@ pub fn main() -> ExitCode {
             logging::init(args::LogFormat::Text, 0, false);
             finish(crate::evaluate::run(&e))
         }
+        Some(Command::Train(t)) => {
+            logging::init(args::LogFormat::Text, 0, false);
+            finish(crate::train::run(&t))
+        }
         None => run_participants(cli.run),
     }
 }

@@ -52,6 +52,37 @@ impl Learned {
     }
 }
 
+impl Learned {
+    /// The architecture recorded in the weights' metadata by `chimap train` (None for a
+    /// file without it: the published architecture is assumed); a file made for another
+    /// method is an input error.
+    fn architecture<C: serde::de::DeserializeOwned>(&self) -> Result<Option<C>> {
+        let meta = weights::metadata(&self.weights)?;
+        if let Some(model) = meta.get(weights::MODEL_KEY) {
+            if model != self.kind.as_str() {
+                return Err(Error::input(
+                    &self.weights,
+                    format!(
+                        "holds {model} weights, not {}; pass --method {model} or {} weights",
+                        self.kind.as_str(),
+                        self.kind.as_str()
+                    ),
+                ));
+            }
+        }
+        meta.get(weights::MODEL_CONFIG_KEY)
+            .map(|json| {
+                serde_json::from_str(json).map_err(|e| {
+                    Error::input(
+                        &self.weights,
+                        format!("unreadable model configuration in the metadata: {e}"),
+                    )
+                })
+            })
+            .transpose()
+    }
+}
+
 fn numerics(name: &str, e: candle_core::Error) -> Error {
     Error::Numerics(format!("{name} inference failed: {e}"))
 }
@@ -76,7 +107,7 @@ impl Method for Learned {
         let mask = Tensor::from_vec(mask, (1, 1, d, h, w), &dev).map_err(err)?;
         let chi = match self.kind {
             MethodName::Lpcnn => {
-                let cfg = lpcnn::Config::default();
+                let cfg: lpcnn::Config = self.architecture()?.unwrap_or_default();
                 let net = weights::build(&self.weights, "LP-CNN", &dev, |vb| LpCnn::new(&cfg, vb))?;
                 let b0: Vec<[f64; 3]> = p.orientations.iter().map(|o| o.b0).collect();
                 let ops = DipoleSet::new(p.dims, p.voxel_size, &b0);
@@ -94,10 +125,10 @@ impl Method for Learned {
                 .map_err(err)?
             }
             MethodName::Loopnet | MethodName::Unet => {
-                let cfg = if self.kind == MethodName::Unet {
-                    loopnet::Config::unet()
-                } else {
-                    loopnet::Config::default()
+                let cfg = match self.architecture()? {
+                    Some(cfg) => cfg,
+                    None if self.kind == MethodName::Unet => loopnet::Config::unet(),
+                    None => loopnet::Config::default(),
                 };
                 let net = weights::build(&self.weights, self.name(), &dev, |vb| {
                     LoopNet::new(&cfg, vb)
@@ -216,5 +247,61 @@ mod tests {
             .iter()
             .zip(&mask)
             .all(|(c, &m)| c.is_finite() && (m || *c == 0.0)));
+    }
+
+    /// Weights written by `chimap train` carry their architecture: a reduced LP-CNN runs
+    /// without configuration, and a file for another method is refused by name.
+    #[test]
+    fn reads_the_architecture_from_the_weights_metadata() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("small.safetensors");
+        let cfg = lpcnn::Config {
+            channels: 4,
+            blocks: 1,
+            ..lpcnn::Config::default()
+        };
+        let vm = VarMap::new();
+        LpCnn::new(&cfg, VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu)).unwrap();
+        let tensors = vm
+            .data()
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(k, v)| (k.clone(), v.as_tensor().clone()))
+            .collect();
+        let meta = std::collections::HashMap::from([
+            (weights::MODEL_KEY.to_string(), "lpcnn".to_string()),
+            (
+                weights::MODEL_CONFIG_KEY.to_string(),
+                serde_json::to_string(&cfg).unwrap(),
+            ),
+        ]);
+        weights::save(&path, tensors, meta).unwrap();
+        let field = crate::nn::testing::random(512, 2);
+        let mask = vec![true; 512];
+        let problem = Problem {
+            dims: [8, 8, 8],
+            voxel_size: [1.0; 3],
+            orientations: vec![Orientation {
+                field: &field,
+                b0: [0.0, 0.0, 1.0],
+            }],
+            mask: &mask,
+            weight: None,
+        };
+        let chi = Learned::new(MethodName::Lpcnn, Some(path.clone()))
+            .unwrap()
+            .invert(&problem)
+            .unwrap();
+        assert!(chi.iter().all(|c| c.is_finite()) && chi.iter().any(|&c| c != 0.0));
+        let err = Learned::new(MethodName::Loopnet, Some(path))
+            .unwrap()
+            .invert(&problem)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("small.safetensors") && err.contains("--method lpcnn"),
+            "{err}"
+        );
     }
 }

@@ -16,7 +16,7 @@
 
 use candle_core::{Module, ModuleT, Result, Tensor};
 use candle_nn::VarBuilder;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use super::conv3d::Conv3d;
 use super::ghpa::Ghpa;
@@ -24,7 +24,7 @@ use super::layers::BatchNorm3d;
 use super::pool::{max_pool2, upsample2};
 
 /// Architecture of LoopNet / the U-net baseline.
-#[derive(Clone, Debug, PartialEq, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Config {
     /// Channels per level, full resolution first.

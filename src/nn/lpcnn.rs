@@ -9,7 +9,7 @@
 
 use candle_core::{Module, ModuleT, Result, Tensor};
 use candle_nn::{Init, VarBuilder};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use super::conv3d::Conv3d;
 use super::dipole::DipoleSet;
@@ -17,7 +17,7 @@ use super::layers::{BatchNorm3d, Dropout3d};
 use super::tiling::{apply_tiled, Tiling};
 
 /// Architecture of LP-CNN; the default is the published one (≈ 446 k parameters).
-#[derive(Clone, Debug, PartialEq, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Config {
     /// Unrolled proximal-gradient iterations.

@@ -1,5 +1,6 @@
 //! Model weights from safetensors files, with errors that name the file and the tensor.
 
+use std::collections::HashMap;
 use std::path::Path;
 
 use candle_core::{DType, Device};
@@ -48,6 +49,54 @@ pub fn sha256_hex(path: &Path) -> Result<String> {
         .iter()
         .map(|b| format!("{b:02x}"))
         .collect())
+}
+
+/// Metadata key naming the model a file holds (`lpcnn`, `loopnet`, `unet`).
+pub const MODEL_KEY: &str = "chimap.model";
+/// Metadata key holding the model's architecture configuration (JSON).
+pub const MODEL_CONFIG_KEY: &str = "chimap.model_config";
+
+/// Writes named tensors and string metadata as one safetensors file, atomically.
+pub fn save(
+    path: &Path,
+    tensors: Vec<(String, candle_core::Tensor)>,
+    metadata: HashMap<String, String>,
+) -> Result<()> {
+    let bytes = safetensors::serialize(tensors, Some(metadata))
+        .map_err(|e| Error::Numerics(format!("{}: cannot serialise: {e}", path.display())))?;
+    crate::io::write_atomic(path, &bytes)
+}
+
+/// Every tensor of a safetensors file and its metadata (empty when it has none).
+pub fn read(
+    path: &Path,
+) -> Result<(
+    HashMap<String, candle_core::Tensor>,
+    HashMap<String, String>,
+)> {
+    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    let meta = metadata_of(path, &bytes)?;
+    let tensors = candle_core::safetensors::load_buffer(&bytes, &Device::Cpu)
+        .map_err(|e| Error::input(path, format!("not a readable safetensors file ({e})")))?;
+    Ok((tensors, meta))
+}
+
+/// The metadata of a safetensors file (empty when it has none).
+pub fn metadata(path: &Path) -> Result<HashMap<String, String>> {
+    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    metadata_of(path, &bytes)
+}
+
+fn metadata_of(path: &Path, bytes: &[u8]) -> Result<HashMap<String, String>> {
+    let (_, meta) = safetensors::SafeTensors::read_metadata(bytes).map_err(|e| {
+        Error::input(
+            path,
+            format!(
+                "not a readable safetensors file ({e}); pass the weights file of a chimap model"
+            ),
+        )
+    })?;
+    Ok(meta.metadata().clone().unwrap_or_default())
 }
 
 #[cfg(test)]

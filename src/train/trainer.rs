@@ -1,0 +1,505 @@
+//! The training loop's state: the model's variables, the optimiser, and the batch counter.
+//!
+//! Batches are a pure function of (seed, step) ([`super::synth`]), initial weights a pure
+//! function of the seed ([`super::init`]), and a checkpoint holds the variables, the Adam
+//! moments and the step: so a run resumed from a checkpoint continues exactly as the
+//! uninterrupted run would have.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use candle_core::{Device, Tensor};
+use candle_nn::VarMap;
+
+use super::adam::Adam;
+use super::config::{ModelKind, TrainConfig};
+use super::init::seeded_var_builder;
+use super::synth::{Batch, Stream, Synth};
+use crate::evaluate::metrics::{nrmse_demeaned, Reference};
+use crate::nn::dipole::DipoleSet;
+use crate::nn::loopnet::LoopNet;
+use crate::nn::lpcnn::LpCnn;
+use crate::nn::{tensor_dims, weights};
+use crate::{Error, Result};
+
+/// Metadata keys of a checkpoint besides the model's.
+const STEP_KEY: &str = "chimap.train.step";
+const CONFIG_KEY: &str = "chimap.train.config";
+const VERSION_KEY: &str = "chimap.version";
+
+/// The network being trained.
+enum Net {
+    Lp(LpCnn),
+    Loop(LoopNet),
+}
+
+/// Validation scores averaged over the validation samples.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Validation {
+    /// Masked MSE, ppm².
+    pub loss: f64,
+    /// Demeaned NRMSE, HFEN (percent) and SSIM of `crate::evaluate`.
+    pub nrmse: f64,
+    pub hfen: f64,
+    pub ssim: f64,
+}
+
+pub struct Trainer {
+    kind: ModelKind,
+    cfg: TrainConfig,
+    vm: VarMap,
+    net: Net,
+    adam: Adam,
+    synth: Synth,
+    step: u64,
+}
+
+fn nn_err(e: candle_core::Error) -> Error {
+    Error::Numerics(format!("training: {e}"))
+}
+
+impl Trainer {
+    /// A fresh run: seeded initial weights; for LP-CNN, the z-score statistics of the
+    /// training targets.
+    pub fn new(kind: ModelKind, cfg: &TrainConfig) -> Result<Self> {
+        if kind != ModelKind::Lpcnn && cfg.data.orientations != 1 {
+            return Err(Error::Config(format!(
+                "{} is a single-orientation model; set data.orientations to 1",
+                kind.as_str()
+            )));
+        }
+        let synth = Synth::new(&cfg.data, cfg.seed)?;
+        let vm = VarMap::new();
+        let vb = seeded_var_builder(&vm, cfg.seed);
+        let net = match kind {
+            ModelKind::Lpcnn => Net::Lp(LpCnn::new(&cfg.model.lpcnn, vb).map_err(nn_err)?),
+            ModelKind::Loopnet => Net::Loop(LoopNet::new(&cfg.model.loopnet, vb).map_err(nn_err)?),
+            ModelKind::Unet => Net::Loop(LoopNet::new(&cfg.model.unet, vb).map_err(nn_err)?),
+        };
+        let adam = Adam::new(&vm, &cfg.optimizer).map_err(nn_err)?;
+        let t = Trainer {
+            kind,
+            cfg: cfg.clone(),
+            vm,
+            net,
+            adam,
+            synth,
+            step: 0,
+        };
+        if kind == ModelKind::Lpcnn {
+            let (mean, std) = t.target_statistics();
+            t.set_var("norm.mean", mean)?;
+            t.set_var("norm.std", std)?;
+        }
+        Ok(t)
+    }
+
+    /// Continues the run saved in `checkpoint`; `cfg` (when given) replaces the saved
+    /// configuration, e.g. to train for more epochs.
+    pub fn resume(
+        checkpoint: &Path,
+        kind: Option<ModelKind>,
+        cfg: Option<&TrainConfig>,
+    ) -> Result<Self> {
+        let (tensors, meta) = weights::read(checkpoint)?;
+        let bad = |msg: String| Error::input(checkpoint, msg);
+        let (Some(model), Some(step), Some(saved)) = (
+            meta.get(weights::MODEL_KEY),
+            meta.get(STEP_KEY),
+            meta.get(CONFIG_KEY),
+        ) else {
+            return Err(bad(
+                "not a chimap training checkpoint (no model, step or config in its metadata); \
+                 pass a checkpoint.safetensors written by `chimap train`"
+                    .into(),
+            ));
+        };
+        let saved_kind = ModelKind::parse(model)
+            .ok_or_else(|| bad(format!("unknown model {model:?} in the metadata")))?;
+        if let Some(k) = kind.filter(|&k| k != saved_kind) {
+            return Err(bad(format!(
+                "holds a {model} run, not {}; pass --model {model} or another checkpoint",
+                k.as_str()
+            )));
+        }
+        let step: u64 = step
+            .parse()
+            .map_err(|_| bad(format!("step {step:?} is not a number")))?;
+        let cfg = match cfg {
+            Some(c) => c.clone(),
+            None => TrainConfig::from_yaml(saved).map_err(|e| bad(e.to_string()))?,
+        };
+        let mut t = Trainer::new(saved_kind, &cfg)?;
+        {
+            let data = t.vm.data().lock().expect("var map lock");
+            for (name, var) in data.iter() {
+                let v = tensors.get(name).ok_or_else(|| {
+                    bad(format!(
+                        "lacks the variable {name}; is it from another configuration?"
+                    ))
+                })?;
+                var.set(v).map_err(|e| bad(format!("{name}: {e}")))?;
+            }
+        }
+        t.adam
+            .restore(&tensors, step)
+            .map_err(|e| bad(e.to_string()))?;
+        t.step = step;
+        Ok(t)
+    }
+
+    pub fn kind(&self) -> ModelKind {
+        self.kind
+    }
+
+    pub fn config(&self) -> &TrainConfig {
+        &self.cfg
+    }
+
+    /// Optimiser steps done.
+    pub fn step(&self) -> u64 {
+        self.step
+    }
+
+    pub fn total_steps(&self) -> u64 {
+        (self.cfg.epochs * self.cfg.steps_per_epoch) as u64
+    }
+
+    /// The epoch (0-based) the next step belongs to.
+    pub fn epoch(&self) -> usize {
+        (self.step / self.cfg.steps_per_epoch as u64) as usize
+    }
+
+    /// Trainable parameters.
+    pub fn parameters(&self) -> usize {
+        self.vm
+            .data()
+            .lock()
+            .expect("var map lock")
+            .iter()
+            .filter(|(k, _)| super::adam::is_trainable(k))
+            .map(|(_, v)| v.elem_count())
+            .sum()
+    }
+
+    /// One optimiser step on the next training batch; returns its loss (before the step).
+    pub fn train_step(&mut self) -> Result<f64> {
+        let lr = self.cfg.learning_rate(self.epoch());
+        let batch = self
+            .synth
+            .batch(Stream::Train, self.step, self.cfg.batch_size);
+        let loss = self.loss(&batch, true).map_err(nn_err)?;
+        let grads = loss.backward().map_err(nn_err)?;
+        self.adam.step(&grads, lr).map_err(nn_err)?;
+        self.step += 1;
+        let value: f32 = loss.to_scalar().map_err(nn_err)?;
+        if !value.is_finite() {
+            return Err(Error::Numerics(format!(
+                "training diverged at step {} (loss {value}); lower optimizer.lr",
+                self.step
+            )));
+        }
+        Ok(value as f64)
+    }
+
+    /// Scores the fixed validation set in evaluation mode.
+    pub fn validate(&self) -> Result<Validation> {
+        let (mut loss, mut nrmse, mut hfen, mut ssim, mut count) = (0.0, 0.0, 0.0, 0.0, 0.0);
+        for index in 0..self.cfg.validation_batches as u64 {
+            let batch = self
+                .synth
+                .batch(Stream::Validation, index, self.cfg.batch_size);
+            let pred = self.predict(&batch, false).map_err(nn_err)?;
+            let pred: Vec<f32> = pred
+                .flatten_all()
+                .and_then(|t| t.to_vec1())
+                .map_err(nn_err)?;
+            let nv = batch.voxels();
+            for i in 0..batch.n {
+                let x = &pred[i * nv..][..nv];
+                let r = &batch.chi[i * nv..][..nv];
+                let region: Vec<bool> = batch.mask[i * nv..][..nv]
+                    .iter()
+                    .map(|&m| m > 0.5)
+                    .collect();
+                let inside = region.iter().filter(|&&m| m).count().max(1);
+                let se: f64 = x
+                    .iter()
+                    .zip(r)
+                    .zip(&region)
+                    .filter(|(_, &m)| m)
+                    .map(|((a, b), _)| ((a - b) as f64).powi(2))
+                    .sum();
+                let reference = Reference::new(r, &region, batch.dims);
+                loss += se / inside as f64;
+                nrmse += nrmse_demeaned(x, r, &region);
+                hfen += reference.hfen(x);
+                ssim += reference.ssim(x);
+                count += 1.0;
+            }
+        }
+        let c = f64::max(count, 1.0);
+        Ok(Validation {
+            loss: loss / c,
+            nrmse: nrmse / c,
+            hfen: hfen / c,
+            ssim: ssim / c,
+        })
+    }
+
+    /// χ `[N, 1, D, H, W]` for a batch.
+    fn predict(&self, b: &Batch, train: bool) -> candle_core::Result<Tensor> {
+        let [d, h, w] = tensor_dims(b.dims);
+        let dev = Device::Cpu;
+        let mask = Tensor::from_slice(&b.mask, (b.n, 1, d, h, w), &dev)?;
+        let fields = Tensor::from_slice(&b.fields, (b.n, b.b0.len(), d, h, w), &dev)?;
+        match &self.net {
+            Net::Lp(net) => {
+                let ops = DipoleSet::new(b.dims, b.voxel_size, &b.b0);
+                net.forward_t(&fields, &ops, &mask, train)
+            }
+            Net::Loop(net) => net.forward_t(&fields, train)?.chi * &mask,
+        }
+    }
+
+    /// MSE inside the masks (the papers' loss, restricted to where χ is defined).
+    fn loss(&self, b: &Batch, train: bool) -> candle_core::Result<Tensor> {
+        let [d, h, w] = tensor_dims(b.dims);
+        let dev = Device::Cpu;
+        let target = Tensor::from_slice(&b.chi, (b.n, 1, d, h, w), &dev)?;
+        let mask = Tensor::from_slice(&b.mask, (b.n, 1, d, h, w), &dev)?;
+        let inside = b.mask.iter().sum::<f32>().max(1.0) as f64;
+        let r = ((self.predict(b, train)? - target)? * mask)?;
+        r.sqr()?.sum_all()? / inside
+    }
+
+    /// Mean and standard deviation of the χ targets inside the masks of the first
+    /// training batches.
+    fn target_statistics(&self) -> (f64, f64) {
+        let (mut s, mut s2, mut n) = (0.0f64, 0.0f64, 0.0f64);
+        for index in 0..self.cfg.normalisation_batches.max(1) as u64 {
+            let b = self.synth.batch(Stream::Train, index, self.cfg.batch_size);
+            for (&c, &m) in b.chi.iter().zip(&b.mask) {
+                if m > 0.5 {
+                    s += c as f64;
+                    s2 += (c as f64).powi(2);
+                    n += 1.0;
+                }
+            }
+        }
+        let mean = s / n.max(1.0);
+        let var = (s2 / n.max(1.0) - mean * mean).max(0.0);
+        (mean, var.sqrt().max(1e-6))
+    }
+
+    fn set_var(&self, name: &str, value: f64) -> Result<()> {
+        let data = self.vm.data().lock().expect("var map lock");
+        let var = data
+            .get(name)
+            .ok_or_else(|| Error::Numerics(format!("model has no variable {name}")))?;
+        let t = Tensor::full(value as f32, var.shape(), &Device::Cpu).map_err(nn_err)?;
+        var.set(&t).map_err(nn_err)
+    }
+
+    /// The model's variables, sorted by name.
+    fn model_tensors(&self) -> Vec<(String, Tensor)> {
+        let mut v: Vec<(String, Tensor)> = self
+            .vm
+            .data()
+            .lock()
+            .expect("var map lock")
+            .iter()
+            .map(|(k, v)| (k.clone(), v.as_tensor().clone()))
+            .collect();
+        v.sort_by(|a, b| a.0.cmp(&b.0));
+        v
+    }
+
+    /// What a weights file says about its model: name and architecture.
+    fn model_metadata(&self) -> HashMap<String, String> {
+        let arch = match self.kind {
+            ModelKind::Lpcnn => serde_json::to_string(&self.cfg.model.lpcnn),
+            ModelKind::Loopnet => serde_json::to_string(&self.cfg.model.loopnet),
+            ModelKind::Unet => serde_json::to_string(&self.cfg.model.unet),
+        }
+        .expect("configurations serialise");
+        HashMap::from([
+            (
+                weights::MODEL_KEY.to_string(),
+                self.kind.as_str().to_string(),
+            ),
+            (weights::MODEL_CONFIG_KEY.to_string(), arch),
+            (VERSION_KEY.to_string(), crate::VERSION.to_string()),
+            (CONFIG_KEY.to_string(), self.cfg.to_yaml()),
+            (STEP_KEY.to_string(), self.step.to_string()),
+        ])
+    }
+
+    /// Weights, Adam moments, step and configuration: everything `--resume` needs.
+    pub fn save_checkpoint(&self, path: &Path) -> Result<()> {
+        let mut tensors = self.model_tensors();
+        tensors.extend(self.adam.state());
+        weights::save(path, tensors, self.model_metadata())
+    }
+
+    /// The weights alone (with the z-score statistics and the model's metadata), for
+    /// `--method <model> --weights FILE`.
+    pub fn save_weights(&self, path: &Path) -> Result<()> {
+        weights::save(path, self.model_tensors(), self.model_metadata())
+    }
+
+    #[cfg(test)]
+    fn variable(&self, name: &str) -> Vec<f32> {
+        self.vm.data().lock().unwrap()[name]
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::nn::{loopnet, lpcnn};
+    use crate::train::synth::DataConfig;
+
+    fn tiny(orientations: usize) -> TrainConfig {
+        let mut cfg = TrainConfig {
+            seed: 11,
+            epochs: 2,
+            steps_per_epoch: 3,
+            batch_size: 2,
+            validation_batches: 1,
+            normalisation_batches: 2,
+            data: DataConfig {
+                patch: 16,
+                orientations,
+                ..DataConfig::default()
+            },
+            ..TrainConfig::default()
+        };
+        cfg.model.lpcnn = lpcnn::Config {
+            channels: 4,
+            blocks: 1,
+            iterations: 2,
+            ..cfg.model.lpcnn
+        };
+        cfg.model.unet = loopnet::Config {
+            channels: vec![4, 8],
+            ..loopnet::Config::unet()
+        };
+        cfg.optimizer.lr = 3e-3;
+        cfg
+    }
+
+    /// Train 2 steps, checkpoint, resume and train 1 step: the same loss and weights as
+    /// 3 steps straight, bit for bit.
+    #[test]
+    fn resuming_from_a_checkpoint_continues_bit_for_bit() {
+        let dir = tempfile::tempdir().unwrap();
+        let ckpt = dir.path().join("checkpoint.safetensors");
+        let cfg = tiny(2);
+        let mut straight = Trainer::new(ModelKind::Lpcnn, &cfg).unwrap();
+        let losses: Vec<f64> = (0..3).map(|_| straight.train_step().unwrap()).collect();
+        let mut first = Trainer::new(ModelKind::Lpcnn, &cfg).unwrap();
+        for want in &losses[..2] {
+            assert_eq!(first.train_step().unwrap(), *want, "same seed, same run");
+        }
+        first.save_checkpoint(&ckpt).unwrap();
+        drop(first);
+        let mut resumed = Trainer::resume(&ckpt, None, None).unwrap();
+        assert_eq!(resumed.step(), 2);
+        assert_eq!(resumed.train_step().unwrap(), losses[2]);
+        for name in [
+            "alpha",
+            "prox.conv_in.weight",
+            "prox.blocks.0.bn1.running_var",
+        ] {
+            assert_eq!(resumed.variable(name), straight.variable(name), "{name}");
+        }
+        // A checkpoint of another model is refused with the file named.
+        let err = Trainer::resume(&ckpt, Some(ModelKind::Unet), None)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(
+            err.contains("checkpoint.safetensors") && err.contains("--model lpcnn"),
+            "{err}"
+        );
+    }
+
+    /// The tiny training run of the suite: a few Adam steps on 16³ patches lower the loss.
+    #[test]
+    fn a_few_adam_steps_lower_the_loss() {
+        for kind in [ModelKind::Lpcnn, ModelKind::Unet] {
+            let mut cfg = tiny(1);
+            // One fixed batch: the loss of the same data must fall.
+            cfg.data.nifti_fraction = 0.0;
+            let mut t = Trainer::new(kind, &cfg).unwrap();
+            let batch = t.synth.batch(Stream::Train, 0, 2);
+            let loss = |t: &Trainer| -> f32 { t.loss(&batch, true).unwrap().to_scalar().unwrap() };
+            let before = loss(&t);
+            for _ in 0..10 {
+                let l = t.loss(&batch, true).unwrap();
+                let g = l.backward().unwrap();
+                t.adam.step(&g, 1e-2).unwrap();
+            }
+            let after = loss(&t);
+            assert!(after < 0.8 * before, "{kind:?}: {before} -> {after}");
+        }
+    }
+
+    #[test]
+    fn weights_load_in_the_pipeline_model_with_their_statistics() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("final.safetensors");
+        let mut t = Trainer::new(ModelKind::Lpcnn, &tiny(1)).unwrap();
+        t.train_step().unwrap();
+        t.save_weights(&path).unwrap();
+        // The z-score statistics are those of the targets (χ well inside ±0.5 ppm).
+        let (mean, std) = (t.variable("norm.mean")[0], t.variable("norm.std")[0]);
+        assert!(mean.abs() < 0.2 && std > 0.01 && std < 0.5, "{mean} {std}");
+        let meta = weights::metadata(&path).unwrap();
+        assert_eq!(meta[weights::MODEL_KEY], "lpcnn");
+        let arch: lpcnn::Config = serde_json::from_str(&meta[weights::MODEL_CONFIG_KEY]).unwrap();
+        assert_eq!(arch, t.config().model.lpcnn);
+        let net =
+            weights::build(&path, "LP-CNN", &Device::Cpu, |vb| LpCnn::new(&arch, vb)).unwrap();
+        let b = t.synth.batch(Stream::Validation, 0, 1);
+        let ours: Vec<f32> = t
+            .predict(&b, false)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let [d, h, w] = tensor_dims(b.dims);
+        let fields = Tensor::from_slice(&b.fields, (1, b.b0.len(), d, h, w), &Device::Cpu).unwrap();
+        let mask = Tensor::from_slice(&b.mask, (1, 1, d, h, w), &Device::Cpu).unwrap();
+        let ops = DipoleSet::new(b.dims, b.voxel_size, &b.b0);
+        let theirs: Vec<f32> = net
+            .forward_t(&fields, &ops, &mask, false)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        assert_eq!(ours, theirs);
+        // Validation scores are finite and in their ranges.
+        let v = t.validate().unwrap();
+        assert!(
+            v.loss > 0.0 && v.nrmse > 0.0 && v.hfen > 0.0 && v.ssim <= 1.0,
+            "{v:?}"
+        );
+    }
+
+    #[test]
+    fn multi_orientation_data_for_a_single_orientation_model_is_a_config_error() {
+        let err = Trainer::new(ModelKind::Unet, &tiny(2))
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(err.contains("orientations"), "{err}");
+    }
+}
