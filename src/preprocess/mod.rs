@@ -84,11 +84,12 @@ mod tests {
         assert_eq!(partial.background.truncation, 0.1);
         assert!(!partial.echo_fit.free_offset);
         assert!(serde_yaml::from_str::<Config>("mask:\n  radius: 3\n").is_err());
-        assert_eq!(back.unwrap.method, UnwrapMethod::Laplacian);
-        let romeo: Config = serde_yaml::from_str(
-            "unwrap:\n  method: romeo\n  romeo:\n    max_regions: 8\n    template_echo: 2\n",
-        )
-        .unwrap();
+        assert_eq!(back.unwrap.method, UnwrapMethod::Romeo);
+        let lap: Config = serde_yaml::from_str("unwrap:\n  method: laplacian\n").unwrap();
+        assert_eq!(lap.unwrap.method, UnwrapMethod::Laplacian);
+        let romeo: Config =
+            serde_yaml::from_str("unwrap:\n  romeo:\n    max_regions: 8\n    template_echo: 2\n")
+                .unwrap();
         assert_eq!(romeo.unwrap.method, UnwrapMethod::Romeo);
         assert_eq!(romeo.unwrap.romeo.max_regions, 8);
         assert_eq!(romeo.unwrap.romeo.template_echo, 2);

@@ -25,6 +25,12 @@ pub struct VoidConfig {
     /// σ (mm) of the Gaussian that defines the local mean magnitude. Default 5 mm: wider
     /// than a vein or calcification, narrower than coil-sensitivity variations.
     pub local_mean_sigma_mm: f64,
+    /// Also flag voxels whose echo-fit residual is an outlier (the two settings below).
+    /// Default false: with whole-turn-exact unwrapping (`unwrap.method: romeo`) the residual
+    /// is large in the steep but correct field around calcifications, and flagging it
+    /// in-painted 1024 voxels instead of 408 on the MNI phantom (TKD from raw phase 61.9 %
+    /// instead of 46.8 %); with `laplacian` it changed nothing there.
+    pub use_fit_residual: bool,
     /// A voxel is unreliable when its fit residual exceeds this multiple of the median
     /// residual in the mask… Dimensionless; default 5.
     pub residual_factor: f64,
@@ -54,6 +60,7 @@ impl Default for VoidConfig {
             enabled: true,
             magnitude_ratio: 0.3,
             local_mean_sigma_mm: 5.0,
+            use_fit_residual: false,
             residual_factor: 5.0,
             min_residual_rad: 0.3,
             dilate_mm: 1.0,
@@ -104,7 +111,7 @@ pub fn fill_voids(
             *v |= mask[i] && relative[i] < ratio;
         });
     }
-    if let Some(r) = residual_rad {
+    if let Some(r) = residual_rad.filter(|_| config.use_fit_residual) {
         if let Some(med) = quantile(&r.data, Some(mask), 0.5) {
             let lim = (config.residual_factor as f32 * med).max(config.min_residual_rad as f32);
             voids
@@ -536,19 +543,35 @@ mod tests {
         let mask = vec![true; nvox];
         let field = Volume::new(dims, vec![1.0; nvox], geom.clone());
         let mut res = vec![0.05f32; nvox];
+        let with_residual = VoidConfig {
+            use_fit_residual: true,
+            ..Default::default()
+        };
         let clean = fill_voids(
             &field,
             &mask,
             None,
             Some(&Volume::new(dims, res.clone(), geom.clone())),
-            &VoidConfig::default(),
+            &with_residual,
         )
         .unwrap();
         assert!(clean.voids.iter().all(|&v| !v));
+        // The residual is only consulted when asked for.
+        let mut spiky = res.clone();
+        spiky[12 + 24 * (12 + 24 * 12)] = 2.0;
+        let ignored = fill_voids(
+            &field,
+            &mask,
+            None,
+            Some(&Volume::new(dims, spiky, geom.clone())),
+            &VoidConfig::default(),
+        )
+        .unwrap();
+        assert!(ignored.voids.iter().all(|&v| !v));
         res[12 + 24 * (12 + 24 * 12)] = 2.0;
         let cfg = VoidConfig {
             dilate_mm: 0.0,
-            ..Default::default()
+            ..with_residual
         };
         let out = fill_voids(
             &field,

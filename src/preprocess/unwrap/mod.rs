@@ -23,9 +23,10 @@ pub use romeo::RomeoConfig;
 #[serde(rename_all = "snake_case")]
 pub enum UnwrapMethod {
     /// Laplacian unwrapping (FFT), see [`laplacian`].
-    #[default]
     Laplacian,
-    /// Quality-guided region growing, see [`romeo`].
+    /// Quality-guided region growing, see [`romeo`] (default: on the MNI phantom's quality
+    /// ladder TKD from raw phase scores 39.6 % with it against 46.4 % with `laplacian`).
+    #[default]
     Romeo,
 }
 
@@ -35,7 +36,7 @@ pub enum UnwrapMethod {
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct UnwrapConfig {
-    /// `laplacian` (default) or `romeo`.
+    /// `romeo` (default) or `laplacian`.
     pub method: UnwrapMethod,
     /// Laplacian: `wrapped_difference` (default) or `sine`; see [`LaplacianForm`].
     pub laplacian: LaplacianForm,
@@ -58,7 +59,7 @@ pub struct UnwrapConfig {
 impl Default for UnwrapConfig {
     fn default() -> Self {
         UnwrapConfig {
-            method: UnwrapMethod::Laplacian,
+            method: UnwrapMethod::Romeo,
             laplacian: LaplacianForm::WrappedDifference,
             reliable_fraction: 0.1,
             round_to_turns: false,
