@@ -177,6 +177,20 @@ mod tests {
     use candle_core::DType;
     use candle_nn::{VarBuilder, VarMap};
 
+    /// One orientation, B0 along z, on an 8³ grid of 1 mm voxels.
+    fn cube<'a>(field: &'a [f32], mask: &'a crate::Mask) -> Problem<'a> {
+        Problem {
+            dims: [8, 8, 8],
+            voxel_size: [1.0; 3],
+            orientations: vec![Orientation {
+                field,
+                b0: [0.0, 0.0, 1.0],
+            }],
+            mask,
+            weight: None,
+        }
+    }
+
     #[test]
     fn refuses_to_run_without_weights() {
         let err = Learned::new(MethodName::Lpcnn, None)
@@ -207,19 +221,9 @@ mod tests {
         let lp = save("lpcnn.safetensors", &|vb| {
             LpCnn::new(&lpcnn::Config::default(), vb).map(|_| ())
         });
-        let dims = [8, 8, 8];
         let field = crate::nn::testing::random(512, 1);
         let mask: Vec<bool> = (0..512).map(|i| i % 7 != 0).collect();
-        let problem = Problem {
-            dims,
-            voxel_size: [1.0; 3],
-            orientations: vec![Orientation {
-                field: &field,
-                b0: [0.0, 0.0, 1.0],
-            }],
-            mask: &mask,
-            weight: None,
-        };
+        let problem = cube(&field, &mask);
         let chi = Learned::new(MethodName::Unet, Some(unet.clone()))
             .unwrap()
             .invert(&problem)
@@ -279,16 +283,7 @@ mod tests {
         weights::save(&path, tensors, meta).unwrap();
         let field = crate::nn::testing::random(512, 2);
         let mask = vec![true; 512];
-        let problem = Problem {
-            dims: [8, 8, 8],
-            voxel_size: [1.0; 3],
-            orientations: vec![Orientation {
-                field: &field,
-                b0: [0.0, 0.0, 1.0],
-            }],
-            mask: &mask,
-            weight: None,
-        };
+        let problem = cube(&field, &mask);
         let chi = Learned::new(MethodName::Lpcnn, Some(path.clone()))
             .unwrap()
             .invert(&problem)

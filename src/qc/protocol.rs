@@ -62,11 +62,7 @@ pub fn all(inputs: &Inputs, config: &Config) -> Vec<Check> {
         let p99 = quantile(&mag.data, None, 0.99).unwrap_or(0.0);
         let signal = mag.data.iter().filter(|&&m| m > 0.1 * p99).count();
         let in_mask = brain.iter().filter(|&&m| m).count();
-        let value = if signal > 0 {
-            in_mask as f64 / signal as f64
-        } else {
-            f64::NAN
-        };
+        let value = ratio(in_mask, signal);
         checks.push(Check::new(
             "mask_coverage",
             value,
@@ -80,11 +76,7 @@ pub fn all(inputs: &Inputs, config: &Config) -> Vec<Check> {
     if let Some(brain) = inputs.brain_mask {
         let before = brain.iter().filter(|&&m| m).count();
         let after = inputs.mask.iter().filter(|&&m| m).count();
-        let value = if before > 0 {
-            after as f64 / before as f64
-        } else {
-            f64::NAN
-        };
+        let value = ratio(after, before);
         checks.push(Check::new(
             "mask_kept_after_background",
             value,
@@ -115,6 +107,15 @@ pub fn grid_mismatch_mm(a: &Geometry, b: &Geometry, dims: [usize; 3]) -> f64 {
         worst = worst.max(d);
     }
     worst
+}
+
+/// `num / den`, NaN (no verdict) when there is nothing to count.
+fn ratio(num: usize, den: usize) -> f64 {
+    if den > 0 {
+        num as f64 / den as f64
+    } else {
+        f64::NAN
+    }
 }
 
 #[cfg(test)]
