@@ -15,6 +15,7 @@
 //! weights transposed over channels and flipped in space (padding `k − 1 − pad`); the weight
 //! gradient is `Σ dy · colᵀ` over the same chunks.
 
+use super::contiguous_f32;
 use std::borrow::Cow;
 
 use candle_core::{CpuStorage, CustomOp2, DType, Layout, Module, Result, Shape, Tensor};
@@ -345,14 +346,6 @@ pub fn flip_transpose(w: &[f32], cout: usize, cin: usize, k: usize) -> Vec<f32> 
     out
 }
 
-fn contiguous_f32<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [f32]> {
-    let data = s.as_slice::<f32>()?;
-    match l.contiguous_offsets() {
-        Some((a, b)) => Ok(&data[a..b]),
-        None => candle_core::bail!("conv3d: {what} must be contiguous"),
-    }
-}
-
 /// Shape of a convolution of `x` (`[N, Cin, D, H, W]`) by `w` (`[Cout, Cin, k, k, k]`).
 fn conv_shape(x: &[usize], w: &[usize], pad: usize) -> Result<ConvShape> {
     let (&[n, cin, d, h, ww], &[cout, wcin, k, k1, k2]) = (x, w) else {
@@ -391,8 +384,8 @@ impl CustomOp2 for Conv3dOp {
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let s = conv_shape(l1.dims(), l2.dims(), self.pad)?;
-        let x = contiguous_f32(s1, l1, "input")?;
-        let w = contiguous_f32(s2, l2, "weight")?;
+        let x = contiguous_f32(s1, l1, "conv3d: input")?;
+        let w = contiguous_f32(s2, l2, "conv3d: weight")?;
         let out = conv3d_forward(x, w, &s);
         let [d, h, ww] = s.out_dims();
         Ok((
@@ -441,8 +434,8 @@ impl CustomOp2 for WeightGradOp {
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let s = &self.shape;
-        let x = contiguous_f32(s1, l1, "input")?;
-        let dy = contiguous_f32(s2, l2, "output gradient")?;
+        let x = contiguous_f32(s1, l1, "conv3d: input")?;
+        let dy = contiguous_f32(s2, l2, "conv3d: output gradient")?;
         let dw = conv3d_weight_grad(x, dy, s);
         Ok((
             CpuStorage::F32(dw),
@@ -478,8 +471,8 @@ impl CustomOp2 for FusedConv3dOp {
                 s.cout
             );
         }
-        let x = contiguous_f32(s1, l1, "input")?;
-        let w = contiguous_f32(s2, l2, "weight")?;
+        let x = contiguous_f32(s1, l1, "conv3d: input")?;
+        let w = contiguous_f32(s2, l2, "conv3d: weight")?;
         let out = conv3d_forward_fused(x, w, &s, Some(&self.bias), self.relu);
         let [d, h, ww] = s.out_dims();
         Ok((
@@ -599,11 +592,34 @@ mod tests {
     use crate::nn::testing::{random, random_tensor, values};
     use candle_core::{Device, Var};
 
+    /// The input voxel that tap `t` of output voxel `o = [z, y, x]` reads, or `None` in the
+    /// zero padding.
+    fn tap_input(
+        x: &[f32],
+        s: &ConvShape,
+        n: usize,
+        ci: usize,
+        o: [usize; 3],
+        t: usize,
+    ) -> Option<f32> {
+        let (k, p) = (s.k as isize, s.pad as isize);
+        let t = t as isize;
+        let offset = [t / (k * k), (t / k) % k, t % k];
+        let mut at = [0usize; 3];
+        for a in 0..3 {
+            let i = o[a] as isize + offset[a] - p;
+            if i < 0 || i >= s.dims[a] as isize {
+                return None;
+            }
+            at[a] = i as usize;
+        }
+        let [d, h, w] = s.dims;
+        Some(x[(((n * s.cin + ci) * d + at[0]) * h + at[1]) * w + at[2]])
+    }
+
     /// Seven nested loops over (n, co, ci, od, oh, ow, tap), in f64.
     fn naive(x: &[f32], w: &[f32], s: &ConvShape) -> Vec<f64> {
-        let [d, h, ww] = s.dims;
         let [od, oh, ow] = s.out_dims();
-        let (k, p) = (s.k as isize, s.pad as isize);
         let mut out = vec![0.0; s.batch * s.cout * od * oh * ow];
         for n in 0..s.batch {
             for co in 0..s.cout {
@@ -612,30 +628,10 @@ mod tests {
                         for y in 0..oh {
                             for xx in 0..ow {
                                 let mut acc = 0.0;
-                                for t in 0..(k * k * k) as usize {
-                                    let (a, b, c) = (
-                                        t as isize / (k * k),
-                                        (t as isize / k) % k,
-                                        t as isize % k,
-                                    );
-                                    let (zi, yi, xi) = (
-                                        z as isize + a - p,
-                                        y as isize + b - p,
-                                        xx as isize + c - p,
-                                    );
-                                    if zi < 0
-                                        || yi < 0
-                                        || xi < 0
-                                        || zi >= d as isize
-                                        || yi >= h as isize
-                                        || xi >= ww as isize
-                                    {
+                                for t in 0..s.taps() {
+                                    let Some(xv) = tap_input(x, s, n, ci, [z, y, xx], t) else {
                                         continue;
-                                    }
-                                    let xv = x[(((n * s.cin + ci) * d + zi as usize) * h
-                                        + yi as usize)
-                                        * ww
-                                        + xi as usize];
+                                    };
                                     let wv = w[(co * s.cin + ci) * s.taps() + t];
                                     acc += xv as f64 * wv as f64;
                                 }
@@ -695,38 +691,19 @@ mod tests {
     /// `∂L/∂w[co,ci,t] = Σ_n Σ_o r[n,co,o] · x[n,ci,o+t−pad]` for `L = Σ r · conv3d(x, w)`,
     /// in nested loops.
     fn naive_weight_grad(x: &[f32], r: &[f32], s: &ConvShape) -> Vec<f64> {
-        let [d, h, ww] = s.dims;
         let [od, oh, ow] = s.out_dims();
-        let (k, p) = (s.k as isize, s.pad as isize);
         let mut g = vec![0.0; s.cout * s.depth()];
         for n in 0..s.batch {
             for co in 0..s.cout {
                 for ci in 0..s.cin {
                     for t in 0..s.taps() {
-                        let (a, b, c) =
-                            (t as isize / (k * k), (t as isize / k) % k, t as isize % k);
                         let mut acc = 0.0;
                         for z in 0..od {
                             for y in 0..oh {
                                 for xx in 0..ow {
-                                    let (zi, yi, xi) = (
-                                        z as isize + a - p,
-                                        y as isize + b - p,
-                                        xx as isize + c - p,
-                                    );
-                                    if zi < 0
-                                        || yi < 0
-                                        || xi < 0
-                                        || zi >= d as isize
-                                        || yi >= h as isize
-                                        || xi >= ww as isize
-                                    {
+                                    let Some(xv) = tap_input(x, s, n, ci, [z, y, xx], t) else {
                                         continue;
-                                    }
-                                    let xv = x[(((n * s.cin + ci) * d + zi as usize) * h
-                                        + yi as usize)
-                                        * ww
-                                        + xi as usize];
+                                    };
                                     let rv = r[(((n * s.cout + co) * od + z) * oh + y) * ow + xx];
                                     acc += xv as f64 * rv as f64;
                                 }

@@ -7,6 +7,7 @@
 //! project's `physics::DipoleOperator`s; tensor dims are the reverse of physics dims (see
 //! [`super`]).
 
+use super::contiguous_f32;
 use std::sync::Arc;
 
 use candle_core::{CpuStorage, CustomOp1, DType, Layout, Result, Shape, Tensor};
@@ -88,14 +89,6 @@ impl DipoleSet {
     }
 }
 
-fn contiguous_f32<'a>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [f32]> {
-    let data = s.as_slice::<f32>()?;
-    match l.contiguous_offsets() {
-        Some((a, b)) => Ok(&data[a..b]),
-        None => candle_core::bail!("dipole: input must be contiguous"),
-    }
-}
-
 struct Forward(DipoleSet);
 
 impl CustomOp1 for Forward {
@@ -104,7 +97,7 @@ impl CustomOp1 for Forward {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        let x = contiguous_f32(s, l)?;
+        let x = contiguous_f32(s, l, "dipole: input")?;
         let (set, nv) = (&self.0, self.0.voxels());
         let mut out = Vec::with_capacity(x.len() * set.len());
         for chi in x.chunks(nv) {
@@ -134,7 +127,7 @@ impl CustomOp1 for Adjoint {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        let f = contiguous_f32(s, l)?;
+        let f = contiguous_f32(s, l, "dipole: input")?;
         let (set, nv) = (&self.0, self.0.voxels());
         let mut out = Vec::with_capacity(f.len() / set.len());
         for fields in f.chunks(nv * set.len()) {

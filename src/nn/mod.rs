@@ -24,6 +24,20 @@ pub(crate) mod testing;
 
 pub use conv3d::{conv3d, Conv3d};
 
+/// The f32 data of a custom op's CPU operand, which must be contiguous; `what` names the
+/// operand in the error (`"conv3d: weight"`).
+pub(crate) fn contiguous_f32<'a>(
+    s: &'a candle_core::CpuStorage,
+    l: &candle_core::Layout,
+    what: &str,
+) -> candle_core::Result<&'a [f32]> {
+    let data = s.as_slice::<f32>()?;
+    match l.contiguous_offsets() {
+        Some((a, b)) => Ok(&data[a..b]),
+        None => candle_core::bail!("{what} must be contiguous"),
+    }
+}
+
 /// Tensor dims `[D, H, W]` of a volume with physics dims `[nx, ny, nz]`.
 pub fn tensor_dims(dims: [usize; 3]) -> [usize; 3] {
     [dims[2], dims[1], dims[0]]

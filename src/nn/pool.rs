@@ -4,6 +4,7 @@
 //! of every tie); its gradient goes to the first maximum of each 2×2×2 cell, as in PyTorch.
 //! Upsampling is a broadcast, so Candle differentiates it (the gradient sums each cell).
 
+use super::contiguous_f32;
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
@@ -11,14 +12,6 @@ fn dims5(dims: &[usize], what: &str) -> Result<[usize; 5]> {
     match dims {
         &[n, c, d, h, w] => Ok([n, c, d, h, w]),
         _ => candle_core::bail!("{what}: expected [N, C, D, H, W], got {dims:?}"),
-    }
-}
-
-fn contiguous_f32<'a>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [f32]> {
-    let data = s.as_slice::<f32>()?;
-    match l.contiguous_offsets() {
-        Some((a, b)) => Ok(&data[a..b]),
-        None => candle_core::bail!("max-pool: input must be contiguous"),
     }
 }
 
@@ -45,7 +38,7 @@ impl CustomOp1 for MaxPool2 {
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let [n, c, d, h, w] = dims5(l.dims(), "max-pool")?;
-        let x = contiguous_f32(s, l)?;
+        let x = contiguous_f32(s, l, "max-pool: input")?;
         let (od, oh, ow) = (d / 2, h / 2, w / 2);
         let mut out = vec![0.0f32; n * c * od * oh * ow];
         out.par_chunks_mut(od * oh * ow)
@@ -85,8 +78,8 @@ impl CustomOp2 for MaxPool2Grad {
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let [n, c, d, h, w] = dims5(l1.dims(), "max-pool")?;
-        let x = contiguous_f32(s1, l1)?;
-        let dy = contiguous_f32(s2, l2)?;
+        let x = contiguous_f32(s1, l1, "max-pool: input")?;
+        let dy = contiguous_f32(s2, l2, "max-pool: output gradient")?;
         let (od, oh, ow) = (d / 2, h / 2, w / 2);
         let mut dx = vec![0.0f32; x.len()];
         dx.par_chunks_mut(d * h * w)
