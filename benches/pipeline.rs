@@ -448,6 +448,9 @@ fn unwrappers(dims: [usize; 3], t_fft: f64) {
         ..Quality::phase(&phases[0].data)
     };
     let t_romeo = time(1, || romeo::unwrap_spatial(dims, &q, None, Some(&w), &cfg));
+    let costs = romeo::edge_costs(dims, &q, &cfg);
+    let t_costs = time(1, || romeo::edge_costs(dims, &q, &cfg));
+    let t_grow = time(1, || romeo::grow(dims, &phases[0].data, &costs, &cfg));
     let p: Vec<&[f32]> = phases.iter().map(|v| v.data.as_slice()).collect();
     let m: Vec<&[f32]> = mags.iter().map(|v| v.data.as_slice()).collect();
     let te32 = te.map(|t| t as f32);
@@ -468,6 +471,8 @@ fn unwrappers(dims: [usize; 3], t_fft: f64) {
     for (name, t) in [
         ("Laplacian, one volume", t_lap),
         ("region growing, one volume", t_romeo),
+        ("  of which edge costs", t_costs),
+        ("  of which growth", t_grow),
         ("region growing, 5 echoes", t_echoes),
         ("echo fit with Laplacian", t_fit_lap),
         ("echo fit with romeo", t_fit_romeo),

@@ -4,17 +4,16 @@
 //! hundred bins; a bucket per bin makes push and pop O(1) (amortised), where a binary heap
 //! would pay O(log n) comparisons per operation.
 
-/// Items (`u32`) kept in bins `0..n_bins`; lower bins pop first, last in first out within a
-/// bin.
+/// Items kept in bins `0..n_bins`; lower bins pop first, last in first out within a bin.
 #[derive(Clone, Debug)]
-pub struct BucketQueue {
-    bins: Vec<Vec<u32>>,
+pub struct BucketQueue<T> {
+    bins: Vec<Vec<T>>,
     /// No bin below this one holds an item (== `bins.len()` when empty).
     lowest: usize,
     len: usize,
 }
 
-impl BucketQueue {
+impl<T: Copy> BucketQueue<T> {
     /// An empty queue with priorities `0..n_bins`.
     pub fn new(n_bins: usize) -> Self {
         BucketQueue {
@@ -35,7 +34,7 @@ impl BucketQueue {
     }
 
     /// Queues `item` with priority `bin` (< `n_bins`; lower pops first).
-    pub fn push(&mut self, item: u32, bin: usize) {
+    pub fn push(&mut self, item: T, bin: usize) {
         self.bins[bin].push(item);
         self.lowest = self.lowest.min(bin);
         self.len += 1;
@@ -46,8 +45,16 @@ impl BucketQueue {
         (self.len > 0).then_some(self.lowest)
     }
 
+    /// Up to `k` of the items that [`pop`](Self::pop) would return next from the lowest
+    /// occupied bin (in reverse order).
+    pub fn peek(&self, k: usize) -> &[T] {
+        self.bins
+            .get(self.lowest)
+            .map_or(&[], |b| &b[b.len().saturating_sub(k)..])
+    }
+
     /// Removes and returns an item of the lowest occupied bin, with that bin.
-    pub fn pop(&mut self) -> Option<(u32, usize)> {
+    pub fn pop(&mut self) -> Option<(T, usize)> {
         if self.len == 0 {
             return None;
         }

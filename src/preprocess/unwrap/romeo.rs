@@ -262,6 +262,32 @@ fn neighbours(v: usize, dims: [usize; 3]) -> impl Iterator<Item = (usize, usize)
     })
 }
 
+/// One voxel's state during growth, packed so that visiting a voxel touches one cache line:
+/// growth is bound by the latency of random reads, not by arithmetic.
+#[derive(Clone, Copy)]
+#[repr(C, align(16))]
+struct Cell {
+    phase: f32,
+    region: u32,
+    /// Costs of the edges to the −x, +x, −y, +y, −z and +z neighbours.
+    costs: [u8; 6],
+    /// Whole turns (far beyond any field a scanner measures: 32767 turns).
+    turns: i16,
+}
+
+/// A queued edge: the voxel it reaches, and the region and unwrapped phase of the voxel it
+/// leaves (so that popping it reads only the voxel reached).
+#[derive(Clone, Copy)]
+struct Reach {
+    to: u32,
+    region: u32,
+    from: f32,
+}
+
+const UNVISITED: u32 = u32::MAX;
+/// How many queued voxels ahead growth loads into cache.
+const PREFETCH: usize = 8;
+
 /// Grows regions over the edge costs; see the module documentation.
 pub fn grow(dims: [usize; 3], phase: &[f32], costs: &[u8], cfg: &RomeoConfig) -> Growth {
     let n = phase.len();
@@ -286,63 +312,142 @@ pub fn grow(dims: [usize; 3], phase: &[f32], costs: &[u8], cfg: &RomeoConfig) ->
         .collect();
     let order = counting_sort(&seed_cost);
 
-    const UNVISITED: u32 = u32::MAX;
-    let mut region = vec![UNVISITED; n];
-    let mut turns = vec![0i32; n];
-    let mut queue = BucketQueue::new(WORST as usize + 1);
+    let mut cells: Vec<Cell> = (0..n)
+        .into_par_iter()
+        .map(|v| {
+            let below = |d: usize| {
+                if v >= stride[d] {
+                    costs[3 * (v - stride[d]) + d]
+                } else {
+                    NO_EDGE
+                }
+            };
+            Cell {
+                phase: phase[v],
+                region: UNVISITED,
+                costs: [
+                    below(0),
+                    costs[3 * v],
+                    below(1),
+                    costs[3 * v + 1],
+                    below(2),
+                    costs[3 * v + 2],
+                ],
+                turns: 0,
+            }
+        })
+        .collect();
+    // Whether each voxel is reached, one bit each: small enough to stay in cache, so the
+    // many queued edges to voxels reached meanwhile are dropped without a read of their cell.
+    let mut reached = Bits::new(n);
+    let mut queue = BucketQueue::<Reach>::new(WORST as usize + 1);
     let mut next = 0usize;
     let mut n_regions = 0usize;
     let mut threshold = WORST as usize + 1;
     let mut tree_cost = 0u64;
     loop {
-        while next < n && region[order[next] as usize] != UNVISITED {
-            next += 1;
-        }
-        let seed_now = next < n
-            && match queue.lowest_bin() {
-                None => true,
-                Some(best) => {
-                    n_regions < cfg.max_regions
-                        && best > threshold
-                        && (seed_cost[order[next] as usize] as usize) < best
-                }
-            };
+        // The next unvisited voxel in seed order. Looked up only when a seed may be due:
+        // every lookup is a random read.
+        let mut next_seed = |reached: &Bits| {
+            while next < n && reached.get(order[next] as usize) {
+                next += 1;
+            }
+            (next < n).then(|| order[next] as usize)
+        };
+        let seed_now = match queue.lowest_bin() {
+            None => next_seed(&reached).is_some(),
+            Some(best) => {
+                n_regions < cfg.max_regions
+                    && best > threshold
+                    && next_seed(&reached).is_some_and(|s| (seed_cost[s] as usize) < best)
+            }
+        };
         let new = if seed_now {
             let s = order[next] as usize;
-            region[s] = n_regions as u32;
+            cells[s].region = n_regions as u32;
+            reached.set(s);
             n_regions += 1;
             let limit = cfg.new_region_fraction as f32 * weight_of(seed_cost[s]);
             threshold = cost_of(limit) as usize;
             s
         } else {
-            let Some((e, cost)) = queue.pop() else { break };
-            let (a, d) = (e as usize / 3, e as usize % 3);
-            let b = a + stride[d];
-            let (old, new) = if region[a] != UNVISITED {
-                (a, b)
-            } else {
-                (b, a)
+            let Some((reach, cost)) = queue.pop() else {
+                break;
             };
-            if region[new] != UNVISITED {
+            if reached.get(reach.to as usize) {
                 continue;
             }
-            let from = phase[old] + TAU * turns[old] as f32;
-            turns[new] = ((from - phase[new]) / TAU).round() as i32;
-            region[new] = region[old];
+            // Unless this voxel's neighbours are pushed on top of them, the next pops are
+            // the items below: start loading their cells now, while this one is processed.
+            for after in queue.peek(PREFETCH) {
+                prefetch(&cells[after.to as usize]);
+            }
+            reached.set(reach.to as usize);
+            let cell = &mut cells[reach.to as usize];
+            cell.turns = ((reach.from - cell.phase) / TAU).round() as i16;
+            cell.region = reach.region;
             tree_cost += cost as u64;
-            new
+            reach.to as usize
         };
-        for (u, e) in neighbours(new, dims) {
-            if region[u] == UNVISITED && costs[e] != NO_EDGE {
-                queue.push(e as u32, costs[e] as usize);
+        let cell = cells[new];
+        let from = cell.phase + TAU * cell.turns as f32;
+        let mut push = |to: usize, cost: u8| {
+            let region = cell.region;
+            queue.push(
+                Reach {
+                    to: to as u32,
+                    region,
+                    from,
+                },
+                cost as usize,
+            );
+        };
+        // The cell holds its six edge costs, NO_EDGE across the grid's faces.
+        for (d, &s) in stride.iter().enumerate() {
+            let (down, up) = (cell.costs[2 * d], cell.costs[2 * d + 1]);
+            if down != NO_EDGE && !reached.get(new - s) {
+                push(new - s, down);
+            }
+            if up != NO_EDGE && !reached.get(new + s) {
+                push(new + s, up);
             }
         }
     }
+    let (turns, region) = cells.par_iter().map(|c| (c.turns as i32, c.region)).unzip();
     Growth {
         turns,
         region,
         n_regions,
         tree_cost,
+    }
+}
+
+/// Asks the CPU to start loading `x` into cache (a hint; no effect on results).
+#[inline(always)]
+fn prefetch<T>(x: &T) {
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: a prefetch never faults and `x` is a valid reference.
+    unsafe {
+        std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(
+            (x as *const T).cast(),
+        )
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = x;
+}
+
+/// A fixed-size set of voxel indices, one bit each.
+struct Bits(Vec<u64>);
+
+impl Bits {
+    fn new(n: usize) -> Self {
+        Bits(vec![0; n.div_ceil(64)])
+    }
+    fn get(&self, i: usize) -> bool {
+        self.0[i / 64] >> (i % 64) & 1 == 1
+    }
+    fn set(&mut self, i: usize) {
+        self.0[i / 64] |= 1 << (i % 64);
     }
 }
 
