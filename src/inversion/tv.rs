@@ -15,7 +15,7 @@ use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use super::{restrict, Method, Problem};
-use crate::physics::fft::{multiply_real, Fft3};
+use crate::physics::fft::{Fft3, C32};
 use crate::physics::gradient::Gradient;
 use crate::{Error, Result};
 
@@ -128,44 +128,56 @@ impl TvAdmm {
         let mut q = u.clone();
         let mut v: Vec<Vec<f32>> = vec![vec![0.0f32; n]; fields.len()];
         let mut r: Vec<Vec<f32>> = vec![vec![0.0f32; n]; fields.len()];
-        let mut dchi: Vec<Vec<f32>> = vec![Vec::new(); fields.len()];
+        let mut dchi: Vec<Vec<f32>> = vec![vec![0.0f32; n]; fields.len()];
+        // Buffers reused across iterations (fresh ones would fault in new pages each time).
+        let mut previous = vec![0.0f32; n];
+        let mut rhs = vec![C32::default(); fft.spectrum_len()];
+        let mut spec = rhs.clone();
+        let last = kernels.len() - 1;
 
         let mut iterations = 0;
         for it in 1..=c.max_iterations {
             iterations = it;
-            // χ-update in k-space.
-            let mut rhs = fft.forward(&grad.adjoint(&q));
-            for (r, k) in r.iter().zip(&kernels) {
-                let spec = fft.forward(r);
+            // χ-update in k-space: the right-hand side, divided by the diagonal in the pass
+            // that adds the last orientation.
+            grad.adjoint_into(&q, &mut previous);
+            fft.forward_into(&previous, &mut rhs);
+            for (i, (r, k)) in r.iter().zip(&kernels).enumerate() {
+                fft.forward_into(r, &mut spec);
+                let den = (i == last).then_some(inv_den.as_slice());
                 rhs.par_chunks_mut(4096)
                     .zip(spec.par_chunks(4096))
                     .zip(k.par_chunks(4096))
-                    .for_each(|((a, b), k)| {
-                        for ((a, b), &k) in a.iter_mut().zip(b).zip(k) {
+                    .enumerate()
+                    .for_each(|(c, ((a, b), k))| {
+                        let den = den.map(|d| &d[c * 4096..]);
+                        for (j, ((a, b), &k)) in a.iter_mut().zip(b).zip(k).enumerate() {
                             *a += b * k;
+                            if let Some(d) = den {
+                                *a *= d[j];
+                            }
                         }
                     });
             }
-            multiply_real(&mut rhs, &inv_den);
             for (d, k) in dchi.iter_mut().zip(&kernels) {
-                let mut spec: Vec<_> = rhs.par_iter().zip(k).map(|(a, &k)| a * k).collect();
-                *d = fft.inverse(&mut spec);
+                spec.par_iter_mut()
+                    .zip(&rhs)
+                    .zip(k)
+                    .for_each(|((s, a), &k)| *s = a * k);
+                fft.inverse_into(&mut spec, d);
             }
-            let new = fft.inverse(&mut rhs);
-            let (change, norm) = new
-                .par_iter()
-                .zip(&chi)
-                .map(|(&a, &b)| (((a - b) as f64).powi(2), (a as f64).powi(2)))
-                .reduce(|| (0.0, 0.0), |x, y| (x.0 + y.0, x.1 + y.1));
-            chi = new;
+            std::mem::swap(&mut chi, &mut previous);
+            fft.inverse_into(&mut rhs, &mut chi);
 
             // z-update: isotropic shrinkage of ∇χ − u; u += z − ∇χ; q = ρ₁(z + u). The
-            // gradient is used where it is computed, slab by slab, never stored.
+            // gradient is used where it is computed, slab by slab, never stored; the change
+            // of χ for the stopping test is summed in the same pass.
             let t = lambda / rho1;
             let slab = dims[0] * dims[1];
             let [ux, uy, uz] = &mut u;
             let [qx, qy, qz] = &mut q;
-            ux.par_chunks_mut(slab)
+            let (change, norm) = ux
+                .par_chunks_mut(slab)
                 .zip(uy.par_chunks_mut(slab))
                 .zip(uz.par_chunks_mut(slab))
                 .zip(
@@ -174,8 +186,12 @@ impl TvAdmm {
                         .zip(qz.par_chunks_mut(slab)),
                 )
                 .enumerate()
-                .for_each(|(k, (((ux, uy), uz), ((qx, qy), qz)))| {
+                .map(|(k, (((ux, uy), uz), ((qx, qy), qz)))| {
+                    let (new, old) = (&chi[k * slab..], &previous[k * slab..]);
+                    let (mut change, mut norm) = (0.0f64, 0.0f64);
                     grad.for_each_in_slab(&chi, k, |o, g| {
+                        change += ((new[o] - old[o]) as f64).powi(2);
+                        norm += (new[o] as f64).powi(2);
                         let p = [g[0] - ux[o], g[1] - uy[o], g[2] - uz[o]];
                         let m = (p[0] * p[0] + p[1] * p[1] + p[2] * p[2]).sqrt();
                         let f = if m > t { 1.0 - t / m } else { 0.0 };
@@ -192,7 +208,9 @@ impl TvAdmm {
                             *q = rho1 * (z + *u);
                         }
                     });
-                });
+                    (change, norm)
+                })
+                .reduce(|| (0.0, 0.0), |x, y| (x.0 + y.0, x.1 + y.1));
 
             // s-update (weighted data term), its dual, and r = ρ₂(s + v).
             for i in 0..fields.len() {

@@ -73,6 +73,14 @@ impl Fft3 {
 
     /// Forward transform of a real volume.
     pub fn forward(&self, x: &[f32]) -> Vec<Complex32> {
+        let mut out = vec![Complex32::new(0.0, 0.0); self.spectrum_len()];
+        self.forward_into(x, &mut out);
+        out
+    }
+
+    /// Forward transform into `out` (of [`spectrum_len`](Self::spectrum_len)): iterative
+    /// solvers reuse one buffer instead of faulting in fresh pages every iteration.
+    pub fn forward_into(&self, x: &[f32], out: &mut [Complex32]) {
         let [nx, ny, nz] = self.dims;
         assert_eq!(
             x.len(),
@@ -80,7 +88,7 @@ impl Fft3 {
             "FFT input does not match the plan's grid"
         );
         let nh = nx / 2 + 1;
-        let mut out = vec![Complex32::new(0.0, 0.0); nh * ny * nz];
+        assert_eq!(out.len(), nh * ny * nz, "spectrum buffer does not match");
         let r2c = &self.r2c;
         out.par_chunks_mut(nh).zip(x.par_chunks(nx)).for_each_init(
             || (r2c.make_input_vec(), r2c.make_scratch_vec()),
@@ -90,13 +98,19 @@ impl Fft3 {
                     .expect("buffer sizes come from the plan");
             },
         );
-        transform_y(&mut out, nh, ny, &self.axes.y_fwd);
-        transform_z(&mut out, nh, ny, nz, &self.axes.z_fwd);
-        out
+        transform_y(out, nh, ny, &self.axes.y_fwd);
+        transform_z(out, nh, ny, nz, &self.axes.z_fwd);
     }
 
     /// Inverse transform (normalised). The spectrum is used as scratch and left clobbered.
     pub fn inverse(&self, spec: &mut [Complex32]) -> Vec<f32> {
+        let mut out = vec![0.0f32; self.dims.iter().product()];
+        self.inverse_into(spec, &mut out);
+        out
+    }
+
+    /// Inverse transform into `out` (normalised); the spectrum is left clobbered.
+    pub fn inverse_into(&self, spec: &mut [Complex32], out: &mut [f32]) {
         let [nx, ny, nz] = self.dims;
         let nh = nx / 2 + 1;
         assert_eq!(
@@ -104,10 +118,10 @@ impl Fft3 {
             nh * ny * nz,
             "spectrum does not match the plan's grid"
         );
+        assert_eq!(out.len(), nx * ny * nz, "output buffer does not match");
         transform_z(spec, nh, ny, nz, &self.axes.z_inv);
         transform_y(spec, nh, ny, &self.axes.y_inv);
         let scale = 1.0 / (nx * ny * nz) as f32;
-        let mut out = vec![0.0f32; nx * ny * nz];
         let c2r = &self.c2r;
         out.par_chunks_mut(nx)
             .zip(spec.par_chunks_mut(nh))
@@ -127,7 +141,6 @@ impl Fft3 {
                     }
                 },
             );
-        out
     }
 
     /// `x ↦ IFFT(h · FFT(x))` for a real multiplier `h` on the half spectrum.

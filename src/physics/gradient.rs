@@ -82,9 +82,16 @@ impl Gradient {
 
     /// The adjoint `∇ᵀg` (minus the backward-difference divergence).
     pub fn adjoint(&self, g: &[Vec<f32>; 3]) -> Vec<f32> {
+        let mut out = vec![0.0f32; g[0].len()];
+        self.adjoint_into(g, &mut out);
+        out
+    }
+
+    /// [`adjoint`](Self::adjoint) into a buffer of the grid's size.
+    pub fn adjoint_into(&self, g: &[Vec<f32>; 3], out: &mut [f32]) {
         let [nx, ny, nz] = self.dims;
         let [hx, hy, hz] = self.inv_h;
-        let mut out = vec![0.0f32; g[0].len()];
+        assert_eq!(out.len(), g[0].len(), "output buffer does not match");
         out.par_chunks_mut(nx * ny)
             .enumerate()
             .for_each(|(k, slab)| {
@@ -103,7 +110,6 @@ impl Gradient {
                     }
                 }
             });
-        out
     }
 
     /// `|G(k)|²`, the spectrum of `∇ᵀ∇`, on the half spectrum of `Fft3` (non-negative, zero
