@@ -221,16 +221,18 @@ pub fn fit_void_sources(
         .iter()
         .map(|&h| (2.0 * config.shell_mm / h).ceil() as usize + 2)
         .collect();
-    for (c, &size) in sizes.iter().enumerate() {
-        let label = c as u32 + 1;
-        let (mut lo, mut hi) = ([usize::MAX; 3], [0usize; 3]);
-        for (idx, _) in labels.iter().enumerate().filter(|(_, &l)| l == label) {
-            let p = [idx % nx, (idx / nx) % ny, idx / (nx * ny)];
-            for a in 0..3 {
-                lo[a] = lo[a].min(p[a]);
-                hi[a] = hi[a].max(p[a]);
-            }
+    // Every component's bounding box, in one pass over the grid.
+    let mut bounds = vec![([usize::MAX; 3], [0usize; 3]); sizes.len()];
+    for (idx, &l) in labels.iter().enumerate().filter(|(_, &l)| l > 0) {
+        let p = [idx % nx, (idx / nx) % ny, idx / (nx * ny)];
+        let (lo, hi) = &mut bounds[l as usize - 1];
+        for a in 0..3 {
+            lo[a] = lo[a].min(p[a]);
+            hi[a] = hi[a].max(p[a]);
         }
+    }
+    for (c, (&size, &(lo, hi))) in sizes.iter().zip(&bounds).enumerate() {
+        let label = c as u32 + 1;
         let start: Vec<usize> = (0..3).map(|a| lo[a].saturating_sub(margin[a])).collect();
         let end: Vec<usize> = (0..3)
             .map(|a| (hi[a] + margin[a] + 1).min(dims[a]))
