@@ -1,7 +1,7 @@
 //! Normalisation, dropout and depthwise convolution layers for `[N, C, D, H, W]` tensors,
 //! built from Candle tensor ops (so Candle differentiates them).
 
-use candle_core::{DType, Module, ModuleT, Result, Tensor};
+use candle_core::{Module, ModuleT, Result, Tensor};
 use candle_nn::{BatchNormConfig, Init, VarBuilder};
 
 use crate::simulate::rng::Rng;
@@ -201,7 +201,7 @@ impl Module for DepthwiseConv3d {
 mod tests {
     use super::*;
     use crate::nn::testing::{random_tensor, values};
-    use candle_core::Device;
+    use candle_core::{DType, Device};
     use candle_nn::VarMap;
 
     fn channel_stats(v: &[f32], c: usize, per: usize, n: usize) -> Vec<(f64, f64)> {

@@ -2,8 +2,8 @@
 //!
 //! Batches are a pure function of (seed, step) ([`super::synth`]), initial weights a pure
 //! function of the seed ([`super::init`]), and a checkpoint holds the variables, the Adam
-//! moments and the step: so a run resumed from a checkpoint continues exactly as the
-//! uninterrupted run would have.
+//! moments, the step and the state of LP-CNN's dropout generator: so a run resumed from a
+//! checkpoint continues exactly as the uninterrupted run would have.
 
 use std::collections::HashMap;
 use std::path::Path;
