@@ -45,7 +45,8 @@ pub struct Config {
 
 impl Default for Config {
     /// LoopNet as described: 4 levels of 16-32-64-128 channels, GHPA. `T = 3` is our
-    /// choice (the abstract does not fix it here); fusion off until training shows it helps.
+    /// choice (the abstract does not fix it here); fusion and deep supervision off (a short
+    /// equal-budget comparison in `weights/README.md` did not favour them).
     fn default() -> Self {
         Config {
             channels: vec![16, 32, 64, 128],
