@@ -19,12 +19,14 @@
 
 mod discover;
 mod entities;
+mod pairs;
 mod sidecar;
 #[cfg(test)]
 mod tests;
 
 pub use discover::discover;
 pub use entities::Entities;
+pub use pairs::companion;
 
 use std::path::PathBuf;
 

@@ -1,8 +1,11 @@
 //! Normalisation, dropout and depthwise convolution layers for `[N, C, D, H, W]` tensors,
 //! built from Candle tensor ops (so Candle differentiates them).
 
-use candle_core::{DType, Module, ModuleT, Result, Tensor};
+use candle_core::{Module, ModuleT, Result, Tensor};
 use candle_nn::{BatchNormConfig, Init, VarBuilder};
+
+use crate::simulate::rng::Rng;
+use std::sync::{Arc, Mutex};
 
 /// Batch normalisation over N, D, H, W per channel; batch statistics in training, running
 /// statistics in evaluation (`ModuleT`). Variables as in PyTorch: `weight`, `bias`,
@@ -51,18 +54,20 @@ impl ModuleT for BatchNorm3d {
 
 /// Channel dropout: in training each (sample, channel) volume is zeroed with probability `p`
 /// and the others scaled by `1/(1 − p)`; the identity in evaluation.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub struct Dropout3d {
     p: f32,
+    rng: DropoutRng,
 }
 
 impl Dropout3d {
-    pub fn new(p: f32) -> Self {
+    /// Masks are drawn from `rng`, which a model's dropout layers share.
+    pub fn new(p: f32, rng: DropoutRng) -> Self {
         assert!(
             (0.0..1.0).contains(&p),
             "dropout probability must be in [0, 1)"
         );
-        Dropout3d { p }
+        Dropout3d { p, rng }
     }
 }
 
@@ -72,10 +77,39 @@ impl ModuleT for Dropout3d {
             return Ok(x.clone());
         }
         let (n, c) = (x.dim(0)?, x.dim(1)?);
-        let keep = Tensor::rand(0f32, 1f32, (n, c, 1, 1, 1), x.device())?
-            .ge(self.p)?
-            .to_dtype(DType::F32)?;
-        x.broadcast_mul(&(keep / (1.0 - self.p as f64))?)
+        let scale = 1.0 / (1.0 - self.p);
+        let keep: Vec<f32> = self
+            .rng
+            .uniforms(n * c)
+            .into_iter()
+            .map(|u| if u >= self.p { scale } else { 0.0 })
+            .collect();
+        x.broadcast_mul(&Tensor::from_vec(keep, (n, c, 1, 1, 1), x.device())?)
+    }
+}
+
+/// The seeded generator of a model's dropout masks. Its state is a single `u64`, which a
+/// training checkpoint stores so that a resumed run draws the same masks as an
+/// uninterrupted one (Candle's own random tensors cannot be seeded on the CPU).
+#[derive(Clone, Debug)]
+pub struct DropoutRng(Arc<Mutex<Rng>>);
+
+impl DropoutRng {
+    pub fn new(seed: u64) -> Self {
+        DropoutRng(Arc::new(Mutex::new(Rng::new(seed))))
+    }
+
+    pub fn state(&self) -> u64 {
+        self.0.lock().expect("dropout rng lock").state()
+    }
+
+    pub fn set_state(&self, state: u64) {
+        *self.0.lock().expect("dropout rng lock") = Rng::from_state(state);
+    }
+
+    fn uniforms(&self, n: usize) -> Vec<f32> {
+        let mut rng = self.0.lock().expect("dropout rng lock");
+        (0..n).map(|_| rng.uniform() as f32).collect()
     }
 }
 
@@ -167,7 +201,7 @@ impl Module for DepthwiseConv3d {
 mod tests {
     use super::*;
     use crate::nn::testing::{random_tensor, values};
-    use candle_core::Device;
+    use candle_core::{DType, Device};
     use candle_nn::VarMap;
 
     fn channel_stats(v: &[f32], c: usize, per: usize, n: usize) -> Vec<(f64, f64)> {
@@ -229,7 +263,7 @@ mod tests {
     #[test]
     fn dropout3d_drops_whole_channels() {
         let x = (random_tensor((4, 8, 2, 3, 2), 2) + 1.0).unwrap();
-        let d = Dropout3d::new(0.5);
+        let d = Dropout3d::new(0.5, DropoutRng::new(3));
         assert_eq!(values(&d.forward_t(&x, false).unwrap()), values(&x));
         let y = values(&d.forward_t(&x, true).unwrap());
         let xv = values(&x);
@@ -244,6 +278,15 @@ mod tests {
         }
         // 32 channels at p = 0.5: all kept or all dropped has probability 2^-31.
         assert!(dropped > 0 && dropped < 32);
+        // The masks are a function of the generator's state: restoring it repeats them.
+        let rng = DropoutRng::new(5);
+        let d = Dropout3d::new(0.5, rng.clone());
+        let state = rng.state();
+        let first = values(&d.forward_t(&x, true).unwrap());
+        let next = values(&d.forward_t(&x, true).unwrap());
+        rng.set_state(state);
+        assert_eq!(values(&d.forward_t(&x, true).unwrap()), first);
+        assert_ne!(first, next, "the stream moves on");
     }
 
     #[test]

@@ -38,11 +38,15 @@ pub struct Config {
     pub ghpa_map_size: usize,
     /// Fuse the loops' outputs with a 1×1 conv (IR2QSM) instead of returning the last loop's.
     pub fuse: bool,
+    /// Training only: supervise every loop's output `t = 1..T` with weight `0.5^(T−t)`
+    /// (IR2QSM's deep supervision), plus the fused output when `fuse` is on.
+    pub deep_supervision: bool,
 }
 
 impl Default for Config {
     /// LoopNet as described: 4 levels of 16-32-64-128 channels, GHPA. `T = 3` is our
-    /// choice (the abstract does not fix it here); fusion off until training shows it helps.
+    /// choice (the abstract does not fix it here); fusion and deep supervision off (a short
+    /// equal-budget comparison in `weights/README.md` did not favour them).
     fn default() -> Self {
         Config {
             channels: vec![16, 32, 64, 128],
@@ -51,6 +55,7 @@ impl Default for Config {
             ghpa_from_level: 2,
             ghpa_map_size: 8,
             fuse: false,
+            deep_supervision: false,
         }
     }
 }
@@ -63,6 +68,14 @@ impl Config {
             ghpa: false,
             ..Config::default()
         }
+    }
+
+    /// Loss weights of the loops' outputs under deep supervision: `0.5^(T−t)`, so the last
+    /// loop counts most.
+    pub fn loop_weights(&self) -> Vec<f64> {
+        (1..=self.loops)
+            .map(|t| 0.5f64.powi((self.loops - t) as i32))
+            .collect()
     }
 
     /// Sizes must be multiples of this (inputs are padded to it).

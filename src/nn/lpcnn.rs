@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 
 use super::conv3d::Conv3d;
 use super::dipole::DipoleSet;
-use super::layers::{BatchNorm3d, Dropout3d};
+use super::layers::{BatchNorm3d, Dropout3d, DropoutRng};
 use super::tiling::{apply_tiled, Tiling};
 
 /// Architecture of LP-CNN; the default is the published one (≈ 446 k parameters).
@@ -55,11 +55,11 @@ struct ResBlock {
 }
 
 impl ResBlock {
-    fn new(c: usize, dropout: f32, vb: VarBuilder) -> Result<Self> {
+    fn new(c: usize, dropout: f32, rng: &DropoutRng, vb: VarBuilder) -> Result<Self> {
         Ok(ResBlock {
             conv1: Conv3d::new(c, c, 3, false, vb.pp("conv1"))?,
             bn1: BatchNorm3d::new(c, vb.pp("bn1"))?,
-            drop: Dropout3d::new(dropout),
+            drop: Dropout3d::new(dropout, rng.clone()),
             conv2: Conv3d::new(c, c, 3, false, vb.pp("conv2"))?,
             bn2: BatchNorm3d::new(c, vb.pp("bn2"))?,
         })
@@ -93,10 +93,11 @@ pub struct Prox {
 }
 
 impl Prox {
-    pub fn new(cfg: &Config, vb: VarBuilder) -> Result<Self> {
+    /// The blocks' dropout layers draw their masks from `rng`.
+    pub fn new(cfg: &Config, rng: &DropoutRng, vb: VarBuilder) -> Result<Self> {
         let c = cfg.channels;
         let blocks = (0..cfg.blocks)
-            .map(|i| ResBlock::new(c, cfg.dropout, vb.pp(format!("blocks.{i}"))))
+            .map(|i| ResBlock::new(c, cfg.dropout, rng, vb.pp(format!("blocks.{i}"))))
             .collect::<Result<_>>()?;
         let vh = vb.pp("head");
         Ok(Prox {
@@ -138,6 +139,7 @@ fn relu_conv(conv: &Conv3d, x: &Tensor, train: bool) -> Result<Tensor> {
 pub struct LpCnn {
     cfg: Config,
     prox: Prox,
+    dropout_rng: DropoutRng,
     alpha: Tensor,
     mean: Tensor,
     std: Tensor,
@@ -149,9 +151,11 @@ impl LpCnn {
         if cfg.iterations == 0 || cfg.channels == 0 {
             candle_core::bail!("LP-CNN needs at least one iteration and one channel");
         }
+        let dropout_rng = DropoutRng::new(0);
         Ok(LpCnn {
             cfg: cfg.clone(),
-            prox: Prox::new(cfg, vb.pp("prox"))?,
+            prox: Prox::new(cfg, &dropout_rng, vb.pp("prox"))?,
+            dropout_rng,
             alpha: vb.get_with_hints(1, "alpha", Init::Const(cfg.alpha_init))?,
             mean: vb.get_with_hints(1, "norm.mean", Init::Const(0.0))?,
             std: vb.get_with_hints(1, "norm.std", Init::Const(1.0))?,
@@ -160,6 +164,12 @@ impl LpCnn {
 
     pub fn config(&self) -> &Config {
         &self.cfg
+    }
+
+    /// The generator of the prox's dropout masks in training (a trainer seeds it and saves
+    /// its state with checkpoints).
+    pub fn dropout_rng(&self) -> &DropoutRng {
+        &self.dropout_rng
     }
 
     /// χ `[N, 1, D, H, W]` (ppm) from local fields `[N, B, D, H, W]` (ppm, one channel per
@@ -381,7 +391,7 @@ mod tests {
     fn folded_inference_matches_the_layer_by_layer_computation() {
         let vm = VarMap::new();
         let vb = VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu);
-        let block = ResBlock::new(4, 0.5, vb.pp("b")).unwrap();
+        let block = ResBlock::new(4, 0.5, &DropoutRng::new(1), vb.pp("b")).unwrap();
         // Non-trivial running statistics and affine parameters.
         {
             let data = vm.data().lock().unwrap();

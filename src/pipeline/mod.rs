@@ -6,7 +6,7 @@
 
 mod acquisition;
 mod config;
-mod fields;
+pub(crate) mod fields;
 mod progress;
 
 pub use acquisition::{process, Outcome};

@@ -26,6 +26,15 @@ impl Rng {
         Rng { state: s }
     }
 
+    /// The generator's whole state: [`Rng::from_state`] continues the same stream.
+    pub fn state(&self) -> u64 {
+        self.state
+    }
+
+    pub fn from_state(state: u64) -> Self {
+        Rng { state }
+    }
+
     pub fn next_u64(&mut self) -> u64 {
         self.state = self.state.wrapping_add(0x9e37_79b9_7f4a_7c15);
         mix(self.state)

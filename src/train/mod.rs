@@ -8,5 +8,6 @@ pub mod init;
 pub mod plot;
 pub mod synth;
 pub mod trainer;
+pub mod userdata;
 
 pub use command::{run, TrainArgs};

@@ -12,6 +12,7 @@ use std::path::{Path, PathBuf};
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
+use super::userdata::{DerivativesConfig, UserData};
 use crate::physics::units::GAMMA_BAR_HZ_PER_T;
 use crate::physics::DipoleOperator;
 use crate::simulate::rng::Rng;
@@ -51,6 +52,9 @@ pub struct DataConfig {
     pub mask_nifti: Option<PathBuf>,
     /// Fraction of batches cut from `chi_nifti` (when given).
     pub nifti_fraction: f64,
+    /// A BIDS derivative dataset of local fields with reference χ maps to train on (mixed
+    /// with synthetic batches by its `fraction`); its held-out subjects validate.
+    pub derivatives: Option<DerivativesConfig>,
 }
 
 impl Default for DataConfig {
@@ -71,6 +75,7 @@ impl Default for DataConfig {
             chi_nifti: None,
             mask_nifti: None,
             nifti_fraction: 0.5,
+            derivatives: None,
         }
     }
 }
@@ -120,6 +125,7 @@ pub struct Synth {
     cfg: DataConfig,
     seed: u64,
     source: Option<Source>,
+    user: Option<UserData>,
 }
 
 impl Synth {
@@ -130,10 +136,15 @@ impl Synth {
             Some(path) => Some(read_source(path, cfg.mask_nifti.as_deref(), cfg.patch)?),
             None => None,
         };
+        let user = match &cfg.derivatives {
+            Some(d) => Some(UserData::load(d, cfg.patch)?),
+            None => None,
+        };
         Ok(Synth {
             cfg: cfg.clone(),
             seed,
             source,
+            user,
         })
     }
 
@@ -145,6 +156,16 @@ impl Synth {
     pub fn batch(&self, stream: Stream, index: u64, n: usize) -> Batch {
         let mut rng = Rng::derived(self.seed, &[stream as u64, index]);
         let cfg = &self.cfg;
+        if let (Some(user), Some(d)) = (&self.user, &cfg.derivatives) {
+            // Validation is on the held-out subjects when there are any.
+            let from_user = match stream {
+                Stream::Validation => user.has_validation(),
+                Stream::Train => rng.uniform() < d.fraction,
+            };
+            if from_user {
+                return user.batch(stream == Stream::Validation, &mut rng, n, cfg.orientations);
+            }
+        }
         let from_file = self.source.is_some() && rng.uniform() < cfg.nifti_fraction;
         let voxel_size = match (&self.source, from_file) {
             (Some(s), true) => s.voxel_size,

@@ -2,8 +2,8 @@
 //!
 //! Batches are a pure function of (seed, step) ([`super::synth`]), initial weights a pure
 //! function of the seed ([`super::init`]), and a checkpoint holds the variables, the Adam
-//! moments and the step: so a run resumed from a checkpoint continues exactly as the
-//! uninterrupted run would have.
+//! moments, the step and the state of LP-CNN's dropout generator: so a run resumed from a
+//! checkpoint continues exactly as the uninterrupted run would have.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -20,12 +20,17 @@ use crate::nn::dipole::DipoleSet;
 use crate::nn::loopnet::LoopNet;
 use crate::nn::lpcnn::LpCnn;
 use crate::nn::{tensor_dims, weights};
+use crate::simulate::rng::Rng;
 use crate::{Error, Result};
 
 /// Metadata keys of a checkpoint besides the model's.
 const STEP_KEY: &str = "chimap.train.step";
 const CONFIG_KEY: &str = "chimap.train.config";
 const VERSION_KEY: &str = "chimap.version";
+/// State of LP-CNN's dropout generator, so a resumed run draws the same masks.
+const DROPOUT_KEY: &str = "chimap.train.dropout_rng";
+/// Stream of the seed that starts the dropout generator (batches use 1 and 2).
+const DROPOUT_STREAM: u64 = 3;
 
 /// The network being trained.
 enum Net {
@@ -76,6 +81,10 @@ impl Trainer {
             ModelKind::Loopnet => Net::Loop(LoopNet::new(&cfg.model.loopnet, vb).map_err(nn_err)?),
             ModelKind::Unet => Net::Loop(LoopNet::new(&cfg.model.unet, vb).map_err(nn_err)?),
         };
+        if let Net::Lp(lp) = &net {
+            lp.dropout_rng()
+                .set_state(Rng::derived(cfg.seed, &[DROPOUT_STREAM]).state());
+        }
         let adam = Adam::new(&vm, &cfg.optimizer).map_err(nn_err)?;
         let t = Trainer {
             kind,
@@ -145,6 +154,24 @@ impl Trainer {
             .restore(&tensors, step)
             .map_err(|e| bad(e.to_string()))?;
         t.step = step;
+        if let Net::Lp(lp) = &t.net {
+            match meta.get(DROPOUT_KEY) {
+                Some(state) => {
+                    let state = state
+                        .parse()
+                        .map_err(|_| bad(format!("dropout state {state:?} is not a number")))?;
+                    lp.dropout_rng().set_state(state);
+                }
+                None if t.cfg.model.lpcnn.dropout > 0.0 => {
+                    return Err(bad(
+                        "lacks the dropout generator's state (written by an older \
+                                    chimap); resume with model.lpcnn.dropout: 0 or start anew"
+                            .into(),
+                    ));
+                }
+                None => {}
+            }
+        }
         Ok(t)
     }
 
@@ -262,15 +289,35 @@ impl Trainer {
         }
     }
 
-    /// MSE inside the masks (the papers' loss, restricted to where χ is defined).
+    /// MSE inside the masks (the papers' loss, restricted to where χ is defined); for a
+    /// LoopNet with deep supervision, the weighted sum over its loops' outputs (and the
+    /// fused output).
     fn loss(&self, b: &Batch, train: bool) -> candle_core::Result<Tensor> {
         let [d, h, w] = tensor_dims(b.dims);
         let dev = Device::Cpu;
         let target = Tensor::from_slice(&b.chi, (b.n, 1, d, h, w), &dev)?;
         let mask = Tensor::from_slice(&b.mask, (b.n, 1, d, h, w), &dev)?;
         let inside = b.mask.iter().sum::<f32>().max(1.0) as f64;
-        let r = ((self.predict(b, train)? - target)? * mask)?;
-        r.sqr()?.sum_all()? / inside
+        let mse = |x: &Tensor| -> candle_core::Result<Tensor> {
+            ((x - &target)? * &mask)?.sqr()?.sum_all()? / inside
+        };
+        match &self.net {
+            Net::Loop(net) if net.config().deep_supervision => {
+                let fields = Tensor::from_slice(&b.fields, (b.n, 1, d, h, w), &dev)?;
+                let out = net.forward_t(&fields, train)?;
+                let weights = net.config().loop_weights();
+                let mut total = if net.config().fuse && out.loops.len() > 1 {
+                    mse(&out.chi)?
+                } else {
+                    Tensor::zeros((), candle_core::DType::F32, &dev)?
+                };
+                for (x, wt) in out.loops.iter().zip(weights) {
+                    total = (total + (mse(x)? * wt)?)?;
+                }
+                Ok(total)
+            }
+            _ => mse(&self.predict(b, train)?),
+        }
     }
 
     /// Mean and standard deviation of the χ targets inside the masks of the first
@@ -339,7 +386,11 @@ impl Trainer {
     pub fn save_checkpoint(&self, path: &Path) -> Result<()> {
         let mut tensors = self.model_tensors();
         tensors.extend(self.adam.state());
-        weights::save(path, tensors, self.model_metadata())
+        let mut meta = self.model_metadata();
+        if let Net::Lp(lp) = &self.net {
+            meta.insert(DROPOUT_KEY.into(), lp.dropout_rng().state().to_string());
+        }
+        weights::save(path, tensors, meta)
     }
 
     /// The weights alone (with the z-score statistics and the model's metadata), for
@@ -394,12 +445,26 @@ mod tests {
     }
 
     /// Train 2 steps, checkpoint, resume and train 1 step: the same loss and weights as
-    /// 3 steps straight, bit for bit.
+    /// 3 steps straight, bit for bit, with LP-CNN's dropout on (p = 0.5) and off.
     #[test]
     fn resuming_from_a_checkpoint_continues_bit_for_bit() {
+        for dropout in [0.5, 0.0] {
+            resume_bit_for_bit(dropout);
+        }
+    }
+
+    fn resume_bit_for_bit(dropout: f32) {
         let dir = tempfile::tempdir().unwrap();
         let ckpt = dir.path().join("checkpoint.safetensors");
-        let cfg = tiny(2);
+        let mut cfg = tiny(2);
+        cfg.model.lpcnn.dropout = dropout;
+        {
+            // Dropout is active in training: two passes over one batch differ.
+            let t = Trainer::new(ModelKind::Lpcnn, &cfg).unwrap();
+            let b = t.synth.batch(Stream::Train, 0, 2);
+            let l = |t: &Trainer| -> f32 { t.loss(&b, true).unwrap().to_scalar().unwrap() };
+            assert_eq!(l(&t) != l(&t), dropout > 0.0, "dropout {dropout}");
+        }
         let mut straight = Trainer::new(ModelKind::Lpcnn, &cfg).unwrap();
         let losses: Vec<f64> = (0..3).map(|_| straight.train_step().unwrap()).collect();
         let mut first = Trainer::new(ModelKind::Lpcnn, &cfg).unwrap();
@@ -450,6 +515,60 @@ mod tests {
         }
     }
 
+    /// Training on a derivative dataset from `chimap simulate`'s truth: batches come from
+    /// it (the held-out subject validates), and Adam steps lower the loss of its patches.
+    #[test]
+    fn trains_on_a_derivative_dataset() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = crate::train::userdata::simulated_derivatives(dir.path());
+        let mut cfg = tiny(2);
+        cfg.data.derivatives = Some(crate::train::userdata::DerivativesConfig {
+            root,
+            validation_subjects: vec!["2".into()],
+            stride: Some(8),
+            ..Default::default()
+        });
+        let mut t = Trainer::new(ModelKind::Lpcnn, &cfg).unwrap();
+        // User batches have the data's 3 mm voxels; synthetic ones 1 mm.
+        let batch = t.synth.batch(Stream::Train, 0, 2);
+        assert_eq!(batch.voxel_size, [3.0; 3]);
+        assert_eq!(t.synth.batch(Stream::Validation, 0, 2).voxel_size, [3.0; 3]);
+        let loss = |t: &Trainer| -> f32 { t.loss(&batch, true).unwrap().to_scalar().unwrap() };
+        let before = loss(&t);
+        for _ in 0..10 {
+            let l = t.loss(&batch, true).unwrap();
+            let g = l.backward().unwrap();
+            t.adam.step(&g, 1e-2).unwrap();
+        }
+        let after = loss(&t);
+        assert!(after < 0.8 * before, "{before} -> {after}");
+        for _ in 0..2 {
+            assert!(t.train_step().unwrap().is_finite());
+        }
+        let v = t.validate().unwrap();
+        assert!(
+            v.loss > 0.0 && v.nrmse.is_finite() && v.ssim <= 1.0,
+            "{v:?}"
+        );
+        // Mixed with synthetic data: some batches of each.
+        let mixed = TrainConfig {
+            data: DataConfig {
+                derivatives: cfg
+                    .data
+                    .derivatives
+                    .clone()
+                    .map(|d| crate::train::userdata::DerivativesConfig { fraction: 0.5, ..d }),
+                ..cfg.data.clone()
+            },
+            ..cfg.clone()
+        };
+        let s = Synth::new(&mixed.data, 3).unwrap();
+        let sizes: std::collections::BTreeSet<u64> = (0..16)
+            .map(|i| s.batch(Stream::Train, i, 1).voxel_size[0] as u64)
+            .collect();
+        assert_eq!(sizes, [1, 3].into());
+    }
+
     #[test]
     fn weights_load_in_the_pipeline_model_with_their_statistics() {
         let dir = tempfile::tempdir().unwrap();
@@ -492,6 +611,71 @@ mod tests {
             v.loss > 0.0 && v.nrmse > 0.0 && v.hfen > 0.0 && v.ssim <= 1.0,
             "{v:?}"
         );
+    }
+
+    /// Deep supervision: the loss is Σ 0.5^(T−t)·MSE(loop t) + MSE(fused), checked against
+    /// a sum computed here from the network's outputs; the option travels in the weights'
+    /// metadata, and the network built from it predicts the same χ.
+    #[test]
+    fn deep_supervision_weights_every_loop_and_is_recorded() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut cfg = tiny(1);
+        cfg.model.loopnet = loopnet::Config {
+            channels: vec![4, 8],
+            loops: 3,
+            ghpa: false,
+            fuse: true,
+            deep_supervision: true,
+            ..loopnet::Config::default()
+        };
+        assert_eq!(cfg.model.loopnet.loop_weights(), vec![0.25, 0.5, 1.0]);
+        let t = Trainer::new(ModelKind::Loopnet, &cfg).unwrap();
+        let b = t.synth.batch(Stream::Train, 0, 2);
+        let Net::Loop(net) = &t.net else { panic!() };
+        let [d, h, w] = tensor_dims(b.dims);
+        let fields = Tensor::from_slice(&b.fields, (2, 1, d, h, w), &Device::Cpu).unwrap();
+        // Evaluation mode on both sides: batch statistics would not change the sum's form.
+        let out = net.forward_t(&fields, false).unwrap();
+        let inside: f64 = b.mask.iter().map(|&m| m as f64).sum();
+        let mse = |x: &Tensor| -> f64 {
+            let v: Vec<f32> = x.flatten_all().unwrap().to_vec1().unwrap();
+            v.iter()
+                .zip(&b.chi)
+                .zip(&b.mask)
+                .map(|((x, c), m)| ((x - c) as f64 * *m as f64).powi(2))
+                .sum::<f64>()
+                / inside
+        };
+        let want = mse(&out.chi)
+            + 0.25 * mse(&out.loops[0])
+            + 0.5 * mse(&out.loops[1])
+            + mse(&out.loops[2]);
+        let got: f32 = t.loss(&b, false).unwrap().to_scalar().unwrap();
+        assert!((got as f64 / want - 1.0).abs() < 1e-5, "{got} vs {want}");
+        // Without deep supervision the loss is the fused output's alone.
+        let mut plain = cfg.clone();
+        plain.model.loopnet.deep_supervision = false;
+        let p = Trainer::new(ModelKind::Loopnet, &plain).unwrap();
+        let got: f32 = p.loss(&b, false).unwrap().to_scalar().unwrap();
+        assert!((got as f64 / mse(&out.chi) - 1.0).abs() < 1e-5);
+        // The metadata rebuilds the same network.
+        let path = dir.path().join("w.safetensors");
+        t.save_weights(&path).unwrap();
+        let meta = weights::metadata(&path).unwrap();
+        let arch: loopnet::Config = serde_json::from_str(&meta[weights::MODEL_CONFIG_KEY]).unwrap();
+        assert!(arch.fuse && arch.deep_supervision);
+        let again =
+            weights::build(&path, "LoopNet", &Device::Cpu, |vb| LoopNet::new(&arch, vb)).unwrap();
+        let theirs: Vec<f32> = again
+            .forward_t(&fields, false)
+            .unwrap()
+            .chi
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let ours: Vec<f32> = out.chi.flatten_all().unwrap().to_vec1().unwrap();
+        assert_eq!(ours, theirs);
     }
 
     #[test]
