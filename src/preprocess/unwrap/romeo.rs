@@ -29,6 +29,8 @@
 //! temporally: its predicted phase from the echoes unwrapped so far (proportional to TE
 //! after offset removal, else a line in TE) plus the nearest whole turns of its own data.
 
+use std::collections::HashMap;
+
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
@@ -468,6 +470,20 @@ fn counting_sort(cost: &[u8]) -> Vec<u32> {
     out
 }
 
+/// Sums two weight histograms.
+fn merge_counts<K: std::hash::Hash + Eq>(
+    mut a: HashMap<K, f64>,
+    b: HashMap<K, f64>,
+) -> HashMap<K, f64> {
+    if a.len() < b.len() {
+        return merge_counts(b, a);
+    }
+    for (k, w) in b {
+        *a.entry(k).or_insert(0.0) += w;
+    }
+    a
+}
+
 /// Adds `shift[r]` turns to every voxel of region `r`.
 fn shift_regions(g: &mut Growth, shift: &[i32]) {
     if shift.iter().all(|&s| s == 0) {
@@ -487,24 +503,27 @@ pub fn align_to_reference(
     reference: &[f32],
     weights: Option<&[f32]>,
 ) {
-    // Small per-region histograms: a region's votes take few distinct values.
-    let mut votes: Vec<Vec<(i32, f64)>> = vec![Vec::new(); g.n_regions];
-    for v in 0..phase.len() {
-        let w = weights.map_or(1.0, |w| w[v] as f64);
-        let now = phase[v] + TAU * g.turns[v] as f32;
-        let k = ((reference[v] - now) / TAU).round();
-        if w.is_nan() || w <= 0.0 || !k.is_finite() {
-            continue;
-        }
-        let h = &mut votes[g.region[v] as usize];
-        match h.iter_mut().find(|(kk, _)| *kk == k as i32) {
-            Some(e) => e.1 += w,
-            None => h.push((k as i32, w)),
-        }
+    // Per region, a histogram of the votes (they take few distinct values), summed over
+    // chunks of voxels in parallel.
+    let votes: HashMap<(u32, i32), f64> = (0..phase.len())
+        .into_par_iter()
+        .fold(HashMap::new, |mut h, v| {
+            let w = weights.map_or(1.0, |w| w[v] as f64);
+            let now = phase[v] + TAU * g.turns[v] as f32;
+            let k = ((reference[v] - now) / TAU).round();
+            if !(w.is_nan() || w <= 0.0 || !k.is_finite()) {
+                *h.entry((g.region[v], k as i32)).or_insert(0.0) += w;
+            }
+            h
+        })
+        .reduce(HashMap::new, merge_counts);
+    let mut per_region: Vec<Vec<(i64, f64)>> = vec![Vec::new(); g.n_regions];
+    for ((r, k), w) in votes {
+        per_region[r as usize].push((k as i64, w));
     }
-    let shift: Vec<i32> = votes
+    let shift: Vec<i32> = per_region
         .into_iter()
-        .map(|h| weighted_median_int(h.into_iter().map(|(k, w)| (k as i64, w))) as i32)
+        .map(|h| weighted_median_int(h.into_iter()) as i32)
         .collect();
     shift_regions(g, &shift);
 }
@@ -525,8 +544,7 @@ pub fn merge_regions(
     }
     let stride = [1, dims[0], dims[0] * dims[1]];
     // votes[(a, b)] with a < b: turns to add to b to match a, weighted by edge quality.
-    let mut votes: std::collections::HashMap<(u32, u32), Vec<(i32, f64)>> =
-        std::collections::HashMap::new();
+    let mut votes: HashMap<(u32, u32), Vec<(i32, f64)>> = HashMap::new();
     for (e, &c) in costs.iter().enumerate() {
         if c == NO_EDGE {
             continue;
@@ -601,13 +619,18 @@ pub fn merge_regions(
 /// Shifts everything by whole turns so the weighted median phase lies in (−π, π] (the scanner
 /// centres its frequency on the tissue).
 pub fn centre(g: &mut Growth, phase: &[f32], weights: Option<&[f32]>) {
-    let k = weighted_median_int((0..phase.len()).map(|v| {
-        let now = phase[v] + TAU * g.turns[v] as f32;
-        (
-            (now / TAU).round() as i64,
-            weights.map_or(1.0, |w| w[v] as f64),
-        )
-    }));
+    let hist: HashMap<i64, f64> = (0..phase.len())
+        .into_par_iter()
+        .fold(HashMap::new, |mut h, v| {
+            let now = phase[v] + TAU * g.turns[v] as f32;
+            let w = weights.map_or(1.0, |w| w[v] as f64);
+            if w > 0.0 && w.is_finite() {
+                *h.entry((now / TAU).round() as i64).or_insert(0.0) += w;
+            }
+            h
+        })
+        .reduce(HashMap::new, merge_counts);
+    let k = weighted_median_int(hist.into_iter());
     if k != 0 {
         g.turns.par_iter_mut().for_each(|t| *t -= k as i32);
     }
