@@ -10,6 +10,7 @@
 //! [`dipole`] add them as custom ops with backward passes.
 
 pub mod conv3d;
+pub mod device;
 pub mod dipole;
 pub mod ghpa;
 pub mod layers;
