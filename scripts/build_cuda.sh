@@ -5,6 +5,8 @@
 #   bash scripts/build_cuda.sh                 # release binary
 #   bash scripts/build_cuda.sh --tests         # also the test and bench executables (--no-run)
 #   bash scripts/build_cuda.sh --check         # also clippy with the feature
+#   bash scripts/build_cuda.sh --bundle        # --tests, then out/gpu/: chimap, lib-tests and
+#                                              # bench-device for scripts/gpu_check.sh
 #
 # Environment (all optional):
 #   CHIMAP_CUDA_VENV   venv holding the wheels (default ~/.cache/chimap-cuda; created if absent)
@@ -21,11 +23,13 @@ cd "$(dirname "$0")/.."
 REPO=$PWD
 WANT_TESTS=0
 WANT_CHECK=0
+WANT_BUNDLE=0
 for arg in "$@"; do
     case $arg in
         --tests) WANT_TESTS=1 ;;
         --check) WANT_CHECK=1 ;;
-        *) echo "unknown argument: $arg (expected --tests or --check)" >&2; exit 2 ;;
+        --bundle) WANT_TESTS=1; WANT_BUNDLE=1 ;;
+        *) echo "unknown argument: $arg (expected --tests, --check or --bundle)" >&2; exit 2 ;;
     esac
 done
 
@@ -82,8 +86,23 @@ echo "binary: $BIN ($(du -m "$BIN" | cut -f1) MiB)"
 echo "shared libraries it needs:"
 readelf -d "$BIN" | sed -n 's/.*(NEEDED).*\[\(.*\)\]/  \1/p'
 if [[ $WANT_TESTS == 1 ]]; then
-    "${NICE[@]}" cargo test --release --locked --features cuda --no-run 2>&1 | tee "$CARGO_TARGET_DIR/test-executables.txt"
-    "${NICE[@]}" cargo build --release --locked --features cuda --benches
+    "${NICE[@]}" cargo test --release --locked --features cuda --no-run 2>&1 |
+        tee "$CARGO_TARGET_DIR/test-executables.txt"
+    "${NICE[@]}" cargo bench --locked --features cuda --bench device --no-run 2>&1 |
+        tee -a "$CARGO_TARGET_DIR/test-executables.txt"
+    echo "test and bench executables:"
+    sed -n 's/.*Executable \(.*\) (\(.*\))$/\2|\1/p' "$CARGO_TARGET_DIR/test-executables.txt" |
+        while IFS='|' read -r path name; do echo "  $(du -m "$path" | cut -f1) MiB  $name"; done
+fi
+if [[ $WANT_BUNDLE == 1 ]]; then
+    exe() { sed -n "s|.*Executable $1 (\(.*\))\$|\1|p" "$CARGO_TARGET_DIR/test-executables.txt" | tail -1; }
+    mkdir -p out/gpu
+    install -m 0755 "$BIN" out/gpu/chimap
+    install -m 0755 "$(exe 'unittests src/lib.rs')" out/gpu/lib-tests
+    install -m 0755 "$(exe 'benches/device.rs')" out/gpu/bench-device
+    strip out/gpu/* 2>/dev/null || true
+    echo "bundle for scripts/gpu_check.sh: out/gpu ($(du -sm out/gpu | cut -f1) MiB)"
+    ls -l out/gpu
 fi
 if [[ $WANT_CHECK == 1 ]]; then
     "${NICE[@]}" cargo clippy --release --locked --features cuda --all-targets -- -D warnings
