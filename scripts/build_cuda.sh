@@ -54,8 +54,10 @@ nvcc --version | tail -2
 
 # The linker wants unversioned names (libcufft.so) and the driver library libcuda.so, which
 # only a GPU driver installs. Build a link folder: symlinks to the toolkit's libraries, and a
-# stub libcuda.so.1 exporting the driver functions cudarc declares. The stub is used for
-# linking only; at run time the loader finds the driver's real libcuda.so.1 by its soname.
+# stub libcuda.so.1 exporting the driver functions cudarc declares, each answering
+# CUDA_ERROR_NO_DEVICE (100). It is for linking; at run time the loader finds the driver's
+# real libcuda.so.1 by its soname. On a machine without a driver, putting the stub folder on
+# LD_LIBRARY_PATH lets the binary start, and --device auto then falls back to the CPU.
 LINK=$CARGO_TARGET_DIR/cuda-link
 mkdir -p "$LINK"
 for dir in "$CUDA_PATH/lib" "$CUDA_PATH/lib64"; do
@@ -67,12 +69,13 @@ for dir in "$CUDA_PATH/lib" "$CUDA_PATH/lib64"; do
         ln -sfn "$lib" "$LINK/${base%%.so.*}.so"
     done
 done
-if [[ ! -e "$LINK/libcuda.so" ]]; then
+if [[ ! -e "$LINK/libcuda.so.1" ]]; then
     SYS=$(find "${CARGO_HOME:-$HOME/.cargo}/registry/src" -path '*cudarc-0.19.*/src/driver/sys/mod.rs' | sort | tail -1)
     [[ -n $SYS ]] || { echo "cudarc sources not found: run 'cargo fetch' first" >&2; exit 1; }
-    grep -oE '^\s+fn cu[A-Za-z0-9_]+\(' "$SYS" | sed -E 's/^\s+fn (cu[A-Za-z0-9_]+)\(/void \1(void) {}/' |
+    grep -oE '^\s+fn cu[A-Za-z0-9_]+\(' "$SYS" | sed -E 's/^\s+fn (cu[A-Za-z0-9_]+)\(/int \1(void) { return 100; }/' |
         sort -u >"$LINK/cuda_stub.c"
-    cc -shared -fPIC -Wl,-soname,libcuda.so.1 -o "$LINK/libcuda.so" "$LINK/cuda_stub.c"
+    cc -shared -fPIC -Wl,-soname,libcuda.so.1 -o "$LINK/libcuda.so.1" "$LINK/cuda_stub.c"
+    ln -sfn libcuda.so.1 "$LINK/libcuda.so"
 fi
 export CHIMAP_CUDA_LIB_DIR=$LINK
 # The libraries' own dependencies (cublas -> cublasLt) resolve from the same folder.
