@@ -84,10 +84,18 @@ fn cuda() -> std::result::Result<Device, String> {
             tracing::info!("device: CUDA GPU 0");
             Ok(dev)
         }
-        Err(e) => Err(format!(
-            "no CUDA device could be opened ({e}); check the driver (nvidia-smi), \
-             `--nv` for Apptainer or `--gpus all` for Docker, or pass --device cpu"
-        )),
+        Err(e) => {
+            // One line for the log: candle appends a backtrace when RUST_BACKTRACE is set.
+            let e = match e {
+                candle_core::Error::WithBacktrace { inner, .. } => *inner,
+                e => e,
+            };
+            Err(format!(
+                "no CUDA device could be opened ({}); check the driver (nvidia-smi), \
+                 `--nv` for Apptainer or `--gpus all` for Docker, or pass --device cpu",
+                e.to_string().lines().next().unwrap_or_default()
+            ))
+        }
     })
     .clone()
 }
