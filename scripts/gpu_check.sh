@@ -2,8 +2,10 @@
 # Checks a CUDA build of chimap on a GPU machine that has a CUDA 13 driver and libraries but
 # no Rust toolchain. Two halves:
 #
-#   here (build machine):  bash scripts/build_cuda.sh --tests --bundle   # fills out/gpu/
-#   there (GPU machine):   bash scripts/gpu_check.sh [out/gpu]          # from the repo root
+#   here (build machine):  bash scripts/build_cuda.sh --bundle   # out/gpu/ and out/gpu.tar.xz
+#   there (GPU machine):   bash scripts/gpu_check.sh [out/gpu]   # from the repo root; unpacks
+#                                                               # out/gpu.tar.xz when needed
+# With the `run` tool of a session that has a GPU: carry ["out/gpu.tar.xz"] (about 21 MiB).
 #
 # It prints the GPU and the libraries the binaries resolve, then
 #   1. the CUDA-vs-CPU tests (src/nn/cuda_tests.rs: every op with gradients, LP-CNN whole and
@@ -16,6 +18,9 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 BUNDLE=${1:-out/gpu}
 LOGS=${OUT:-out/gpu-check}
+if [[ ! -x $BUNDLE/chimap && -f out/gpu.tar.xz ]]; then
+    mkdir -p out/unpacked && tar -C out/unpacked -xJf out/gpu.tar.xz && BUNDLE=out/unpacked/gpu
+fi
 mkdir -p "$LOGS"
 status=0
 step() { echo; echo "== $*"; }
