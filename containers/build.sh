@@ -59,7 +59,7 @@ if [[ $CUDA == 1 ]]; then
         install -D -m 0755 "$(readlink -f "$lib")" "$ROOTFS/usr/local/cuda/lib64/$name"
     done
     SYSLIBS=$(LD_LIBRARY_PATH=$LINK ldd "$BIN" "$ROOTFS"/usr/local/cuda/lib64/* 2>/dev/null |
-        awk '/=> \//{print $3} /^[ \t]*\//{print $1}' | grep -v "^$LINK/" | sort -u)
+        awk '/=> \//{print $3} /^[ \t]+\//{print $1}' | grep -v "^$LINK/" | sort -u)
 else
     SYSLIBS=$(ldd "$BIN" | awk '/=> \//{print $3} /^[ \t]*\//{print $1}')
 fi
