@@ -18,6 +18,7 @@ use clap::Parser;
 
 use chimap::evaluate::metrics::{nrmse_demeaned, Reference};
 use chimap::inversion::{self, learned::Learned, MethodName, Orientation, Problem};
+use chimap::nn::device::DeviceChoice;
 use chimap::physics::fft::fast_len;
 use chimap::physics::DipoleOperator;
 use chimap::simulate::rng::Rng;
@@ -57,9 +58,9 @@ const DIRECTIONS: [[f64; 3]; 4] = [
 fn method(name: &str, weights: &Path) -> Box<dyn inversion::Method + Send + Sync> {
     let m: MethodName = clap::ValueEnum::from_str(name, true).expect("a method name");
     match m {
-        MethodName::Lpcnn | MethodName::Loopnet | MethodName::Unet => {
-            Box::new(Learned::new(m, Some(weights.to_path_buf())).expect("weights"))
-        }
+        MethodName::Lpcnn | MethodName::Loopnet | MethodName::Unet => Box::new(
+            Learned::new(m, Some(weights.to_path_buf()), DeviceChoice::Auto, 3.0).expect("weights"),
+        ),
         _ => inversion::Config {
             method: m,
             ..Default::default()

@@ -105,6 +105,16 @@ pub struct RunArgs {
     #[arg(long, value_name = "FILE", help_heading = "Processing")]
     pub weights: Option<PathBuf>,
 
+    /// Where --method lpcnn|loopnet|unet runs (overrides `inversion.device`): auto takes a
+    /// CUDA GPU when this binary was built with `--features cuda` and one opens, else the CPU.
+    #[arg(long, value_enum, value_name = "DEVICE", help_heading = "Processing")]
+    pub device: Option<crate::nn::device::DeviceChoice>,
+
+    /// Memory in GiB for the learned methods' activations, on the CPU or the GPU (overrides
+    /// `inversion.max_memory_gib`, default 3); larger volumes run in overlapping tiles.
+    #[arg(long, value_name = "GIB", help_heading = "Processing")]
+    pub max_memory: Option<f64>,
+
     /// B0 field strength in tesla for inputs whose sidecars lack `MagneticFieldStrength`
     /// (overrides `field_strength` of the config). Default: taken from the sidecars.
     #[arg(long, value_name = "TESLA", help_heading = "Processing")]
@@ -176,6 +186,10 @@ mod tests {
             "tkd",
             "--nthreads",
             "2",
+            "--device",
+            "cpu",
+            "--max-memory",
+            "1.5",
             "--overwrite",
             "--log-format",
             "json",
@@ -189,6 +203,8 @@ mod tests {
         assert_eq!(r.participant_label, vec!["sub-01", "02"]);
         assert_eq!(r.method, Some(MethodName::Tkd));
         assert_eq!(r.nthreads, Some(2));
+        assert_eq!(r.device, Some(crate::nn::device::DeviceChoice::Cpu));
+        assert_eq!(r.max_memory, Some(1.5));
         assert!(r.overwrite);
         assert_eq!(r.log_format, LogFormat::Json);
         assert_eq!(r.verbose, 2);

@@ -98,6 +98,13 @@ pub fn settings(run: &RunArgs) -> Result<Settings> {
     if let Some(w) = &run.weights {
         config.inversion.weights = Some(w.clone());
     }
+    if let Some(d) = run.device {
+        config.inversion.device = d;
+    }
+    if let Some(m) = run.max_memory {
+        crate::nn::device::budget_bytes(m)?;
+        config.inversion.max_memory_gib = m;
+    }
     if run.ignore_qc_failures {
         config.qc.ignore_failures = true;
     }

@@ -10,6 +10,7 @@ use std::path::PathBuf;
 use candle_core::{Device, Tensor};
 
 use super::{Method, MethodName, Problem};
+use crate::nn::device::{self, DeviceChoice};
 use crate::nn::dipole::DipoleSet;
 use crate::nn::loopnet::{self, LoopNet};
 use crate::nn::lpcnn::{self, LpCnn};
@@ -17,19 +18,26 @@ use crate::nn::tiling::Tiling;
 use crate::nn::{tensor_dims, weights};
 use crate::{Error, Result};
 
-/// Activation memory allowed for the CNN parts before they run in tiles.
-const MAX_MEMORY_BYTES: usize = 3 << 30;
-
 pub struct Learned {
     kind: MethodName,
     weights: PathBuf,
     /// Hex SHA-256 of the weights file, so that a Chimap names exactly the model behind it.
     sha256: String,
+    device: Device,
+    /// Activation memory allowed for the CNN parts before they run in tiles.
+    max_memory: usize,
 }
 
 impl Learned {
-    /// `kind` must be one of the learned methods.
-    pub fn new(kind: MethodName, weights: Option<PathBuf>) -> Result<Self> {
+    /// `kind` must be one of the learned methods; `device` is opened here, so that a
+    /// `--device cuda` that cannot be served fails before any processing.
+    pub fn new(
+        kind: MethodName,
+        weights: Option<PathBuf>,
+        device: DeviceChoice,
+        max_memory_gib: f64,
+    ) -> Result<Self> {
+        let max_memory = device::budget_bytes(max_memory_gib)?;
         let Some(weights) = weights else {
             return Err(Error::Usage(format!(
                 "--method {} needs --weights FILE (a safetensors file of trained weights); \
@@ -48,6 +56,8 @@ impl Learned {
             kind,
             weights,
             sha256,
+            device: device::open(device)?,
+            max_memory,
         })
     }
 }
@@ -93,7 +103,8 @@ impl Method for Learned {
     }
 
     fn invert(&self, p: &Problem) -> Result<Vec<f32>> {
-        let dev = Device::Cpu;
+        let dev = &self.device;
+        tracing::debug!("{} on {}", self.name(), device::name(dev));
         let [d, h, w] = tensor_dims(p.dims);
         let nv = d * h * w;
         let n = p.orientations.len();
@@ -102,19 +113,19 @@ impl Method for Learned {
         for o in &p.orientations {
             data.extend_from_slice(o.field);
         }
-        let fields = Tensor::from_vec(data, (1, n, d, h, w), &dev).map_err(err)?;
+        let fields = Tensor::from_vec(data, (1, n, d, h, w), dev).map_err(err)?;
         let mask: Vec<f32> = p.mask.iter().map(|&m| m as u8 as f32).collect();
-        let mask = Tensor::from_vec(mask, (1, 1, d, h, w), &dev).map_err(err)?;
+        let mask = Tensor::from_vec(mask, (1, 1, d, h, w), dev).map_err(err)?;
         let chi = match self.kind {
             MethodName::Lpcnn => {
                 let cfg: lpcnn::Config = self.architecture()?.unwrap_or_default();
-                let net = weights::build(&self.weights, "LP-CNN", &dev, |vb| LpCnn::new(&cfg, vb))?;
+                let net = weights::build(&self.weights, "LP-CNN", dev, |vb| LpCnn::new(&cfg, vb))?;
                 let b0: Vec<[f64; 3]> = p.orientations.iter().map(|o| o.b0).collect();
                 let ops = DipoleSet::new(p.dims, p.voxel_size, &b0);
                 let tiling = Tiling::for_budget(
                     [d, h, w],
-                    net.prox_bytes_per_voxel(),
-                    MAX_MEMORY_BYTES,
+                    net.prox_bytes_per_voxel(dev),
+                    self.max_memory,
                     net.prox_radius(),
                     1,
                 );
@@ -130,9 +141,8 @@ impl Method for Learned {
                     None if self.kind == MethodName::Unet => loopnet::Config::unet(),
                     None => loopnet::Config::default(),
                 };
-                let net = weights::build(&self.weights, self.name(), &dev, |vb| {
-                    LoopNet::new(&cfg, vb)
-                })?;
+                let net =
+                    weights::build(&self.weights, self.name(), dev, |vb| LoopNet::new(&cfg, vb))?;
                 // Single-orientation networks: the mean of the per-orientation estimates.
                 let mut sum: Option<Tensor> = None;
                 for i in 0..n {
@@ -193,15 +203,20 @@ mod tests {
 
     #[test]
     fn refuses_to_run_without_weights() {
-        let err = Learned::new(MethodName::Lpcnn, None)
+        let err = Learned::new(MethodName::Lpcnn, None, DeviceChoice::Cpu, 3.0)
             .err()
             .unwrap()
             .to_string();
         assert!(err.contains("--weights"), "{err}");
-        let err = Learned::new(MethodName::Unet, Some("/no/such.safetensors".into()))
-            .err()
-            .unwrap()
-            .to_string();
+        let err = Learned::new(
+            MethodName::Unet,
+            Some("/no/such.safetensors".into()),
+            DeviceChoice::Cpu,
+            3.0,
+        )
+        .err()
+        .unwrap()
+        .to_string();
         assert!(err.contains("/no/such.safetensors"), "{err}");
     }
 
@@ -224,13 +239,13 @@ mod tests {
         let field = crate::nn::testing::random(512, 1);
         let mask: Vec<bool> = (0..512).map(|i| i % 7 != 0).collect();
         let problem = cube(&field, &mask);
-        let chi = Learned::new(MethodName::Unet, Some(unet.clone()))
+        let chi = Learned::new(MethodName::Unet, Some(unet.clone()), DeviceChoice::Cpu, 3.0)
             .unwrap()
             .invert(&problem)
             .unwrap();
         assert_eq!(chi.len(), 512);
         assert!(chi.iter().zip(&mask).all(|(c, &m)| m || *c == 0.0));
-        let err = Learned::new(MethodName::Lpcnn, Some(unet))
+        let err = Learned::new(MethodName::Lpcnn, Some(unet), DeviceChoice::Cpu, 3.0)
             .unwrap()
             .invert(&problem)
             .unwrap_err()
@@ -239,7 +254,8 @@ mod tests {
             err.contains("unet.safetensors") && err.contains("LP-CNN"),
             "{err}"
         );
-        let method = Learned::new(MethodName::Lpcnn, Some(lp.clone())).unwrap();
+        let method =
+            Learned::new(MethodName::Lpcnn, Some(lp.clone()), DeviceChoice::Cpu, 3.0).unwrap();
         let recorded = method.parameters()["WeightsSha256"]
             .as_str()
             .unwrap()
@@ -284,12 +300,17 @@ mod tests {
         let field = crate::nn::testing::random(512, 2);
         let mask = vec![true; 512];
         let problem = cube(&field, &mask);
-        let chi = Learned::new(MethodName::Lpcnn, Some(path.clone()))
-            .unwrap()
-            .invert(&problem)
-            .unwrap();
+        let chi = Learned::new(
+            MethodName::Lpcnn,
+            Some(path.clone()),
+            DeviceChoice::Cpu,
+            3.0,
+        )
+        .unwrap()
+        .invert(&problem)
+        .unwrap();
         assert!(chi.iter().all(|c| c.is_finite()) && chi.iter().any(|&c| c != 0.0));
-        let err = Learned::new(MethodName::Loopnet, Some(path))
+        let err = Learned::new(MethodName::Loopnet, Some(path), DeviceChoice::Cpu, 3.0)
             .unwrap()
             .invert(&problem)
             .unwrap_err()

@@ -192,6 +192,11 @@ pub struct Config {
     /// Weights (safetensors) of the learned methods; required by them, no default.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub weights: Option<PathBuf>,
+    /// Where the learned methods run (`--device`): auto, cpu or cuda.
+    pub device: crate::nn::device::DeviceChoice,
+    /// Memory for the learned methods' activations, in GiB (`--max-memory`), on the CPU or
+    /// the GPU; larger volumes run in overlapping tiles.
+    pub max_memory_gib: f64,
 }
 
 impl Default for Config {
@@ -204,6 +209,8 @@ impl Default for Config {
             tv: tv::Config::default(),
             cosmos: cosmos::Config::default(),
             weights: None,
+            device: Default::default(),
+            max_memory_gib: 3.0,
         }
     }
 }
@@ -217,7 +224,12 @@ impl Config {
             MethodName::Ilsqr => Box::new(ilsqr::Ilsqr::new(self.ilsqr.clone())),
             MethodName::Tv => Box::new(tv::TvAdmm::new(self.tv.clone())),
             MethodName::Cosmos => Box::new(cosmos::Cosmos::new(self.cosmos.clone())),
-            m => Box::new(learned::Learned::new(m, self.weights.clone())?),
+            m => Box::new(learned::Learned::new(
+                m,
+                self.weights.clone(),
+                self.device,
+                self.max_memory_gib,
+            )?),
         })
     }
 }

@@ -492,6 +492,11 @@ pub fn conv3d_bias_act(
     relu: bool,
 ) -> Result<Tensor> {
     conv_shape(x.dims(), w.dims(), pad)?;
+    if !x.device().is_cpu() {
+        let y =
+            conv3d_by_depth_taps(x, w, pad)?.broadcast_add(&bias.reshape((1, (), 1, 1, 1))?)?;
+        return if relu { y.relu() } else { Ok(y) };
+    }
     let bias = bias.flatten_all()?.to_vec1::<f32>()?;
     x.contiguous()?
         .apply_op2_no_bwd(&w.contiguous()?, &FusedConv3dOp { pad, bias, relu })
@@ -503,8 +508,46 @@ pub fn conv3d(x: &Tensor, w: &Tensor, pad: usize) -> Result<Tensor> {
         candle_core::bail!("conv3d: f32 tensors only");
     }
     conv_shape(x.dims(), w.dims(), pad)?;
+    if !x.device().is_cpu() {
+        return conv3d_by_depth_taps(x, w, pad);
+    }
     x.contiguous()?
         .apply_op2(&w.contiguous()?, Conv3dOp { pad })
+}
+
+/// The same convolution composed from Candle's own ops, for the devices that have no CPU
+/// GEMM: a sum over the `k` depth taps of 2D convolutions over (H, W), each taking the
+/// depth-shifted slab of the input as a batch of `N·Do` images. Candle differentiates it
+/// (on CUDA, its conv2d is an im2col + cuBLAS GEMM), so it needs no backward of its own.
+/// Memory: one tap's im2col buffer, `9·Cin` values per voxel for k = 3.
+pub fn conv3d_by_depth_taps(x: &Tensor, w: &Tensor, pad: usize) -> Result<Tensor> {
+    let s = conv_shape(x.dims(), w.dims(), pad)?;
+    let [_, h, ww] = s.dims;
+    let [od, oh, ow] = s.out_dims();
+    // [N, Cin, D, H, W] -> [N, Dp, Cin, H, W]: a depth slab is then N·Do images of Cin planes.
+    let xt = x.permute((0, 2, 1, 3, 4))?;
+    let xt = if pad > 0 {
+        xt.pad_with_zeros(1, pad, pad)?
+    } else {
+        xt
+    };
+    let mut acc: Option<Tensor> = None;
+    for kd in 0..s.k {
+        let slab = xt
+            .narrow(1, kd, od)?
+            .contiguous()?
+            .reshape((s.batch * od, s.cin, h, ww))?;
+        let wk = w.narrow(2, kd, 1)?.squeeze(2)?.contiguous()?;
+        let y = slab.conv2d(&wk, pad, 1, 1, 1)?;
+        acc = Some(match acc {
+            None => y,
+            Some(a) => (a + y)?,
+        });
+    }
+    let y = acc.expect("a kernel has at least one tap");
+    y.reshape((s.batch, od, s.cout, oh, ow))?
+        .permute((0, 2, 1, 3, 4))?
+        .contiguous()
 }
 
 /// A 3D convolution layer: cubic kernel, stride 1, "same" padding for odd kernels, optional
@@ -805,6 +848,34 @@ mod tests {
                 "voxel {j}: finite difference {fd} vs autograd {}",
                 g[j]
             );
+        }
+    }
+
+    /// The composed version (the CUDA path) against the GEMM op on the CPU: same values,
+    /// same gradients for x and w.
+    #[test]
+    fn depth_tap_composition_matches_the_gemm_op_and_its_gradients() {
+        for (i, s) in shapes().iter().enumerate().take(6) {
+            let xs = (s.batch, s.cin, s.dims[0], s.dims[1], s.dims[2]);
+            let x = Var::from_tensor(&random_tensor(xs, 40 + i as u64)).unwrap();
+            let ws = (s.cout, s.cin, s.k, s.k, s.k);
+            let w = Var::from_tensor(&random_tensor(ws, 50 + i as u64)).unwrap();
+            let [od, oh, ow] = s.out_dims();
+            let r = random_tensor((s.batch, s.cout, od, oh, ow), 60 + i as u64);
+            let run = |f: &dyn Fn(&Tensor, &Tensor, usize) -> Result<Tensor>| {
+                let y = f(x.as_tensor(), w.as_tensor(), s.pad).unwrap();
+                let g = (&y * &r).unwrap().sum_all().unwrap().backward().unwrap();
+                let gx = values(g.get(x.as_tensor()).unwrap());
+                let gw = values(g.get(w.as_tensor()).unwrap());
+                (values(&y), gx, gw)
+            };
+            let (y0, gx0, gw0) = run(&conv3d);
+            let (y1, gx1, gw1) = run(&conv3d_by_depth_taps);
+            for (name, a, b) in [("y", y0, y1), ("dx", gx0, gx1), ("dw", gw0, gw1)] {
+                let want: Vec<f64> = a.iter().map(|&v| v as f64).collect();
+                let err = max_rel_err(&b, &want);
+                assert!(err < 1e-5, "{s:?} {name}: error {err}");
+            }
         }
     }
 

@@ -5,7 +5,8 @@
 //! direction); [`DipoleSet::adjoint`] maps fields back, `Σ_b D_b f_b`. Each is the other's
 //! backward pass because every `D_b` is real and even (self-adjoint). The transforms are the
 //! project's `physics::DipoleOperator`s; tensor dims are the reverse of physics dims (see
-//! [`super`]).
+//! [`super`]). On a CUDA device (`--features cuda`) the same ops run on cuFFT
+//! (`super::dipole_cuda`).
 
 use super::contiguous_f32;
 use std::sync::Arc;
@@ -20,6 +21,9 @@ use crate::physics::DipoleOperator;
 #[derive(Clone)]
 pub struct DipoleSet {
     ops: Arc<Vec<DipoleOperator>>,
+    /// FFT plans and kernels on the GPU, made on first use there.
+    #[cfg(feature = "cuda")]
+    gpu: Arc<super::dipole_cuda::Slot>,
 }
 
 impl DipoleSet {
@@ -34,7 +38,11 @@ impl DipoleSet {
             .par_iter()
             .map(|&b| DipoleOperator::new(dims, voxel_size, b))
             .collect();
-        DipoleSet { ops: Arc::new(ops) }
+        DipoleSet {
+            ops: Arc::new(ops),
+            #[cfg(feature = "cuda")]
+            gpu: Default::default(),
+        }
     }
 
     /// Number of B0 directions.
@@ -114,6 +122,15 @@ impl CustomOp1 for Forward {
         Ok((CpuStorage::F32(out), Shape::from(dims)))
     }
 
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s: &candle_core::CudaStorage,
+        l: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        super::dipole_cuda::forward(&self.0, &self.0.gpu, s, l)
+    }
+
     fn bwd(&self, _x: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
         Ok(Some(self.0.adjoint(grad)?))
     }
@@ -150,6 +167,15 @@ impl CustomOp1 for Adjoint {
         let mut dims = l.dims().to_vec();
         dims[1] = 1;
         Ok((CpuStorage::F32(out), Shape::from(dims)))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s: &candle_core::CudaStorage,
+        l: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        super::dipole_cuda::adjoint(&self.0, &self.0.gpu, s, l)
     }
 
     fn bwd(&self, _x: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {

@@ -203,9 +203,11 @@ impl LpCnn {
     }
 
     /// Approximate activation memory of the prox at inference, per voxel: a few C-channel
-    /// f32 tensors are alive at once.
-    pub fn prox_bytes_per_voxel(&self) -> usize {
-        4 * 4 * self.cfg.channels
+    /// f32 tensors are alive at once; on CUDA a convolution also holds Candle's im2col
+    /// buffer of one depth tap (9·C values) and its partial sums (see [`super::conv3d`]).
+    pub fn prox_bytes_per_voxel(&self, dev: &candle_core::Device) -> usize {
+        let alive = if dev.is_cuda() { 4 + 9 + 4 } else { 4 };
+        4 * alive * self.cfg.channels
     }
 
     fn run(

@@ -7,10 +7,15 @@
 //! dims are the reverse of a tensor's last three dims (see [`tensor_dims`]).
 //!
 //! Candle (0.11) has no 3D convolution, pooling, upsampling or FFT; [`conv3d`], [`pool`] and
-//! [`dipole`] add them as custom ops with backward passes.
+//! [`dipole`] add them as custom ops with backward passes. On CUDA (`--features cuda`,
+//! [`device`]) the convolution and the pooling are composed from Candle's own ops, which
+//! Candle differentiates, and the dipole ops run on cuFFT.
 
 pub mod conv3d;
+pub mod device;
 pub mod dipole;
+#[cfg(feature = "cuda")]
+mod dipole_cuda;
 pub mod ghpa;
 pub mod layers;
 pub mod loopnet;
@@ -19,6 +24,8 @@ pub mod pool;
 pub mod tiling;
 pub mod weights;
 
+#[cfg(all(test, feature = "cuda"))]
+mod cuda_tests;
 #[cfg(test)]
 pub(crate) mod testing;
 

@@ -1,7 +1,9 @@
 //! 2× max pooling and 2× nearest-neighbour upsampling of `[N, C, D, H, W]` tensors.
 //!
-//! Max pooling is a custom op (Candle's reductions over an 8-D view would copy and keep a mask
-//! of every tie); its gradient goes to the first maximum of each 2×2×2 cell, as in PyTorch.
+//! Max pooling is a custom op on the CPU (Candle's reductions over an 8-D view would copy and
+//! keep a mask of every tie); its gradient goes to the first maximum of each 2×2×2 cell, as in
+//! PyTorch. Other devices (CUDA) take those reductions, [`max_pool2_by_reduction`], whose
+//! gradient is shared by tied maxima: the same for real-valued data.
 //! Upsampling is a broadcast, so Candle differentiates it (the gradient sums each cell).
 
 use super::contiguous_f32;
@@ -104,7 +106,20 @@ pub fn max_pool2(x: &Tensor) -> Result<Tensor> {
     if d % 2 + h % 2 + w % 2 != 0 || x.dtype() != DType::F32 {
         candle_core::bail!("max-pool: needs even f32 dims, got {:?}", x.dims());
     }
+    if !x.device().is_cpu() {
+        return max_pool2_by_reduction(x);
+    }
     x.contiguous()?.apply_op1(MaxPool2)
+}
+
+/// 2×2×2 max pooling from Candle's max reductions over a `[N, C, D/2, 2, H/2, 2, W/2, 2]`
+/// view: runs and differentiates on every device.
+pub fn max_pool2_by_reduction(x: &Tensor) -> Result<Tensor> {
+    let [n, c, d, h, w] = dims5(x.dims(), "max-pool")?;
+    x.reshape(vec![n, c, d / 2, 2, h / 2, 2, w / 2, 2])?
+        .max(7)?
+        .max(5)?
+        .max(3)
 }
 
 /// 2× nearest-neighbour upsampling along D, H and W.
@@ -154,6 +169,22 @@ mod tests {
             }
         }
         assert_eq!(g, want_g);
+    }
+
+    /// The reduction version (the CUDA path) against the CPU op: same values and gradients.
+    #[test]
+    fn reduction_pooling_matches_the_cpu_op() {
+        let x = Var::from_tensor(&random_tensor((2, 3, 6, 4, 8), 5)).unwrap();
+        let r = random_tensor((2, 3, 3, 2, 4), 6);
+        let run = |f: &dyn Fn(&Tensor) -> Result<Tensor>| {
+            let y = f(x.as_tensor()).unwrap();
+            let g = (&y * &r).unwrap().sum_all().unwrap().backward().unwrap();
+            (values(&y), values(g.get(&x).unwrap()))
+        };
+        let (y0, g0) = run(&max_pool2);
+        let (y1, g1) = run(&max_pool2_by_reduction);
+        assert_eq!(y0, y1);
+        assert_eq!(g0, g1);
     }
 
     #[test]

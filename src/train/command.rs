@@ -24,6 +24,10 @@ pub struct TrainArgs {
     /// Output folder: checkpoint, log, loss plot, final weights.
     #[arg(long, value_name = "DIR")]
     pub out: Option<PathBuf>,
+    /// Where the model trains: auto takes a CUDA GPU when this binary was built with
+    /// `--features cuda` and one opens, else the CPU.
+    #[arg(long, value_enum, value_name = "DEVICE", default_value = "auto")]
+    pub device: crate::nn::device::DeviceChoice,
     /// Print the complete default training configuration and stop.
     #[arg(long)]
     pub print_default_config: bool,
@@ -101,13 +105,15 @@ pub fn run(args: &TrainArgs) -> Result<()> {
         .as_deref()
         .map(TrainConfig::from_file)
         .transpose()?;
+    let device = crate::nn::device::open(args.device)?;
+    tracing::info!("training on {}", crate::nn::device::name(&device));
     let mut t = match &args.resume {
-        Some(ckpt) => Trainer::resume(ckpt, args.model, cfg.as_ref())?,
+        Some(ckpt) => Trainer::resume_on(ckpt, args.model, cfg.as_ref(), &device)?,
         None => {
             let kind = args.model.ok_or_else(|| {
                 Error::Usage("chimap train needs --model lpcnn|loopnet|unet (or --resume)".into())
             })?;
-            Trainer::new(kind, &cfg.unwrap_or_default())?
+            Trainer::new_on(kind, &cfg.unwrap_or_default(), &device)?
         }
     };
     std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
@@ -308,6 +314,7 @@ mod tests {
             config: Some(cfg_path),
             resume: None,
             out: Some(out.clone()),
+            device: crate::nn::device::DeviceChoice::Cpu,
             print_default_config: false,
         };
         run(&args).unwrap();

@@ -13,7 +13,7 @@ use candle_nn::VarMap;
 
 use super::adam::Adam;
 use super::config::{ModelKind, TrainConfig};
-use super::init::seeded_var_builder;
+use super::init::seeded_var_builder_on;
 use super::synth::{Batch, Stream, Synth};
 use crate::evaluate::metrics::{nrmse_demeaned, Reference};
 use crate::nn::dipole::DipoleSet;
@@ -57,6 +57,8 @@ pub struct Trainer {
     adam: Adam,
     synth: Synth,
     step: u64,
+    /// Where the variables live and the batches are computed.
+    device: Device,
 }
 
 fn nn_err(e: candle_core::Error) -> Error {
@@ -67,6 +69,11 @@ impl Trainer {
     /// A fresh run: seeded initial weights; for LP-CNN, the z-score statistics of the
     /// training targets.
     pub fn new(kind: ModelKind, cfg: &TrainConfig) -> Result<Self> {
+        Self::new_on(kind, cfg, &Device::Cpu)
+    }
+
+    /// [`Self::new`] with the model on `device` (`chimap train --device`).
+    pub fn new_on(kind: ModelKind, cfg: &TrainConfig, device: &Device) -> Result<Self> {
         if kind != ModelKind::Lpcnn && cfg.data.orientations != 1 {
             return Err(Error::Config(format!(
                 "{} is a single-orientation model; set data.orientations to 1",
@@ -75,7 +82,7 @@ impl Trainer {
         }
         let synth = Synth::new(&cfg.data, cfg.seed)?;
         let vm = VarMap::new();
-        let vb = seeded_var_builder(&vm, cfg.seed);
+        let vb = seeded_var_builder_on(&vm, cfg.seed, device);
         let net = match kind {
             ModelKind::Lpcnn => Net::Lp(LpCnn::new(&cfg.model.lpcnn, vb).map_err(nn_err)?),
             ModelKind::Loopnet => Net::Loop(LoopNet::new(&cfg.model.loopnet, vb).map_err(nn_err)?),
@@ -94,6 +101,7 @@ impl Trainer {
             adam,
             synth,
             step: 0,
+            device: device.clone(),
         };
         if kind == ModelKind::Lpcnn {
             let (mean, std) = t.target_statistics();
@@ -109,6 +117,16 @@ impl Trainer {
         checkpoint: &Path,
         kind: Option<ModelKind>,
         cfg: Option<&TrainConfig>,
+    ) -> Result<Self> {
+        Self::resume_on(checkpoint, kind, cfg, &Device::Cpu)
+    }
+
+    /// [`Self::resume`] with the model on `device`.
+    pub fn resume_on(
+        checkpoint: &Path,
+        kind: Option<ModelKind>,
+        cfg: Option<&TrainConfig>,
+        device: &Device,
     ) -> Result<Self> {
         let (tensors, meta) = weights::read(checkpoint)?;
         let bad = |msg: String| Error::input(checkpoint, msg);
@@ -138,7 +156,13 @@ impl Trainer {
             Some(c) => c.clone(),
             None => TrainConfig::from_yaml(saved).map_err(|e| bad(e.to_string()))?,
         };
-        let mut t = Trainer::new(saved_kind, &cfg)?;
+        let mut t = Trainer::new_on(saved_kind, &cfg, device)?;
+        // The checkpoint is read on the host; the run continues on `device`.
+        let tensors: std::collections::HashMap<String, Tensor> = tensors
+            .into_iter()
+            .map(|(k, v)| Ok((k, v.to_device(device)?)))
+            .collect::<candle_core::Result<_>>()
+            .map_err(nn_err)?;
         {
             let data = t.vm.data().lock().expect("var map lock");
             for (name, var) in data.iter() {
@@ -277,9 +301,9 @@ impl Trainer {
     /// χ `[N, 1, D, H, W]` for a batch.
     fn predict(&self, b: &Batch, train: bool) -> candle_core::Result<Tensor> {
         let [d, h, w] = tensor_dims(b.dims);
-        let dev = Device::Cpu;
-        let mask = Tensor::from_slice(&b.mask, (b.n, 1, d, h, w), &dev)?;
-        let fields = Tensor::from_slice(&b.fields, (b.n, b.b0.len(), d, h, w), &dev)?;
+        let dev = &self.device;
+        let mask = Tensor::from_slice(&b.mask, (b.n, 1, d, h, w), dev)?;
+        let fields = Tensor::from_slice(&b.fields, (b.n, b.b0.len(), d, h, w), dev)?;
         match &self.net {
             Net::Lp(net) => {
                 let ops = DipoleSet::new(b.dims, b.voxel_size, &b.b0);
@@ -294,9 +318,9 @@ impl Trainer {
     /// fused output).
     fn loss(&self, b: &Batch, train: bool) -> candle_core::Result<Tensor> {
         let [d, h, w] = tensor_dims(b.dims);
-        let dev = Device::Cpu;
-        let target = Tensor::from_slice(&b.chi, (b.n, 1, d, h, w), &dev)?;
-        let mask = Tensor::from_slice(&b.mask, (b.n, 1, d, h, w), &dev)?;
+        let dev = &self.device;
+        let target = Tensor::from_slice(&b.chi, (b.n, 1, d, h, w), dev)?;
+        let mask = Tensor::from_slice(&b.mask, (b.n, 1, d, h, w), dev)?;
         let inside = b.mask.iter().sum::<f32>().max(1.0) as f64;
         let mse = |x: &Tensor| -> candle_core::Result<Tensor> {
             ((x - &target)? * &mask)?.sqr()?.sum_all()? / inside
@@ -344,7 +368,7 @@ impl Trainer {
         let var = data
             .get(name)
             .ok_or_else(|| Error::Numerics(format!("model has no variable {name}")))?;
-        let t = Tensor::full(value as f32, var.shape(), &Device::Cpu).map_err(nn_err)?;
+        let t = Tensor::full(value as f32, var.shape(), var.device()).map_err(nn_err)?;
         var.set(&t).map_err(nn_err)
     }
 

@@ -1,0 +1,158 @@
+//! Whole-head inference of the learned methods on the CPU and on CUDA, measured in one run:
+//! LP-CNN (published architecture, tiled under the memory budget as in the app) and LoopNet,
+//! time and peak memory per device, and the CPU/CUDA time ratio. Random weights: speed and
+//! memory do not depend on them.
+//!
+//! `cargo bench --features cuda --bench device [-- --dims 200,230,190] [--max-memory GIB]
+//!  [--skip-cpu]`. Without the `cuda` feature only the CPU rows are printed.
+
+use std::time::Instant;
+
+use candle_core::{DType, Device, Tensor};
+use candle_nn::{VarBuilder, VarMap};
+
+use chimap::nn::device::{self, DeviceChoice};
+use chimap::nn::dipole::DipoleSet;
+use chimap::nn::loopnet::{self, LoopNet};
+use chimap::nn::lpcnn::{Config, LpCnn};
+use chimap::nn::tiling::Tiling;
+
+/// Peak resident memory of this process so far (Linux), in GiB.
+fn peak_rss_gib() -> f64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+        .map_or(f64::NAN, |kb| kb / (1024.0 * 1024.0))
+}
+
+/// Samples the GPU's used memory while `f` runs; returns `f`'s seconds and the peak rise of
+/// used memory in GiB (on the CPU: the process's peak RSS so far).
+fn measure(dev: &Device, f: impl FnOnce()) -> (f64, f64) {
+    #[cfg(feature = "cuda")]
+    if let Device::Cuda(cuda) = dev {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        use std::sync::Arc;
+        let ctx = cuda.cuda_stream().context().clone();
+        let used = move || ctx.mem_get_info().map_or(0, |(free, total)| total - free);
+        let base = used();
+        let done = Arc::new(AtomicBool::new(false));
+        let flag = done.clone();
+        let sampler = std::thread::spawn(move || {
+            let mut peak = 0;
+            while !flag.load(Ordering::Relaxed) {
+                peak = peak.max(used());
+                std::thread::sleep(std::time::Duration::from_millis(5));
+            }
+            peak.max(used())
+        });
+        let s = Instant::now();
+        f();
+        dev.synchronize().unwrap();
+        let t = s.elapsed().as_secs_f64();
+        done.store(true, Ordering::Relaxed);
+        let peak = sampler.join().unwrap();
+        return (t, peak.saturating_sub(base) as f64 / (1u64 << 30) as f64);
+    }
+    let s = Instant::now();
+    f();
+    dev.synchronize().unwrap();
+    (s.elapsed().as_secs_f64(), peak_rss_gib())
+}
+
+fn arg<'a>(args: &'a [String], name: &str) -> Option<&'a str> {
+    let i = args.iter().position(|a| a == name)?;
+    args.get(i + 1).map(String::as_str)
+}
+
+struct Row {
+    device: String,
+    lpcnn: (f64, f64),
+    loopnet: (f64, f64),
+}
+
+fn run(dev: &Device, dims: [usize; 3], budget: usize) -> Row {
+    let [nx, ny, nz] = dims;
+    let y = Tensor::randn(0f32, 0.05, (1, 1, nz, ny, nx), dev).unwrap();
+    let mask = Tensor::ones((1, 1, nz, ny, nx), DType::F32, dev).unwrap();
+    let vm = VarMap::new();
+    let net = LpCnn::new(
+        &Config::default(),
+        VarBuilder::from_varmap(&vm, DType::F32, dev),
+    )
+    .unwrap();
+    let ops = DipoleSet::new(dims, [1.0; 3], &[[0.0, 0.0, 1.0]]);
+    // The app's tiling rule (src/inversion/learned.rs).
+    let tiling = Tiling::for_budget(
+        [nz, ny, nx],
+        net.prox_bytes_per_voxel(dev),
+        budget,
+        net.prox_radius(),
+        1,
+    );
+    // Warm-up on a small cube (kernel loading, cuBLAS and cuFFT plans).
+    let small = DipoleSet::new([16; 3], [1.0; 3], &[[0.0, 0.0, 1.0]]);
+    let ys = Tensor::zeros((1, 1, 16, 16, 16), DType::F32, dev).unwrap();
+    net.forward_t(&ys, &small, &ys.ones_like().unwrap(), false)
+        .unwrap();
+    let lpcnn = measure(dev, || {
+        let chi = match &tiling {
+            Some(t) => net.infer_tiled(&y, &ops, &mask, t),
+            None => net.forward_t(&y, &ops, &mask, false),
+        }
+        .unwrap();
+        std::hint::black_box(chi.to_dtype(DType::F32).unwrap());
+    });
+    drop(net);
+    let vm = VarMap::new();
+    let cfg = loopnet::Config::default();
+    let net = LoopNet::new(&cfg, VarBuilder::from_varmap(&vm, DType::F32, dev)).unwrap();
+    let loopnet = measure(dev, || {
+        std::hint::black_box(net.forward_t(&y, false).unwrap().chi);
+    });
+    Row {
+        device: device::name(dev),
+        lpcnn,
+        loopnet,
+    }
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let dims: Vec<usize> = arg(&args, "--dims")
+        .unwrap_or("200,230,190")
+        .split(',')
+        .map(|v| v.parse().expect("--dims NX,NY,NZ"))
+        .collect();
+    let dims = [dims[0], dims[1], dims[2]];
+    let gib: f64 = arg(&args, "--max-memory").map_or(3.0, |v| v.parse().expect("GiB"));
+    let budget = device::budget_bytes(gib).unwrap();
+    let mut rows = Vec::new();
+    if !args.iter().any(|a| a == "--skip-cpu") {
+        rows.push(run(&Device::Cpu, dims, budget));
+    }
+    match device::open(DeviceChoice::Cuda) {
+        Ok(dev) => rows.push(run(&dev, dims, budget)),
+        Err(e) => println!("CUDA: not measured ({e})"),
+    }
+    println!(
+        "whole volume {}x{}x{}, 1 orientation, --max-memory {gib} GiB; peak memory: process RSS \
+         (CPU), rise of the GPU's used memory (CUDA)",
+        dims[0], dims[1], dims[2]
+    );
+    for r in &rows {
+        println!(
+            "  {:7} LP-CNN {:8.2} s {:6.2} GiB | LoopNet {:8.2} s {:6.2} GiB",
+            r.device, r.lpcnn.0, r.lpcnn.1, r.loopnet.0, r.loopnet.1
+        );
+    }
+    println!("  peak process RSS: {:.2} GiB", peak_rss_gib());
+    if let [cpu, gpu] = &rows[..] {
+        println!(
+            "  CPU / CUDA time: LP-CNN {:.1}x, LoopNet {:.1}x",
+            cpu.lpcnn.0 / gpu.lpcnn.0,
+            cpu.loopnet.0 / gpu.loopnet.0
+        );
+    }
+}
