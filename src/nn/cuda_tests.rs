@@ -183,6 +183,7 @@ fn loopnet_with_ghpa_matches_the_cpu() {
         ghpa_from_level: 1,
         ghpa_map_size: 4,
         fuse: true,
+        deep_supervision: false,
     };
     let vm = VarMap::new();
     let cpu_net =

@@ -327,13 +327,13 @@ impl Trainer {
         };
         match &self.net {
             Net::Loop(net) if net.config().deep_supervision => {
-                let fields = Tensor::from_slice(&b.fields, (b.n, 1, d, h, w), &dev)?;
+                let fields = Tensor::from_slice(&b.fields, (b.n, 1, d, h, w), dev)?;
                 let out = net.forward_t(&fields, train)?;
                 let weights = net.config().loop_weights();
                 let mut total = if net.config().fuse && out.loops.len() > 1 {
                     mse(&out.chi)?
                 } else {
-                    Tensor::zeros((), candle_core::DType::F32, &dev)?
+                    Tensor::zeros((), candle_core::DType::F32, dev)?
                 };
                 for (x, wt) in out.loops.iter().zip(weights) {
                     total = (total + (mse(x)? * wt)?)?;
