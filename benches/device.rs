@@ -17,15 +17,8 @@ use chimap::nn::loopnet::{self, LoopNet};
 use chimap::nn::lpcnn::{Config, LpCnn};
 use chimap::nn::tiling::Tiling;
 
-/// Peak resident memory of this process so far (Linux), in GiB.
-fn peak_rss_gib() -> f64 {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
-        .map_or(f64::NAN, |kb| kb / (1024.0 * 1024.0))
-}
+mod common;
+use common::peak_rss_gib;
 
 /// Samples the GPU's used memory while `f` runs; returns `f`'s seconds and the peak rise of
 /// used memory in GiB (on the CPU: the process's peak RSS so far).

@@ -17,15 +17,8 @@ use chimap::nn::dipole::DipoleSet;
 use chimap::nn::loopnet::{self, LoopNet};
 use chimap::nn::lpcnn::{Config, LpCnn};
 
-/// Peak resident memory of this process so far (Linux), in GiB.
-fn peak_gib() -> f64 {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
-        .map_or(f64::NAN, |kb| kb / (1024.0 * 1024.0))
-}
+mod common;
+use common::peak_rss_gib;
 
 fn secs<T>(f: impl FnOnce() -> T) -> f64 {
     let s = Instant::now();
@@ -134,7 +127,7 @@ fn main() {
         t * head,
         t * head * mm_now / 155.0,
     );
-    println!("  peak resident memory so far: {:.2} GiB", peak_gib());
+    println!("  peak resident memory so far: {:.2} GiB", peak_rss_gib());
 
     for (name, cfg) in [
         ("LoopNet", loopnet::Config::default()),
@@ -152,5 +145,5 @@ fn main() {
             t * head
         );
     }
-    println!("peak resident memory: {:.2} GiB", peak_gib());
+    println!("peak resident memory: {:.2} GiB", peak_rss_gib());
 }

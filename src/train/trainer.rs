@@ -527,16 +527,20 @@ mod tests {
             cfg.data.nifti_fraction = 0.0;
             let mut t = Trainer::new(kind, &cfg).unwrap();
             let batch = t.synth.batch(Stream::Train, 0, 2);
-            let loss = |t: &Trainer| -> f32 { t.loss(&batch, true).unwrap().to_scalar().unwrap() };
-            let before = loss(&t);
-            for _ in 0..10 {
-                let l = t.loss(&batch, true).unwrap();
-                let g = l.backward().unwrap();
-                t.adam.step(&g, 1e-2).unwrap();
-            }
-            let after = loss(&t);
+            let (before, after) = ten_steps_on(&mut t, &batch);
             assert!(after < 0.8 * before, "{kind:?}: {before} -> {after}");
         }
+    }
+
+    /// The loss of `batch` before and after ten Adam steps on it alone.
+    fn ten_steps_on(t: &mut Trainer, batch: &Batch) -> (f32, f32) {
+        let loss = |t: &Trainer| -> f32 { t.loss(batch, true).unwrap().to_scalar().unwrap() };
+        let before = loss(t);
+        for _ in 0..10 {
+            let g = t.loss(batch, true).unwrap().backward().unwrap();
+            t.adam.step(&g, 1e-2).unwrap();
+        }
+        (before, loss(t))
     }
 
     /// Training on a derivative dataset from `chimap simulate`'s truth: batches come from
@@ -557,14 +561,7 @@ mod tests {
         let batch = t.synth.batch(Stream::Train, 0, 2);
         assert_eq!(batch.voxel_size, [3.0; 3]);
         assert_eq!(t.synth.batch(Stream::Validation, 0, 2).voxel_size, [3.0; 3]);
-        let loss = |t: &Trainer| -> f32 { t.loss(&batch, true).unwrap().to_scalar().unwrap() };
-        let before = loss(&t);
-        for _ in 0..10 {
-            let l = t.loss(&batch, true).unwrap();
-            let g = l.backward().unwrap();
-            t.adam.step(&g, 1e-2).unwrap();
-        }
-        let after = loss(&t);
+        let (before, after) = ten_steps_on(&mut t, &batch);
         assert!(after < 0.8 * before, "{before} -> {after}");
         for _ in 0..2 {
             assert!(t.train_step().unwrap().is_finite());
