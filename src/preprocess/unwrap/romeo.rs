@@ -250,20 +250,6 @@ pub struct Growth {
     pub tree_cost: u64,
 }
 
-/// The six face neighbours of voxel `v` with the edge joining them.
-fn neighbours(v: usize, dims: [usize; 3]) -> impl Iterator<Item = (usize, usize)> {
-    let [nx, ny, nz] = dims;
-    let (i, j, k) = (v % nx, (v / nx) % ny, v / (nx * ny));
-    let s = [1, nx, nx * ny];
-    let low = [i > 0, j > 0, k > 0];
-    let high = [i + 1 < nx, j + 1 < ny, k + 1 < nz];
-    (0..3).flat_map(move |d| {
-        let down = low[d].then(|| (v - s[d], 3 * (v - s[d]) + d));
-        let up = high[d].then(|| (v + s[d], 3 * v + d));
-        down.into_iter().chain(up)
-    })
-}
-
 /// One voxel's state during growth, packed so that visiting a voxel touches one cache line:
 /// growth is bound by the latency of random reads, not by arithmetic.
 #[derive(Clone, Copy)]
@@ -294,26 +280,6 @@ const PREFETCH: usize = 8;
 pub fn grow(dims: [usize; 3], phase: &[f32], costs: &[u8], cfg: &RomeoConfig) -> Growth {
     let n = phase.len();
     let stride = [1, dims[0], dims[0] * dims[1]];
-    // Seed order: voxels by the mean quality of their edges (isolated voxels last).
-    let seed_cost: Vec<u8> = (0..n)
-        .into_par_iter()
-        .map(|v| {
-            let (mut sum, mut cnt) = (0.0f32, 0u32);
-            for (_, e) in neighbours(v, dims) {
-                if costs[e] != NO_EDGE {
-                    sum += weight_of(costs[e]);
-                    cnt += 1;
-                }
-            }
-            if cnt == 0 {
-                WORST
-            } else {
-                cost_of(sum / cnt as f32)
-            }
-        })
-        .collect();
-    let order = counting_sort(&seed_cost);
-
     let mut cells: Vec<Cell> = (0..n)
         .into_par_iter()
         .map(|v| {
@@ -339,6 +305,23 @@ pub fn grow(dims: [usize; 3], phase: &[f32], costs: &[u8], cfg: &RomeoConfig) ->
             }
         })
         .collect();
+    // Seed order: voxels by the mean quality of their edges (isolated voxels last).
+    let seed_cost: Vec<u8> = cells
+        .par_iter()
+        .map(|c| {
+            let (mut sum, mut cnt) = (0.0f32, 0u32);
+            for &e in c.costs.iter().filter(|&&e| e != NO_EDGE) {
+                sum += weight_of(e);
+                cnt += 1;
+            }
+            if cnt == 0 {
+                WORST
+            } else {
+                cost_of(sum / cnt as f32)
+            }
+        })
+        .collect();
+    let order = counting_sort(&seed_cost);
     // Whether each voxel is reached, one bit each: small enough to stay in cache, so the
     // many queued edges to voxels reached meanwhile are dropped without a read of their cell.
     let mut reached = Bits::new(n);
@@ -511,7 +494,7 @@ pub fn align_to_reference(
             let w = weights.map_or(1.0, |w| w[v] as f64);
             let now = phase[v] + TAU * g.turns[v] as f32;
             let k = ((reference[v] - now) / TAU).round();
-            if !(w.is_nan() || w <= 0.0 || !k.is_finite()) {
+            if w > 0.0 && k.is_finite() {
                 *h.entry((g.region[v], k as i32)).or_insert(0.0) += w;
             }
             h

@@ -9,6 +9,20 @@ fn coords(v: usize) -> (f32, f32, f32) {
     ((v % N) as f32, ((v / N) % N) as f32, (v / (N * N)) as f32)
 }
 
+/// The six face neighbours of voxel `v` with the edge joining them.
+fn neighbours(v: usize, dims: [usize; 3]) -> impl Iterator<Item = (usize, usize)> {
+    let [nx, ny, nz] = dims;
+    let (i, j, k) = (v % nx, (v / nx) % ny, v / (nx * ny));
+    let s = [1, nx, nx * ny];
+    let low = [i > 0, j > 0, k > 0];
+    let high = [i + 1 < nx, j + 1 < ny, k + 1 < nz];
+    (0..3).flat_map(move |d| {
+        let down = low[d].then(|| (v - s[d], 3 * (v - s[d]) + d));
+        let up = high[d].then(|| (v + s[d], 3 * v + d));
+        down.into_iter().chain(up)
+    })
+}
+
 /// A smooth phase (rad) with a 22 rad bump and a ramp: up to ≈ 2 rad between neighbours,
 /// 6 turns peak to peak.
 fn smooth_phase(v: usize) -> f32 {
