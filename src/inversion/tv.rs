@@ -130,6 +130,7 @@ impl TvAdmm {
         let mut r: Vec<Vec<f32>> = vec![vec![0.0f32; n]; fields.len()];
         let mut dchi: Vec<Vec<f32>> = vec![vec![0.0f32; n]; fields.len()];
         // Buffers reused across iterations (fresh ones would fault in new pages each time).
+        // `previous` first holds ∇ᵀq, then, once swapped with `chi`, the last iterate.
         let mut previous = vec![0.0f32; n];
         let mut rhs = vec![C32::default(); fft.spectrum_len()];
         let mut spec = rhs.clone();
@@ -144,17 +145,16 @@ impl TvAdmm {
             fft.forward_into(&previous, &mut rhs);
             for (i, (r, k)) in r.iter().zip(&kernels).enumerate() {
                 fft.forward_into(r, &mut spec);
-                let den = (i == last).then_some(inv_den.as_slice());
+                let divide = i == last;
                 rhs.par_chunks_mut(4096)
                     .zip(spec.par_chunks(4096))
                     .zip(k.par_chunks(4096))
-                    .enumerate()
-                    .for_each(|(c, ((a, b), k))| {
-                        let den = den.map(|d| &d[c * 4096..]);
-                        for (j, ((a, b), &k)) in a.iter_mut().zip(b).zip(k).enumerate() {
+                    .zip(inv_den.par_chunks(4096))
+                    .for_each(|(((a, b), k), d)| {
+                        for (((a, b), &k), &d) in a.iter_mut().zip(b).zip(k).zip(d) {
                             *a += b * k;
-                            if let Some(d) = den {
-                                *a *= d[j];
+                            if divide {
+                                *a *= d;
                             }
                         }
                     });
