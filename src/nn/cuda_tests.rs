@@ -209,8 +209,8 @@ fn training_runs_on_the_gpu_and_matches_the_cpu_loss() {
     let yaml = "epochs: 1\nsteps_per_epoch: 3\nvalidation_batches: 1\nnormalisation_batches: 1\n\
                 data:\n  patch: 16\nmodel:\n  unet:\n    channels: [4, 8]\n    loops: 1\n    ghpa: false\n";
     let cfg = TrainConfig::from_yaml(yaml).unwrap();
-    let mut cpu = Trainer::new_on(ModelKind::Unet, &cfg, &Device::Cpu).unwrap();
-    let mut cuda = Trainer::new_on(ModelKind::Unet, &cfg, &gpu()).unwrap();
+    let mut cpu = Trainer::new(ModelKind::Unet, &cfg, &Device::Cpu).unwrap();
+    let mut cuda = Trainer::new(ModelKind::Unet, &cfg, &gpu()).unwrap();
     let (l0, l1) = (cpu.train_step().unwrap(), cuda.train_step().unwrap());
     assert!(
         ((l0 - l1) / l0).abs() < 1e-3,

@@ -108,12 +108,12 @@ pub fn run(args: &TrainArgs) -> Result<()> {
     let device = crate::nn::device::open(args.device)?;
     tracing::info!("training on {}", crate::nn::device::name(&device));
     let mut t = match &args.resume {
-        Some(ckpt) => Trainer::resume_on(ckpt, args.model, cfg.as_ref(), &device)?,
+        Some(ckpt) => Trainer::resume(ckpt, args.model, cfg.as_ref(), &device)?,
         None => {
             let kind = args.model.ok_or_else(|| {
                 Error::Usage("chimap train needs --model lpcnn|loopnet|unet (or --resume)".into())
             })?;
-            Trainer::new_on(kind, &cfg.unwrap_or_default(), &device)?
+            Trainer::new(kind, &cfg.unwrap_or_default(), &device)?
         }
     };
     std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;

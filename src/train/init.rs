@@ -10,14 +10,9 @@ use candle_nn::{Init, VarBuilder, VarMap};
 use crate::simulate::rng::Rng;
 
 /// A `VarBuilder` that fills `vm` with weights that depend only on `seed` and each
-/// variable's name.
-pub fn seeded_var_builder(vm: &VarMap, seed: u64) -> VarBuilder<'static> {
-    seeded_var_builder_on(vm, seed, &Device::Cpu)
-}
-
-/// [`seeded_var_builder`] with the variables on `device` (drawn on the host, so the same
-/// seed gives the same weights on every device).
-pub fn seeded_var_builder_on(vm: &VarMap, seed: u64, device: &Device) -> VarBuilder<'static> {
+/// variable's name, placed on `device` (drawn on the host, so the same seed gives the same
+/// weights on every device).
+pub fn seeded_var_builder(vm: &VarMap, seed: u64, device: &Device) -> VarBuilder<'static> {
     VarBuilder::from_backend(
         Box::new(Seeded {
             vm: vm.clone(),
@@ -112,7 +107,7 @@ mod tests {
             blocks: 1,
             ..Config::default()
         };
-        LpCnn::new(&cfg, seeded_var_builder(&vm, seed)).unwrap();
+        LpCnn::new(&cfg, seeded_var_builder(&vm, seed, &Device::Cpu)).unwrap();
         let mut all: Vec<(String, Vec<f32>)> = vm
             .data()
             .lock()

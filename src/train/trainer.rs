@@ -13,7 +13,7 @@ use candle_nn::VarMap;
 
 use super::adam::Adam;
 use super::config::{ModelKind, TrainConfig};
-use super::init::seeded_var_builder_on;
+use super::init::seeded_var_builder;
 use super::synth::{Batch, Stream, Synth};
 use crate::evaluate::metrics::{nrmse_demeaned, Reference};
 use crate::nn::dipole::DipoleSet;
@@ -68,12 +68,8 @@ fn nn_err(e: candle_core::Error) -> Error {
 impl Trainer {
     /// A fresh run: seeded initial weights; for LP-CNN, the z-score statistics of the
     /// training targets.
-    pub fn new(kind: ModelKind, cfg: &TrainConfig) -> Result<Self> {
-        Self::new_on(kind, cfg, &Device::Cpu)
-    }
-
-    /// [`Self::new`] with the model on `device` (`chimap train --device`).
-    pub fn new_on(kind: ModelKind, cfg: &TrainConfig, device: &Device) -> Result<Self> {
+    /// The model lives on `device` (`chimap train --device`).
+    pub fn new(kind: ModelKind, cfg: &TrainConfig, device: &Device) -> Result<Self> {
         if kind != ModelKind::Lpcnn && cfg.data.orientations != 1 {
             return Err(Error::Config(format!(
                 "{} is a single-orientation model; set data.orientations to 1",
@@ -82,7 +78,7 @@ impl Trainer {
         }
         let synth = Synth::new(&cfg.data, cfg.seed)?;
         let vm = VarMap::new();
-        let vb = seeded_var_builder_on(&vm, cfg.seed, device);
+        let vb = seeded_var_builder(&vm, cfg.seed, device);
         let net = match kind {
             ModelKind::Lpcnn => Net::Lp(LpCnn::new(&cfg.model.lpcnn, vb).map_err(nn_err)?),
             ModelKind::Loopnet => Net::Loop(LoopNet::new(&cfg.model.loopnet, vb).map_err(nn_err)?),
@@ -117,15 +113,6 @@ impl Trainer {
         checkpoint: &Path,
         kind: Option<ModelKind>,
         cfg: Option<&TrainConfig>,
-    ) -> Result<Self> {
-        Self::resume_on(checkpoint, kind, cfg, &Device::Cpu)
-    }
-
-    /// [`Self::resume`] with the model on `device`.
-    pub fn resume_on(
-        checkpoint: &Path,
-        kind: Option<ModelKind>,
-        cfg: Option<&TrainConfig>,
         device: &Device,
     ) -> Result<Self> {
         let (tensors, meta) = weights::read(checkpoint)?;
@@ -156,7 +143,7 @@ impl Trainer {
             Some(c) => c.clone(),
             None => TrainConfig::from_yaml(saved).map_err(|e| bad(e.to_string()))?,
         };
-        let mut t = Trainer::new_on(saved_kind, &cfg, device)?;
+        let mut t = Trainer::new(saved_kind, &cfg, device)?;
         // The checkpoint is read on the host; the run continues on `device`.
         let tensors: std::collections::HashMap<String, Tensor> = tensors
             .into_iter()
@@ -484,20 +471,20 @@ mod tests {
         cfg.model.lpcnn.dropout = dropout;
         {
             // Dropout is active in training: two passes over one batch differ.
-            let t = Trainer::new(ModelKind::Lpcnn, &cfg).unwrap();
+            let t = Trainer::new(ModelKind::Lpcnn, &cfg, &Device::Cpu).unwrap();
             let b = t.synth.batch(Stream::Train, 0, 2);
             let l = |t: &Trainer| -> f32 { t.loss(&b, true).unwrap().to_scalar().unwrap() };
             assert_eq!(l(&t) != l(&t), dropout > 0.0, "dropout {dropout}");
         }
-        let mut straight = Trainer::new(ModelKind::Lpcnn, &cfg).unwrap();
+        let mut straight = Trainer::new(ModelKind::Lpcnn, &cfg, &Device::Cpu).unwrap();
         let losses: Vec<f64> = (0..3).map(|_| straight.train_step().unwrap()).collect();
-        let mut first = Trainer::new(ModelKind::Lpcnn, &cfg).unwrap();
+        let mut first = Trainer::new(ModelKind::Lpcnn, &cfg, &Device::Cpu).unwrap();
         for want in &losses[..2] {
             assert_eq!(first.train_step().unwrap(), *want, "same seed, same run");
         }
         first.save_checkpoint(&ckpt).unwrap();
         drop(first);
-        let mut resumed = Trainer::resume(&ckpt, None, None).unwrap();
+        let mut resumed = Trainer::resume(&ckpt, None, None, &Device::Cpu).unwrap();
         assert_eq!(resumed.step(), 2);
         assert_eq!(resumed.train_step().unwrap(), losses[2]);
         for name in [
@@ -508,7 +495,7 @@ mod tests {
             assert_eq!(resumed.variable(name), straight.variable(name), "{name}");
         }
         // A checkpoint of another model is refused with the file named.
-        let err = Trainer::resume(&ckpt, Some(ModelKind::Unet), None)
+        let err = Trainer::resume(&ckpt, Some(ModelKind::Unet), None, &Device::Cpu)
             .err()
             .unwrap()
             .to_string();
@@ -525,7 +512,7 @@ mod tests {
             let mut cfg = tiny(1);
             // One fixed batch: the loss of the same data must fall.
             cfg.data.nifti_fraction = 0.0;
-            let mut t = Trainer::new(kind, &cfg).unwrap();
+            let mut t = Trainer::new(kind, &cfg, &Device::Cpu).unwrap();
             let batch = t.synth.batch(Stream::Train, 0, 2);
             let (before, after) = ten_steps_on(&mut t, &batch);
             assert!(after < 0.8 * before, "{kind:?}: {before} -> {after}");
@@ -556,7 +543,7 @@ mod tests {
             stride: Some(8),
             ..Default::default()
         });
-        let mut t = Trainer::new(ModelKind::Lpcnn, &cfg).unwrap();
+        let mut t = Trainer::new(ModelKind::Lpcnn, &cfg, &Device::Cpu).unwrap();
         // User batches have the data's 3 mm voxels; synthetic ones 1 mm.
         let batch = t.synth.batch(Stream::Train, 0, 2);
         assert_eq!(batch.voxel_size, [3.0; 3]);
@@ -594,7 +581,7 @@ mod tests {
     fn weights_load_in_the_pipeline_model_with_their_statistics() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("final.safetensors");
-        let mut t = Trainer::new(ModelKind::Lpcnn, &tiny(1)).unwrap();
+        let mut t = Trainer::new(ModelKind::Lpcnn, &tiny(1), &Device::Cpu).unwrap();
         t.train_step().unwrap();
         t.save_weights(&path).unwrap();
         // The z-score statistics are those of the targets (χ well inside ±0.5 ppm).
@@ -650,7 +637,7 @@ mod tests {
             ..loopnet::Config::default()
         };
         assert_eq!(cfg.model.loopnet.loop_weights(), vec![0.25, 0.5, 1.0]);
-        let t = Trainer::new(ModelKind::Loopnet, &cfg).unwrap();
+        let t = Trainer::new(ModelKind::Loopnet, &cfg, &Device::Cpu).unwrap();
         let b = t.synth.batch(Stream::Train, 0, 2);
         let Net::Loop(net) = &t.net else { panic!() };
         let [d, h, w] = tensor_dims(b.dims);
@@ -676,7 +663,7 @@ mod tests {
         // Without deep supervision the loss is the fused output's alone.
         let mut plain = cfg.clone();
         plain.model.loopnet.deep_supervision = false;
-        let p = Trainer::new(ModelKind::Loopnet, &plain).unwrap();
+        let p = Trainer::new(ModelKind::Loopnet, &plain, &Device::Cpu).unwrap();
         let got: f32 = p.loss(&b, false).unwrap().to_scalar().unwrap();
         assert!((got as f64 / mse(&out.chi) - 1.0).abs() < 1e-5);
         // The metadata rebuilds the same network.
@@ -701,7 +688,7 @@ mod tests {
 
     #[test]
     fn multi_orientation_data_for_a_single_orientation_model_is_a_config_error() {
-        let err = Trainer::new(ModelKind::Unet, &tiny(2))
+        let err = Trainer::new(ModelKind::Unet, &tiny(2), &Device::Cpu)
             .err()
             .unwrap()
             .to_string();
