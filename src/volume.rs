@@ -126,14 +126,24 @@ pub fn pad<T: Copy>(data: &[T], from: [usize; 3], to: [usize; 3], fill: T) -> Ve
 
 /// The first `to` voxels along each axis of `data` (grid `from`).
 pub fn crop<T: Copy>(data: &[T], from: [usize; 3], to: [usize; 3]) -> Vec<T> {
+    crop_at(data, from, [0; 3], to)
+}
+
+/// The `to`-sized block of `data` (grid `from`) whose first voxel is `origin`.
+pub fn crop_at<T: Copy>(
+    data: &[T],
+    from: [usize; 3],
+    origin: [usize; 3],
+    to: [usize; 3],
+) -> Vec<T> {
     assert!(
-        from.iter().zip(&to).all(|(f, t)| f >= t),
-        "crop target is larger than the source"
+        (0..3).all(|a| origin[a] + to[a] <= from[a]),
+        "crop block reaches beyond the source"
     );
     let mut out = Vec::with_capacity(to[0] * to[1] * to[2]);
     for k in 0..to[2] {
         for j in 0..to[1] {
-            let src = from[0] * (j + from[1] * k);
+            let src = origin[0] + from[0] * (origin[1] + j + from[1] * (origin[2] + k));
             out.extend_from_slice(&data[src..src + to[0]]);
         }
     }
@@ -167,5 +177,23 @@ mod tests {
         assert_eq!(p.cropped(dims).data, v.data);
         let m = pad(&[true; 12], dims, [4, 3, 2], false);
         assert_eq!(m.iter().filter(|&&b| b).count(), 12);
+    }
+
+    #[test]
+    fn crop_at_takes_the_block_at_its_origin() {
+        let from = [5, 4, 3];
+        let data: Vec<usize> = (0..60).collect();
+        let (origin, to) = ([2, 1, 1], [3, 2, 2]);
+        let block = crop_at(&data, from, origin, to);
+        let mut want = vec![];
+        for k in 0..to[2] {
+            for j in 0..to[1] {
+                for i in 0..to[0] {
+                    let (x, y, z) = (origin[0] + i, origin[1] + j, origin[2] + k);
+                    want.push(x + from[0] * (y + from[1] * z));
+                }
+            }
+        }
+        assert_eq!(block, want);
     }
 }

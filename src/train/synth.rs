@@ -16,6 +16,7 @@ use super::userdata::{DerivativesConfig, UserData};
 use crate::physics::units::GAMMA_BAR_HZ_PER_T;
 use crate::physics::DipoleOperator;
 use crate::simulate::rng::Rng;
+use crate::volume::crop_at;
 use crate::{Error, Result};
 
 /// How training patches are made (the `data` section of the training config).
@@ -494,36 +495,25 @@ fn read_source(chi: &Path, mask: Option<&Path>, patch: usize) -> Result<Source> 
 
 /// A random patch holding more than 1/8 brain (LP-CNN's rule), else the best of the tries.
 fn cut_patch(src: &Source, p: usize, rng: &mut Rng) -> (Vec<f32>, Vec<bool>) {
-    let [nx, ny, _] = src.dims;
-    let mut best: Option<(usize, [usize; 3])> = None;
+    let mut best: Option<(usize, Vec<bool>, [usize; 3])> = None;
     for _ in 0..20 {
         let o = [0, 1, 2].map(|a| (rng.next_u64() % (src.dims[a] - p + 1) as u64) as usize);
-        let mut inside = 0;
-        for k in 0..p {
-            for j in 0..p {
-                let row = o[0] + nx * (o[1] + j + ny * (o[2] + k));
-                inside += src.mask[row..row + p].iter().filter(|&&m| m).count();
-            }
+        let mask = crop_at(&src.mask, src.dims, o, [p; 3]);
+        let inside = mask.iter().filter(|&&m| m).count();
+        let enough = inside * 8 > p * p * p;
+        if best.as_ref().is_none_or(|(b, _, _)| inside > *b) {
+            best = Some((inside, mask, o));
         }
-        if best.is_none_or(|(b, _)| inside > b) {
-            best = Some((inside, o));
-        }
-        if inside * 8 > p * p * p {
+        if enough {
             break;
         }
     }
-    let (_, o) = best.expect("at least one try");
-    let mut chi = Vec::with_capacity(p * p * p);
-    let mut mask = Vec::with_capacity(p * p * p);
-    for k in 0..p {
-        for j in 0..p {
-            let row = o[0] + nx * (o[1] + j + ny * (o[2] + k));
-            for i in row..row + p {
-                mask.push(src.mask[i]);
-                chi.push(if src.mask[i] { src.chi[i] } else { 0.0 });
-            }
-        }
-    }
+    let (_, mask, o) = best.expect("at least one try");
+    let chi = crop_at(&src.chi, src.dims, o, [p; 3])
+        .into_iter()
+        .zip(&mask)
+        .map(|(c, &m)| if m { c } else { 0.0 })
+        .collect();
     (chi, mask)
 }
 

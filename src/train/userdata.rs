@@ -382,15 +382,7 @@ fn patch_origins(
 
 /// The `p³` block at `origin` of an x-fastest volume.
 fn cut<T: Copy>(v: &[T], dims: [usize; 3], origin: [usize; 3], p: usize) -> Vec<T> {
-    let [nx, ny, _] = dims;
-    let mut out = Vec::with_capacity(p * p * p);
-    for k in 0..p {
-        for j in 0..p {
-            let row = origin[0] + nx * (origin[1] + j + ny * (origin[2] + k));
-            out.extend_from_slice(&v[row..row + p]);
-        }
-    }
-    out
+    crate::volume::crop_at(v, dims, origin, [p; 3])
 }
 
 /// A tiny derivative dataset from `chimap simulate`'s ground truth: two subjects, two head
