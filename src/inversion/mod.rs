@@ -17,9 +17,10 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
+use rayon::prelude::*;
 use rustfft::num_complex::Complex32;
 
-use crate::physics::fft::{multiply_real, Fft3};
+use crate::physics::fft::Fft3;
 use crate::physics::{dipole_kernel, DipoleOperator};
 use crate::{Error, Mask, Result};
 
@@ -96,27 +97,45 @@ impl Problem<'_> {
 pub fn combined_spectrum(
     problem: &Problem,
     fft: &Fft3,
-    g: impl Fn(f32) -> f32,
+    g: impl Fn(f32) -> f32 + Sync,
 ) -> (Vec<Complex32>, Vec<f32>) {
-    let mut num = vec![Complex32::new(0.0, 0.0); fft.spectrum_len()];
+    // One parallel pass per orientation over the half spectrum (these are the only passes
+    // besides the FFTs, so they decide whether TKD stays near one FFT pair).
+    let mut num: Vec<Complex32> = Vec::new();
     let mut den = vec![0.0f32; fft.spectrum_len()];
     for (o, kernel) in problem.orientations.iter().zip(problem.kernels()) {
-        let gd: Vec<f32> = kernel.iter().map(|&d| g(d)).collect();
-        let mut spec = fft.forward(o.field);
-        multiply_real(&mut spec, &gd);
-        num.iter_mut().zip(&spec).for_each(|(a, b)| *a += b);
-        den.iter_mut().zip(&gd).for_each(|(s, d)| *s += d * d);
+        let spec = fft.forward(o.field);
+        if num.is_empty() {
+            num = spec;
+            num.par_iter_mut()
+                .zip(den.par_iter_mut())
+                .zip(kernel.par_iter())
+                .for_each(|((a, s), &d)| {
+                    let gd = g(d);
+                    *a *= gd;
+                    *s = gd * gd;
+                });
+        } else {
+            num.par_iter_mut()
+                .zip(den.par_iter_mut())
+                .zip(spec.par_iter().zip(kernel.par_iter()))
+                .for_each(|((a, s), (&f, &d))| {
+                    let gd = g(d);
+                    *a += f * gd;
+                    *s += gd * gd;
+                });
+        }
     }
     (num, den)
 }
 
 /// Zeroes `chi` outside the mask.
 fn restrict(mut chi: Vec<f32>, mask: &Mask) -> Vec<f32> {
-    for (v, &m) in chi.iter_mut().zip(mask) {
+    chi.par_iter_mut().zip(mask.par_iter()).for_each(|(v, &m)| {
         if !m {
             *v = 0.0;
         }
-    }
+    });
     chi
 }
 

@@ -8,7 +8,9 @@
 use serde::{Deserialize, Serialize};
 
 use super::{combined_spectrum, restrict, Method, Problem};
-use crate::physics::fft::{multiply_real, Fft3};
+use rayon::prelude::*;
+
+use crate::physics::fft::Fft3;
 use crate::{Error, Result};
 
 /// The `inversion.tkd` section of the configuration.
@@ -64,8 +66,9 @@ impl Method for Tkd {
         let fft = Fft3::new(problem.dims);
         let (mut spec, den) = combined_spectrum(problem, &fft, |d| truncate(d, t));
         // Σ D̃² ≥ t² > 0 everywhere but DC, where D̃ = t keeps the mean (set by referencing).
-        let inv: Vec<f32> = den.iter().map(|&s| 1.0 / s).collect();
-        multiply_real(&mut spec, &inv);
+        spec.par_iter_mut()
+            .zip(den.par_iter())
+            .for_each(|(a, &s)| *a /= s);
         Ok(restrict(fft.inverse(&mut spec), problem.mask))
     }
 

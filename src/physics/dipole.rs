@@ -8,6 +8,8 @@
 //!
 //! `D` is real and even in k, so the operator is self-adjoint: `Dᴴ = D`.
 
+use rayon::prelude::*;
+
 use super::fft::{multiply_real, signed_index, Fft3};
 
 /// `D(k)` on the half spectrum of `Fft3` for one grid, voxel size and B0 direction.
@@ -42,9 +44,9 @@ pub fn dipole_kernel(dims: [usize; 3], voxel_size: [f64; 3], b0: [f64; 3]) -> Ve
     let fy: Vec<Vec<f64>> = (0..ny).map(|j| freqs(j, ny, voxel_size[1])).collect();
     let fz: Vec<Vec<f64>> = (0..nz).map(|k| freqs(k, nz, voxel_size[2])).collect();
     let mut d = vec![0.0f32; nh * ny * nz];
-    for (k, fz) in fz.iter().enumerate() {
+    d.par_chunks_mut(nh * ny).zip(&fz).for_each(|(plane, fz)| {
         for (j, fy) in fy.iter().enumerate() {
-            let row = nh * (j + ny * k);
+            let row = nh * j;
             for (i, fx) in fx.iter().enumerate() {
                 let mut sum = 0.0;
                 for &kz in fz {
@@ -54,10 +56,10 @@ pub fn dipole_kernel(dims: [usize; 3], voxel_size: [f64; 3], b0: [f64; 3]) -> Ve
                         }
                     }
                 }
-                d[row + i] = (sum / (fx.len() * fy.len() * fz.len()) as f64) as f32;
+                plane[row + i] = (sum / (fx.len() * fy.len() * fz.len()) as f64) as f32;
             }
         }
-    }
+    });
     d
 }
 
