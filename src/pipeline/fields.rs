@@ -1,7 +1,10 @@
 //! Loading an acquisition's inputs into memory: echoes, precomputed field maps (converted to
 //! ppm from the units of their sidecar) and masks, with grid checks that name the files.
 
+use std::collections::HashMap;
 use std::path::Path;
+
+use rayon::prelude::*;
 
 use crate::bids::{Echo, FieldUnits};
 use crate::physics::units;
@@ -18,25 +21,56 @@ pub struct Echoes {
     pub phase_paths: Vec<std::path::PathBuf>,
 }
 
-fn frame_of(path: &Path, frame: Option<usize>) -> Result<(Volume, bool)> {
-    let image = io::read_image(path)?;
-    let integer = image.header.integer_type;
-    let n = image.frames.len();
-    let mut frames = image.frames;
-    let vol = match frame {
-        Some(f) if f < n => frames.swap_remove(f),
+/// The volume of `path` that one echo names: frame `frame` of a 4D file, or a 3D file's only
+/// volume. `frames` are the file's volumes, each handed out once.
+fn frame_of(path: &Path, frames: &mut [Option<Volume>], frame: Option<usize>) -> Result<Volume> {
+    let n = frames.len();
+    let slot = match frame {
+        Some(f) if f < n => &mut frames[f],
         Some(f) => {
             return Err(Error::input(path, format!("has {n} volume(s) but the sidecar lists an echo for volume {}", f + 1)))
         }
-        None if n == 1 => frames.swap_remove(0),
+        None if n == 1 => &mut frames[0],
         None => {
             return Err(Error::input(path, format!("is 4D ({n} volumes) but is named as one echo: split it, or drop `echo-` and list all EchoTimes in its sidecar")))
         }
     };
-    Ok((vol, integer))
+    slot.take().ok_or_else(|| {
+        Error::input(
+            path,
+            "has one volume listed for two echoes: check the EchoTime lists of its sidecars",
+        )
+    })
+}
+
+/// The only volume of a 3D file.
+fn single_volume(path: &Path) -> Result<Volume> {
+    let mut frames: Vec<Option<Volume>> =
+        io::read_image(path)?.frames.into_iter().map(Some).collect();
+    frame_of(path, &mut frames, None)
 }
 
 pub fn load_echoes(echoes: &[Echo]) -> Result<Echoes> {
+    let with_magnitude = echoes.iter().all(|e| e.magnitude.is_some());
+    // Every file is read once (a 4D file holds all echoes) and the files in parallel:
+    // decompression dominates loading and is sequential within a file.
+    let mut paths: Vec<&Path> = Vec::new();
+    for e in echoes {
+        let mag = e.magnitude.as_deref().filter(|_| with_magnitude);
+        for p in std::iter::once(e.phase.as_path()).chain(mag) {
+            if !paths.contains(&p) {
+                paths.push(p);
+            }
+        }
+    }
+    let read: Vec<Result<io::Image>> = paths.par_iter().map(|p| io::read_image(p)).collect();
+    let mut files: HashMap<&Path, (Vec<Option<Volume>>, bool)> = HashMap::new();
+    for (p, image) in paths.iter().zip(read) {
+        let image = image?;
+        let integer = image.header.integer_type;
+        files.insert(p, (image.frames.into_iter().map(Some).collect(), integer));
+    }
+
     let mut out = Echoes {
         phase: Vec::new(),
         magnitude: Vec::new(),
@@ -44,16 +78,17 @@ pub fn load_echoes(echoes: &[Echo]) -> Result<Echoes> {
         integer_phase: false,
         phase_paths: Vec::new(),
     };
-    let with_magnitude = echoes.iter().all(|e| e.magnitude.is_some());
     for e in echoes {
-        let (p, integer) = frame_of(&e.phase, e.frame)?;
-        out.integer_phase |= integer;
+        let (frames, integer) = files.get_mut(e.phase.as_path()).expect("read above");
+        out.integer_phase |= *integer;
+        let p = frame_of(&e.phase, frames, e.frame)?;
         if let Some(first) = out.phase.first() {
             same_grid(first, &p, &out.phase_paths[0], &e.phase)?;
         }
         if with_magnitude {
-            let mpath = e.magnitude.as_ref().expect("checked above");
-            let (m, _) = frame_of(mpath, e.frame)?;
+            let mpath = e.magnitude.as_deref().expect("checked above");
+            let (frames, _) = files.get_mut(mpath).expect("read above");
+            let m = frame_of(mpath, frames, e.frame)?;
             same_grid(&p, &m, &e.phase, mpath)?;
             out.magnitude.push(m);
         }
@@ -95,7 +130,7 @@ pub fn load_field_ppm(
     echo_time: Option<f64>,
     b0_tesla: Option<f64>,
 ) -> Result<Volume> {
-    let (mut vol, _) = frame_of(path, None)?;
+    let mut vol = single_volume(path)?;
     if let Some(bad) = vol.data.iter().position(|v| !v.is_finite()) {
         return Err(Error::input(
             path,
@@ -131,7 +166,7 @@ pub fn load_field_ppm(
 
 /// A binary mask (voxels > 0.5) on the grid of `like`.
 pub fn load_mask(path: &Path, like: &Volume, like_path: &Path) -> Result<Mask> {
-    let (m, _) = frame_of(path, None)?;
+    let m = single_volume(path)?;
     same_grid(like, &m, like_path, path)?;
     let mask: Mask = m.data.iter().map(|&v| v > 0.5).collect();
     if !mask.iter().any(|&b| b) {
@@ -147,6 +182,77 @@ pub fn load_mask(path: &Path, like: &Volume, like_path: &Path) -> Result<Mask> {
 mod tests {
     use super::*;
     use crate::Geometry;
+
+    #[test]
+    fn echoes_come_from_4d_files_frame_by_frame_and_from_3d_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let geo = Geometry::from_voxel_size([1.0; 3]);
+        let vol = |base: f32| {
+            Volume::new(
+                [2, 2, 1],
+                vec![base, base + 1.0, base + 2.0, base + 3.0],
+                geo.clone(),
+            )
+        };
+        let frames: Vec<Volume> = (0..3).map(|e| vol(10.0 * e as f32)).collect();
+        let refs: Vec<&Volume> = frames.iter().collect();
+        let phase4d = dir.path().join("phase.nii.gz");
+        let mag4d = dir.path().join("mag.nii.gz");
+        io::write_volume_i16(&phase4d, &refs).unwrap();
+        io::write_volume_i16(&mag4d, &refs).unwrap();
+        // Echoes listed out of frame order: each takes its own frame.
+        let echo = |t: f64, f: usize| Echo {
+            echo_time: t,
+            phase: phase4d.clone(),
+            magnitude: Some(mag4d.clone()),
+            frame: Some(f),
+        };
+        let got = load_echoes(&[echo(0.004, 0), echo(0.012, 2), echo(0.008, 1)]).unwrap();
+        assert!(got.integer_phase);
+        let firsts: Vec<f32> = got.phase.iter().map(|v| v.data[0]).collect();
+        assert_eq!(firsts, [0.0, 20.0, 10.0]);
+        let mags: Vec<f32> = got.magnitude.iter().map(|v| v.data[3]).collect();
+        assert_eq!(mags, [3.0, 23.0, 13.0]);
+        assert_eq!(got.echo_times, [0.004, 0.012, 0.008]);
+
+        // A frame named twice, or beyond the file, is an error naming the file.
+        let err = load_echoes(&[echo(0.004, 1), echo(0.008, 1)])
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(
+            err.contains("phase.nii.gz") && err.contains("two echoes"),
+            "{err}"
+        );
+        let err = load_echoes(&[echo(0.004, 3)]).err().unwrap().to_string();
+        assert!(
+            err.contains("phase.nii.gz") && err.contains("volume 4"),
+            "{err}"
+        );
+
+        // 3D files without magnitude: one per echo.
+        let paths: Vec<_> = (0..2)
+            .map(|e| {
+                let p = dir.path().join(format!("echo{e}.nii.gz"));
+                io::write_volume(&p, &frames[e]).unwrap();
+                p
+            })
+            .collect();
+        let echoes: Vec<Echo> = paths
+            .iter()
+            .enumerate()
+            .map(|(e, p)| Echo {
+                echo_time: 0.004 * (e + 1) as f64,
+                phase: p.clone(),
+                magnitude: None,
+                frame: None,
+            })
+            .collect();
+        let got = load_echoes(&echoes).unwrap();
+        assert!(!got.integer_phase && got.magnitude.is_empty());
+        assert_eq!(got.phase[1].data, frames[1].data);
+        assert_eq!(got.phase_paths, paths);
+    }
 
     #[test]
     fn field_maps_convert_to_ppm_from_every_unit() {
