@@ -89,19 +89,8 @@ fn pipeline_stages(dims: [usize; 3], dir: &Path) -> Vec<(String, f64)> {
         .expect("stage times")
         .clone();
     // serde_json keeps keys sorted; restore the pipeline's order.
-    let order = [
-        "load",
-        "phase scaling",
-        "echo fit",
-        "mask",
-        "signal voids",
-        "background removal",
-        "void sources",
-        "inversion",
-        "total",
-    ];
+    let order = pipeline::STAGE_ORDER.iter().chain(&["total"]);
     order
-        .iter()
         .filter_map(|k| {
             times
                 .get(*k)

@@ -472,16 +472,6 @@ fn raw_local_field(
     let magnitude: Vec<Volume> = magnitude.iter().map(|v| v.padded(work)).collect();
     let magnitude = (!magnitude.is_empty()).then_some(magnitude);
 
-    stages.start("echo fit");
-    let fit = preprocess::echo_fit::fit_field(
-        &phase,
-        magnitude.as_deref(),
-        &echo_times,
-        &pre.echo_fit,
-        &pre.unwrap,
-    )?;
-
-    stages.start("mask");
     let Some(rss) = magnitude
         .as_deref()
         .and_then(preprocess::echo_fit::root_sum_of_squares)
@@ -491,7 +481,26 @@ fn raw_local_field(
             "has no magnitude images (part-mag), which the brain mask is made from: add them, or give field maps with a desc-brain_mask in a derivative dataset",
         ));
     };
-    let mask = preprocess::mask::brain_mask(&rss, Some(&fit.residual_rad), &pre.mask)?;
+
+    // The mask's magnitude part runs beside the echo fit, whose region growing keeps only
+    // one core busy.
+    stages.start("echo fit and magnitude mask");
+    let (fit, mask) = rayon::join(
+        || {
+            preprocess::echo_fit::fit_field(
+                &phase,
+                magnitude.as_deref(),
+                &echo_times,
+                &pre.echo_fit,
+                &pre.unwrap,
+            )
+        },
+        || preprocess::mask::magnitude_mask(&rss, &pre.mask),
+    );
+    let fit = fit?;
+
+    stages.start("mask refinement");
+    let mask = preprocess::mask::refine_mask(mask?, &rss, Some(&fit.residual_rad), &pre.mask)?;
     let first_magnitude = magnitude.as_deref().map(|m| &m[0]).unwrap_or(&rss);
     let echo_coherence = qc::echoes::pair_coherence(&phase, &mask);
     drop(phase);

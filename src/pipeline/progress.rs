@@ -4,6 +4,20 @@
 use std::io::{IsTerminal, Write};
 use std::time::Instant;
 
+/// Every stage name, in the order data flows through them (readers of the sidecar's
+/// `ProcessingTimeSeconds`, whose keys are sorted, restore the order from this).
+pub const STAGE_ORDER: &[&str] = &[
+    "load",
+    "phase scaling",
+    "echo fit and magnitude mask",
+    "mask refinement",
+    "signal voids",
+    "background removal",
+    "void sources",
+    "checks",
+    "inversion",
+];
+
 /// Times the stages of one acquisition and shows which one is running.
 pub struct Stages {
     name: String,
@@ -27,6 +41,10 @@ impl Stages {
 
     /// Ends the running stage (if any) and starts `stage`.
     pub fn start(&mut self, stage: &'static str) {
+        debug_assert!(
+            STAGE_ORDER.contains(&stage),
+            "stage {stage} missing from STAGE_ORDER"
+        );
         self.finish();
         tracing::debug!("{}: {stage}", self.name);
         if self.tty {

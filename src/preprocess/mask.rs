@@ -71,6 +71,13 @@ pub fn brain_mask(
     residual_rad: Option<&Volume>,
     config: &MaskConfig,
 ) -> Result<Mask> {
+    let mask = magnitude_mask(magnitude, config)?;
+    refine_mask(mask, magnitude, residual_rad, config)
+}
+
+/// The part of [`brain_mask`] that needs only the magnitude (so it can run beside the echo
+/// fit): threshold, opening by reconstruction, hole filling and closing.
+pub fn magnitude_mask(magnitude: &Volume, config: &MaskConfig) -> Result<Mask> {
     let dims = magnitude.dims;
     let vox = magnitude.geometry.voxel_size;
     let m = &magnitude.data;
@@ -99,7 +106,19 @@ pub fn brain_mask(
     mask = largest_component(&mask, dims);
     mask = fill_holes(&mask, dims);
     mask = close(&mask, dims, vox, config.close_radius_mm);
+    Ok(mask)
+}
 
+/// The rest of [`brain_mask`]: drops voxels whose echo-fit residual exceeds the limit, then
+/// applies the final dilation or erosion. `magnitude` gives the grid.
+pub fn refine_mask(
+    mut mask: Mask,
+    magnitude: &Volume,
+    residual_rad: Option<&Volume>,
+    config: &MaskConfig,
+) -> Result<Mask> {
+    let dims = magnitude.dims;
+    let vox = magnitude.geometry.voxel_size;
     if let Some(res) = residual_rad {
         if config.max_residual_rad > 0.0 {
             let lim = config.max_residual_rad as f32;

@@ -74,6 +74,11 @@ pub struct RomeoConfig {
     /// A new region is seeded when the best queued edge has less than this fraction of the
     /// current seed's quality. Default 0.5.
     pub new_region_fraction: f64,
+    /// The volume is grown as this many slabs along z, in parallel, and the slabs' regions
+    /// are then registered like any others (growth is sequential within a slab). A fixed
+    /// number, not the thread count, so results do not depend on the machine. Slabs are
+    /// at least 16 planes thick. Default 4.
+    pub slabs: usize,
 }
 
 impl Default for RomeoConfig {
@@ -87,6 +92,7 @@ impl Default for RomeoConfig {
             template_echo: 1,
             max_regions: 64,
             new_region_fraction: 0.5,
+            slabs: 4,
         }
     }
 }
@@ -106,9 +112,11 @@ impl RomeoConfig {
                 self.new_region_fraction
             )));
         }
-        if self.max_regions == 0 || self.template_echo == 0 {
+        if self.max_regions == 0 || self.template_echo == 0 || self.slabs == 0 {
             return Err(Error::Config(
-                "unwrap.romeo.max_regions and unwrap.romeo.template_echo must be at least 1".into(),
+                "unwrap.romeo.max_regions, unwrap.romeo.template_echo and unwrap.romeo.slabs \
+                 must be at least 1"
+                    .into(),
             ));
         }
         Ok(())
@@ -407,6 +415,60 @@ pub fn grow(dims: [usize; 3], phase: &[f32], costs: &[u8], cfg: &RomeoConfig) ->
     }
 }
 
+/// Slabs thinner than this are not split further (their seams would cost more than the
+/// parallelism gains).
+const MIN_SLAB_PLANES: usize = 16;
+
+/// [`grow`] on `cfg.slabs` slabs along z at once, each as if the edges to the next slab were
+/// missing; the slabs' regions are numbered one after another. Growth cannot be split across
+/// threads otherwise, and the seams cost little: registration votes over a whole plane.
+pub fn grow_in_slabs(dims: [usize; 3], phase: &[f32], costs: &[u8], cfg: &RomeoConfig) -> Growth {
+    let nz = dims[2];
+    let slabs = cfg.slabs.min(nz / MIN_SLAB_PLANES).max(1);
+    if slabs == 1 {
+        return grow(dims, phase, costs, cfg);
+    }
+    let plane = dims[0] * dims[1];
+    let slab_cfg = RomeoConfig {
+        max_regions: cfg.max_regions.div_ceil(slabs),
+        ..cfg.clone()
+    };
+    let parts: Vec<Growth> = (0..slabs)
+        .into_par_iter()
+        .map(|s| {
+            let (z0, z1) = (s * nz / slabs, (s + 1) * nz / slabs);
+            let mut slab_costs = costs[3 * plane * z0..3 * plane * z1].to_vec();
+            // The last plane's +z edges lead into the next slab.
+            let top = 3 * plane * (z1 - z0 - 1);
+            slab_costs[top..]
+                .iter_mut()
+                .skip(2)
+                .step_by(3)
+                .for_each(|c| *c = NO_EDGE);
+            grow(
+                [dims[0], dims[1], z1 - z0],
+                &phase[plane * z0..plane * z1],
+                &slab_costs,
+                &slab_cfg,
+            )
+        })
+        .collect();
+    let mut all = Growth {
+        turns: Vec::with_capacity(phase.len()),
+        region: Vec::with_capacity(phase.len()),
+        n_regions: 0,
+        tree_cost: 0,
+    };
+    for part in parts {
+        let first = all.n_regions as u32;
+        all.turns.extend(part.turns);
+        all.region.extend(part.region.iter().map(|r| r + first));
+        all.n_regions += part.n_regions;
+        all.tree_cost += part.tree_cost;
+    }
+    all
+}
+
 /// Asks the CPU to start loading `x` into cache (a hint; no effect on results).
 #[inline(always)]
 fn prefetch<T>(x: &T) {
@@ -650,7 +712,7 @@ pub fn unwrap_spatial(
     cfg: &RomeoConfig,
 ) -> Unwrapped {
     let costs = edge_costs(dims, quality, cfg);
-    let mut g = grow(dims, quality.phase, &costs, cfg);
+    let mut g = grow_in_slabs(dims, quality.phase, &costs, cfg);
     match reference {
         Some(r) => align_to_reference(&mut g, quality.phase, r, weights),
         None => {

@@ -239,6 +239,59 @@ fn growth_is_a_minimum_spanning_tree_of_the_quantised_costs() {
 }
 
 #[test]
+fn slabs_grow_on_their_own_and_registration_joins_them_seamlessly() {
+    let inside = ball([20.0, 20.0, 20.0], 16.0);
+    let truth: Vec<f32> = (0..N * N * N).map(smooth_phase).collect();
+    let mut rng = Rng::new(5);
+    let (wrapped, mag) = signal(&truth, &inside, 0.05, &mut rng);
+    let w: Vec<f32> = mag.iter().map(|m| m * m).collect();
+    let q = Quality {
+        magnitude: Some(&mag),
+        ..Quality::phase(&wrapped)
+    };
+    let one = RomeoConfig {
+        slabs: 1,
+        ..Default::default()
+    };
+    // 40 planes hold two slabs of at least 16 planes: asking for 8 gives 2.
+    let many = RomeoConfig {
+        slabs: 8,
+        ..Default::default()
+    };
+    let costs = edge_costs(DIMS, &q, &many);
+    let g = grow_in_slabs(DIMS, &wrapped, &costs, &many);
+    let plane = N * N;
+    let seam = 20 * plane;
+    let below: std::collections::HashSet<u32> = g.region[..seam].iter().copied().collect();
+    let above: std::collections::HashSet<u32> = g.region[seam..].iter().copied().collect();
+    assert!(below.is_disjoint(&above), "a region crosses the seam");
+    assert_eq!(g.n_regions, below.len() + above.len());
+
+    // Each slab is exactly the growth of that slab alone.
+    let half = RomeoConfig {
+        max_regions: many.max_regions.div_ceil(2),
+        ..many.clone()
+    };
+    let upper = grow([N, N, 20], &wrapped[seam..], &costs[3 * seam..], &half);
+    assert_eq!(upper.turns, g.turns[seam..]);
+    let mut lower_costs = costs[..3 * seam].to_vec();
+    for v in 19 * plane..seam {
+        lower_costs[3 * v + 2] = NO_EDGE;
+    }
+    let lower = grow([N, N, 20], &wrapped[..seam], &lower_costs, &half);
+    assert_eq!(lower.turns, g.turns[..seam]);
+
+    // After registration the brain is unwrapped as by one growth.
+    let joined = unwrap_spatial(DIMS, &q, None, Some(&w), &many);
+    let whole = unwrap_spatial(DIMS, &q, None, Some(&w), &one);
+    assert_whole_turns(&joined.phase, &wrapped);
+    assert_eq!(constant_turns(&joined.phase, &truth, &inside, 0.4), 0);
+    for v in (0..truth.len()).filter(|&v| inside[v]) {
+        assert_eq!(joined.phase[v], whole.phase[v], "voxel {v}");
+    }
+}
+
+#[test]
 fn multi_echo_template_mode_is_linear_in_echo_time() {
     let inside = ball([20.0, 20.0, 20.0], 16.0);
     // Field (rad per ms of TE): echo 1 at 4 ms sees the smooth phase, later echoes 2× and 3×
