@@ -196,6 +196,8 @@ fn inversions(work: [usize; 3], t_work: f64, quick: bool) {
 }
 
 fn main() {
+    // As the chimap binary does, so stage times match a real run.
+    chimap::cli::use_one_malloc_arena();
     let args: Vec<String> = std::env::args().collect();
     let dims = match args.iter().position(|a| a == "--dims") {
         Some(i) => [0, 1, 2].map(|k| {

@@ -1,8 +1,11 @@
 //! The command line: arguments, configuration merge, logging setup and exit codes. Nothing
 //! below this module prints to stdout or exits.
 
+mod allocator;
 pub mod args;
 mod logging;
+
+pub use allocator::use_one_malloc_arena;
 
 use std::process::ExitCode;
 
@@ -20,6 +23,7 @@ const EXIT_USAGE: u8 = 2;
 
 /// Parses the process arguments and runs; returns the exit status.
 pub fn main() -> ExitCode {
+    use_one_malloc_arena();
     let cli = Cli::parse();
     match cli.command {
         Some(Command::Config(c)) => finish(print_config(&c)),
