@@ -221,10 +221,20 @@ impl LpCnn {
         // The normalisation is data, not a trained parameter.
         let (mean, std) = (self.mean.detach(), self.std.detach());
         let net = |z: &Tensor| self.prox.forward_t(z, train);
+        // The prox's output is used only inside the mask (of any batch item).
+        let needed: Option<Vec<bool>> = match tiling {
+            Some(_) => {
+                let (_, _, d, h, w) = mask.dims5()?;
+                let any = mask.ne(0f32)?.max_keepdim(0)?.flatten_all()?;
+                let flags = any.to_dtype(candle_core::DType::U8)?.to_vec1::<u8>()?;
+                (flags.len() == d * h * w).then(|| flags.iter().map(|&f| f != 0).collect())
+            }
+            None => None,
+        };
         let prox = |v: &Tensor| -> Result<Tensor> {
             let z = v.broadcast_sub(&mean)?.broadcast_div(&std)?;
             let out = match tiling {
-                Some(t) => apply_tiled(&z, t, &net)?,
+                Some(t) => apply_tiled(&z, t, needed.as_deref(), &net)?,
                 None => net(&z)?,
             };
             out.broadcast_mul(&std)?.broadcast_add(&mean)
@@ -383,6 +393,18 @@ mod tests {
         };
         let tiled = values(&net.infer_tiled(&y, &ops, &mask, &tiling).unwrap());
         let scale = whole.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+        for (a, b) in tiled.iter().zip(&whole) {
+            assert!((a - b).abs() < 1e-4 * scale, "{a} vs {b}");
+        }
+
+        // With a mask in one half, the tiles that only cover the other half are skipped and
+        // the result is unchanged.
+        let half: Vec<f32> = (0..12 * 10 * 14)
+            .map(|v| ((v % 14) < 5) as u8 as f32)
+            .collect();
+        let mask = Tensor::from_vec(half, (1, 1, 12, 10, 14), &Device::Cpu).unwrap();
+        let whole = values(&net.forward_t(&y, &ops, &mask, false).unwrap());
+        let tiled = values(&net.infer_tiled(&y, &ops, &mask, &tiling).unwrap());
         for (a, b) in tiled.iter().zip(&whole) {
             assert!((a - b).abs() < 1e-4 * scale, "{a} vs {b}");
         }

@@ -90,9 +90,15 @@ fn weight(i: usize, start: usize, tile: usize, len: usize, margin: usize, blend:
 
 /// `f` applied to `x` (`[N, C, D, H, W]`) tile by tile and blended; `f` may change the
 /// channel count but must keep N, D, H and W.
+///
+/// `needed` (`D·H·W` flags, x fastest) marks the voxels whose output is used (e.g. a brain
+/// mask that the result is multiplied by): tiles that give weight to none of them are not
+/// computed, and voxels no computed tile covers come out as 0. In a whole-head volume the
+/// brain fills about half of the tiles.
 pub fn apply_tiled(
     x: &Tensor,
     tiling: &Tiling,
+    needed: Option<&[bool]>,
     f: &dyn Fn(&Tensor) -> Result<Tensor>,
 ) -> Result<Tensor> {
     let (n, _, d, h, w) = x.dims5()?;
@@ -101,11 +107,31 @@ pub fn apply_tiled(
     let (m, b) = (tiling.margin, tiling.blend);
     let st: Vec<Vec<usize>> = (0..3).map(|a| starts(dims[a], tile[a], m, b)).collect();
     let mut acc: Vec<f32> = Vec::new();
+    if needed.is_some_and(|k| k.len() != d * h * w) {
+        candle_core::bail!("tiled inference: the needed-voxel flags do not match the volume");
+    }
     let mut wsum = vec![0.0f32; d * h * w];
     let mut cout = 0;
     for &z0 in &st[0] {
         for &y0 in &st[1] {
             for &x0 in &st[2] {
+                let weights = |a: usize, start: usize, len: usize| -> Vec<f32> {
+                    (0..tile[a])
+                        .map(|i| weight(i, start, tile[a], len, m, b))
+                        .collect()
+                };
+                let (wz, wy, wx) = (weights(0, z0, d), weights(1, y0, h), weights(2, x0, w));
+                if let Some(k) = needed {
+                    let used = (0..tile[0]).filter(|&i| wz[i] > 0.0).any(|i| {
+                        (0..tile[1]).filter(|&j| wy[j] > 0.0).any(|j| {
+                            let row = ((z0 + i) * h + y0 + j) * w + x0;
+                            (0..tile[2]).any(|l| wx[l] > 0.0 && k[row + l])
+                        })
+                    });
+                    if !used {
+                        continue;
+                    }
+                }
                 let part = x
                     .narrow(2, z0, tile[0])?
                     .narrow(3, y0, tile[1])?
@@ -120,15 +146,6 @@ pub fn apply_tiled(
                     acc = vec![0.0; n * cout * d * h * w];
                 }
                 let v = out.flatten_all()?.to_vec1::<f32>()?;
-                let wz: Vec<f32> = (0..tile[0])
-                    .map(|i| weight(i, z0, tile[0], d, m, b))
-                    .collect();
-                let wy: Vec<f32> = (0..tile[1])
-                    .map(|i| weight(i, y0, tile[1], h, m, b))
-                    .collect();
-                let wx: Vec<f32> = (0..tile[2])
-                    .map(|i| weight(i, x0, tile[2], w, m, b))
-                    .collect();
                 for (k, &a) in wz.iter().enumerate() {
                     for (j, &bb) in wy.iter().enumerate() {
                         for (i, &c) in wx.iter().enumerate() {
@@ -148,9 +165,14 @@ pub fn apply_tiled(
             }
         }
     }
+    if acc.is_empty() {
+        // Nothing needed: the output's channel count is that of `f` on one small tile.
+        let probe = f(&x.narrow(2, 0, 1)?.narrow(3, 0, 1)?.narrow(4, 0, 1)?)?;
+        return Tensor::zeros((n, probe.dim(1)?, d, h, w), x.dtype(), x.device());
+    }
     for p in 0..n * cout {
         for (a, &s) in acc[p * d * h * w..][..d * h * w].iter_mut().zip(&wsum) {
-            *a /= s;
+            *a = if s > 0.0 { *a / s } else { 0.0 };
         }
     }
     Tensor::from_vec(acc, (n, cout, d, h, w), x.device())
@@ -197,10 +219,54 @@ mod tests {
             margin: 2,
             blend: 2,
         };
-        let tiled = values(&apply_tiled(&x, &tiling, &f).unwrap());
+        let tiled = values(&apply_tiled(&x, &tiling, None, &f).unwrap());
         for (a, b) in tiled.iter().zip(&whole) {
             assert!((a - b).abs() < 1e-5, "{a} vs {b}");
         }
+    }
+
+    #[test]
+    fn tiles_without_needed_voxels_are_skipped_and_the_needed_ones_are_exact() {
+        let vm = VarMap::new();
+        let vb = VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu);
+        let conv = Conv3d::new(2, 3, 3, true, vb.pp("c")).unwrap();
+        let calls = std::cell::Cell::new(0);
+        let f = |t: &Tensor| {
+            calls.set(calls.get() + 1);
+            conv.forward(t)
+        };
+        let (d, h, w) = (16, 16, 16);
+        let x = random_tensor((1, 2, d, h, w), 4);
+        let whole = values(&f(&x).unwrap());
+        let tiling = Tiling {
+            tile: [8, 8, 8],
+            margin: 1,
+            blend: 2,
+        };
+        calls.set(0);
+        apply_tiled(&x, &tiling, None, &f).unwrap();
+        let all = calls.get();
+        // A small ball in one corner.
+        let needed: Vec<bool> = (0..d * h * w)
+            .map(|v| {
+                let (i, j, k) = (v % w, (v / w) % h, v / (w * h));
+                (i as f32 - 3.0).powi(2) + (j as f32 - 3.0).powi(2) + (k as f32 - 3.0).powi(2) < 6.0
+            })
+            .collect();
+        calls.set(0);
+        let tiled = values(&apply_tiled(&x, &tiling, Some(&needed), &f).unwrap());
+        assert!(calls.get() < all, "{} of {all} tiles computed", calls.get());
+        let n = d * h * w;
+        for c in 0..3 {
+            for v in (0..n).filter(|&v| needed[v]) {
+                let (a, b) = (tiled[c * n + v], whole[c * n + v]);
+                assert!((a - b).abs() < 1e-5, "{a} vs {b}");
+            }
+        }
+        // Nothing needed: zeros with the output's channel count, no tile computed.
+        let none = apply_tiled(&x, &tiling, Some(&vec![false; n]), &f).unwrap();
+        assert_eq!(none.dims5().unwrap(), (1, 3, d, h, w));
+        assert!(values(&none).iter().all(|&v| v == 0.0));
     }
 
     #[test]
