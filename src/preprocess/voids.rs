@@ -52,6 +52,14 @@ pub struct VoidConfig {
     /// (on the MNI phantom it follows the true field with slope 0.72 at 1–2 mm from a
     /// calcification and 0.92 at 2–3 mm), which made the fitted source too weak.
     pub shell_gap_mm: f64,
+    /// Signal loss up to this fraction does not count as a void source occupying the voxel
+    /// (it is dephasing next to the source, or noise); larger losses are rescaled to [0, 1]
+    /// from it. Default 0.3: on the MNI phantom the first echo's halo 1 mm around a
+    /// calcification loses 0.24 on average. Without a floor the source was spread over its
+    /// halo: TKD from raw phase scored 40.3 % aligned and 44.7 % with B0 tilted 15°; with
+    /// floors 0.2 / 0.3 / 0.4 / 0.5 it scored 38.9 / 39.2 / 39.7 / 40.9 % aligned and
+    /// 41.5 / 40.8 / 40.6 / 41.1 % tilted.
+    pub occupancy_floor: f64,
 }
 
 impl Default for VoidConfig {
@@ -67,6 +75,7 @@ impl Default for VoidConfig {
             fit_sources: true,
             shell_mm: 5.0,
             shell_gap_mm: 1.5,
+            occupancy_floor: 0.3,
         }
     }
 }
@@ -160,22 +169,23 @@ pub fn relative_magnitude(magnitude: &Volume, mask: &[bool], sigma_mm: f64) -> V
         .collect()
 }
 
-/// The fraction of each voxel's signal that is lost, 1 − m / (local mean m), clamped to
-/// [0, 1] (1 where undefined): read as the fraction of the voxel that a void source occupies
-/// (partial volume), for [`fit_void_sources`].
+/// The fraction of each voxel's signal that is lost, 1 − m / (local mean m), above
+/// `occupancy_floor` and rescaled to [0, 1] (1 where undefined): read as the fraction of the
+/// voxel that a void source occupies (partial volume), for [`fit_void_sources`].
 ///
 /// Pass the first echo's magnitude: later echoes also darken a source's neighbours by
 /// dephasing, which would spread the source over its halo. On the MNI phantom the first echo
 /// gives calcification voxels 0.81 and their 1 mm halo 0.24, the echoes' root-sum-of-squares
 /// 0.72 and 0.49, and the first echo lowers the pipeline's TKD error by 5 points.
 pub fn signal_loss(magnitude: &Volume, mask: &[bool], config: &VoidConfig) -> Vec<f32> {
+    let floor = config.occupancy_floor.clamp(0.0, 0.99) as f32;
     relative_magnitude(magnitude, mask, config.local_mean_sigma_mm)
         .par_iter()
         .map(|&r| {
             if r.is_nan() {
                 1.0
             } else {
-                (1.0 - r).clamp(0.0, 1.0)
+                (((1.0 - r) - floor) / (1.0 - floor)).clamp(0.0, 1.0)
             }
         })
         .collect()
@@ -530,6 +540,23 @@ mod tests {
         let tissue = 20 + n * (20 + n * 8);
         assert!(mask[tissue] && !blob[tissue]);
         assert!(loss[tissue] < 0.1, "loss in plain tissue {}", loss[tissue]);
+        // Losses up to the floor are no occupancy; above it they are rescaled linearly.
+        let no_floor = VoidConfig {
+            occupancy_floor: 0.0,
+            ..VoidConfig::default()
+        };
+        // A slightly darker voxel in plain tissue: a loss below the floor.
+        let mut mag = mag;
+        mag.data[tissue] = 0.8;
+        let loss = signal_loss(&mag, &mask, &VoidConfig::default());
+        let raw = signal_loss(&mag, &mask, &no_floor);
+        let floor = VoidConfig::default().occupancy_floor as f32;
+        for (i, (&l, &r)) in loss.iter().zip(&raw).enumerate().filter(|(i, _)| mask[*i]) {
+            let want = ((r - floor) / (1.0 - floor)).max(0.0);
+            assert!((l - want).abs() < 1e-6, "voxel {i}: {l} from raw loss {r}");
+        }
+        assert!(raw[centre] > 0.85 && loss[centre] > 0.8);
+        assert!(raw[tissue] > 0.1 && raw[tissue] < floor && loss[tissue] == 0.0);
         let err = (0..truth.len())
             .filter(|&i| mask[i])
             .map(|i| (out.field.data[i] - truth[i]).abs())
