@@ -15,7 +15,6 @@ use chimap::nn::device::{self, DeviceChoice};
 use chimap::nn::dipole::DipoleSet;
 use chimap::nn::loopnet::{self, LoopNet};
 use chimap::nn::lpcnn::{Config, LpCnn};
-use chimap::nn::tiling::Tiling;
 
 mod common;
 use common::peak_rss_gib;
@@ -90,25 +89,15 @@ fn run(dev: &Device, dims: [usize; 3], budget: usize, with_loopnet: bool) -> Row
     )
     .unwrap();
     let ops = DipoleSet::new(dims, [1.0; 3], &[[0.0, 0.0, 1.0]]);
-    // The app's tiling rule (src/inversion/learned.rs).
-    let tiling = Tiling::for_budget(
-        [nz, ny, nx],
-        net.prox_bytes_per_voxel(dev),
-        budget,
-        net.prox_radius(),
-        1,
-    );
     // Warm-up on a small cube (kernel loading, cuBLAS and cuFFT plans).
     let small = DipoleSet::new([16; 3], [1.0; 3], &[[0.0, 0.0, 1.0]]);
     let ys = Tensor::zeros((1, 1, 16, 16, 16), DType::F32, dev).unwrap();
     net.forward_t(&ys, &small, &ys.ones_like().unwrap(), false)
         .unwrap();
     let lpcnn = measure(dev, || {
-        let chi = match &tiling {
-            Some(t) => net.infer_tiled(&y, &ops, &mask, t),
-            None => net.forward_t(&y, &ops, &mask, false),
-        }
-        .unwrap();
+        // As the app runs it (src/inversion/learned.rs): cropped to the mask's reach and
+        // tiled within the budget.
+        let chi = net.infer(&y, &ops, &mask, budget).unwrap();
         std::hint::black_box(chi.to_dtype(DType::F32).unwrap());
     });
     println!(

@@ -14,7 +14,6 @@ use crate::nn::device::{self, DeviceChoice};
 use crate::nn::dipole::DipoleSet;
 use crate::nn::loopnet::{self, LoopNet};
 use crate::nn::lpcnn::{self, LpCnn};
-use crate::nn::tiling::Tiling;
 use crate::nn::{tensor_dims, weights};
 use crate::{Error, Result};
 
@@ -122,18 +121,8 @@ impl Method for Learned {
                 let net = weights::build(&self.weights, "LP-CNN", dev, |vb| LpCnn::new(&cfg, vb))?;
                 let b0: Vec<[f64; 3]> = p.orientations.iter().map(|o| o.b0).collect();
                 let ops = DipoleSet::new(p.dims, p.voxel_size, &b0);
-                let tiling = Tiling::for_budget(
-                    [d, h, w],
-                    net.prox_bytes_per_voxel(dev),
-                    self.max_memory,
-                    net.prox_radius(),
-                    1,
-                );
-                match tiling {
-                    Some(t) => net.infer_tiled(&fields, &ops, &mask, &t),
-                    None => net.forward_t(&fields, &ops, &mask, false),
-                }
-                .map_err(err)?
+                net.infer(&fields, &ops, &mask, self.max_memory)
+                    .map_err(err)?
             }
             MethodName::Loopnet | MethodName::Unet => {
                 let cfg = match self.architecture()? {

@@ -194,7 +194,54 @@ impl LpCnn {
         mask: &Tensor,
         tiling: &Tiling,
     ) -> Result<Tensor> {
-        self.run(fields, ops, mask, false, Some(tiling))
+        let (_, _, d, h, w) = mask.dims5()?;
+        let plan = ProxPlan {
+            region: [(0, d), (0, h), (0, w)],
+            tiling: Some(*tiling),
+            needed: needed_voxels(mask)?,
+        };
+        self.run(fields, ops, mask, false, Some(&plan))
+    }
+
+    /// Inference with the prox's activations bounded by `max_bytes`: the prox runs only
+    /// over the mask's bounding box grown by [`Self::prox_radius`] (nothing farther reaches
+    /// a mask voxel, and the result is masked), in tiles when that box does not fit. The
+    /// result matches [`Self::forward_t`] within rounding.
+    pub fn infer(
+        &self,
+        fields: &Tensor,
+        ops: &DipoleSet,
+        mask: &Tensor,
+        max_bytes: usize,
+    ) -> Result<Tensor> {
+        let (n, _, d, h, w) = mask.dims5()?;
+        let dims = [d, h, w];
+        let needed = needed_voxels(mask)?;
+        let r = self.prox_radius();
+        let Some(region) = reach(&needed, dims, r) else {
+            // No mask voxel: χ is zero everywhere.
+            return Tensor::zeros((n, 1, d, h, w), fields.dtype(), fields.device());
+        };
+        let sub = region.map(|(a, b)| b - a);
+        let mut inside = Vec::with_capacity(sub.iter().product());
+        for z in region[0].0..region[0].1 {
+            for y in region[1].0..region[1].1 {
+                let row = (z * h + y) * w;
+                inside.extend_from_slice(&needed[row + region[2].0..row + region[2].1]);
+            }
+        }
+        let plan = ProxPlan {
+            region,
+            tiling: Tiling::for_budget(
+                sub,
+                self.prox_bytes_per_voxel(fields.device()),
+                max_bytes,
+                r,
+                1,
+            ),
+            needed: inside,
+        };
+        self.run(fields, ops, mask, false, Some(&plan))
     }
 
     /// Receptive-field radius of the prox in voxels (one per 3³ convolution).
@@ -216,26 +263,31 @@ impl LpCnn {
         ops: &DipoleSet,
         mask: &Tensor,
         train: bool,
-        tiling: Option<&Tiling>,
+        plan: Option<&ProxPlan>,
     ) -> Result<Tensor> {
         // The normalisation is data, not a trained parameter.
         let (mean, std) = (self.mean.detach(), self.std.detach());
         let net = |z: &Tensor| self.prox.forward_t(z, train);
-        // The prox's output is used only inside the mask (of any batch item).
-        let needed: Option<Vec<bool>> = match tiling {
-            Some(_) => {
-                let (_, _, d, h, w) = mask.dims5()?;
-                let any = mask.ne(0f32)?.max_keepdim(0)?.flatten_all()?;
-                let flags = any.to_dtype(candle_core::DType::U8)?.to_vec1::<u8>()?;
-                (flags.len() == d * h * w).then(|| flags.iter().map(|&f| f != 0).collect())
-            }
-            None => None,
-        };
+        let (_, _, d, h, w) = mask.dims5()?;
         let prox = |v: &Tensor| -> Result<Tensor> {
             let z = v.broadcast_sub(&mean)?.broadcast_div(&std)?;
-            let out = match tiling {
-                Some(t) => apply_tiled(&z, t, needed.as_deref(), &net)?,
+            let out = match plan {
                 None => net(&z)?,
+                Some(p) => {
+                    let [(z0, z1), (y0, y1), (x0, x1)] = p.region;
+                    let part =
+                        z.narrow(2, z0, z1 - z0)?
+                            .narrow(3, y0, y1 - y0)?
+                            .narrow(4, x0, x1 - x0)?;
+                    let out = match &p.tiling {
+                        Some(t) => apply_tiled(&part, t, Some(&p.needed), &net)?,
+                        None => net(&part)?,
+                    };
+                    // Outside the region the mask is zero, so any value does.
+                    out.pad_with_zeros(2, z0, d - z1)?
+                        .pad_with_zeros(3, y0, h - y1)?
+                        .pad_with_zeros(4, x0, w - x1)?
+                }
             };
             out.broadcast_mul(&std)?.broadcast_add(&mean)
         };
@@ -259,6 +311,44 @@ impl LpCnn {
         }
         Ok(x)
     }
+}
+
+/// Where and how the prox runs at inference: over `region` (`[start, end)` per axis of
+/// `[D, H, W]`), in tiles or whole, with the voxels of the region whose output is used.
+struct ProxPlan {
+    region: [(usize, usize); 3],
+    tiling: Option<Tiling>,
+    needed: Vec<bool>,
+}
+
+/// Voxels inside the mask of any batch item (`D·H·W` flags, x fastest).
+fn needed_voxels(mask: &Tensor) -> Result<Vec<bool>> {
+    let any = mask.ne(0f32)?.max_keepdim(0)?.flatten_all()?;
+    let flags = any.to_dtype(candle_core::DType::U8)?.to_vec1::<u8>()?;
+    Ok(flags.iter().map(|&f| f != 0).collect())
+}
+
+/// The bounding box of the `needed` voxels grown by `radius` and clipped to the grid;
+/// `None` when no voxel is needed.
+fn reach(needed: &[bool], dims: [usize; 3], radius: usize) -> Option<[(usize, usize); 3]> {
+    let [_, h, w] = dims;
+    let mut lo = [usize::MAX; 3];
+    let mut hi = [0usize; 3];
+    for (i, _) in needed.iter().enumerate().filter(|(_, &k)| k) {
+        let p = [i / (h * w), (i / w) % h, i % w];
+        for a in 0..3 {
+            lo[a] = lo[a].min(p[a]);
+            hi[a] = hi[a].max(p[a]);
+        }
+    }
+    (lo[0] != usize::MAX).then(|| {
+        std::array::from_fn(|a| {
+            (
+                lo[a].saturating_sub(radius),
+                (hi[a] + radius + 1).min(dims[a]),
+            )
+        })
+    })
 }
 
 #[cfg(test)]
@@ -396,6 +486,26 @@ mod tests {
         for (a, b) in tiled.iter().zip(&whole) {
             assert!((a - b).abs() < 1e-4 * scale, "{a} vs {b}");
         }
+
+        // Under a budget: cropped to the mask's reach (and tiled when it does not fit).
+        let ball: Vec<f32> = (0..12 * 10 * 14)
+            .map(|v| {
+                let (x, y, z) = ((v % 14) as f32, ((v / 14) % 10) as f32, (v / 140) as f32);
+                ((x - 9.0).powi(2) + (y - 6.0).powi(2) + (z - 7.0).powi(2) < 6.0) as u8 as f32
+            })
+            .collect();
+        let ball = Tensor::from_vec(ball, (1, 1, 12, 10, 14), &Device::Cpu).unwrap();
+        let whole = values(&net.forward_t(&y, &ops, &ball, false).unwrap());
+        let per_voxel = net.prox_bytes_per_voxel(&Device::Cpu);
+        for budget in [per_voxel * 100_000, per_voxel * 600] {
+            let got = values(&net.infer(&y, &ops, &ball, budget).unwrap());
+            for (a, b) in got.iter().zip(&whole) {
+                assert!((a - b).abs() < 1e-4 * scale, "budget {budget}: {a} vs {b}");
+            }
+        }
+        let empty = ball.zeros_like().unwrap();
+        let none = values(&net.infer(&y, &ops, &empty, per_voxel * 600).unwrap());
+        assert!(none.iter().all(|&v| v == 0.0));
 
         // With a mask in one half, the tiles that only cover the other half are skipped and
         // the result is unchanged.
