@@ -89,13 +89,39 @@ fn constant_turns(out: &[f32], truth: &[f32], region: &[bool], tol: f32) -> i32 
     *ks.keys().next().unwrap()
 }
 
-#[test]
-fn smooth_phase_with_many_wraps_and_a_noise_background_is_recovered_exactly() {
+/// The smooth phase in a ball of tissue (magnitude 1) inside noise, σ = 0.05.
+struct Ball {
+    inside: Vec<bool>,
+    truth: Vec<f32>,
+    wrapped: Vec<f32>,
+    mag: Vec<f32>,
+    /// Magnitude², the alignment weights.
+    w: Vec<f32>,
+}
+
+fn noisy_ball(seed: u64) -> Ball {
     let inside = ball([20.0, 20.0, 20.0], 16.0);
     let truth: Vec<f32> = (0..N * N * N).map(smooth_phase).collect();
-    let mut rng = Rng::new(11);
-    let (wrapped, mag) = signal(&truth, &inside, 0.05, &mut rng);
-    let w: Vec<f32> = mag.iter().map(|m| m * m).collect();
+    let (wrapped, mag) = signal(&truth, &inside, 0.05, &mut Rng::new(seed));
+    let w = mag.iter().map(|m| m * m).collect();
+    Ball {
+        inside,
+        truth,
+        wrapped,
+        mag,
+        w,
+    }
+}
+
+#[test]
+fn smooth_phase_with_many_wraps_and_a_noise_background_is_recovered_exactly() {
+    let Ball {
+        inside,
+        truth,
+        wrapped,
+        mag,
+        w,
+    } = noisy_ball(11);
     let q = Quality {
         magnitude: Some(&mag),
         ..Quality::phase(&wrapped)
@@ -240,11 +266,13 @@ fn growth_is_a_minimum_spanning_tree_of_the_quantised_costs() {
 
 #[test]
 fn slabs_grow_on_their_own_and_registration_joins_them_seamlessly() {
-    let inside = ball([20.0, 20.0, 20.0], 16.0);
-    let truth: Vec<f32> = (0..N * N * N).map(smooth_phase).collect();
-    let mut rng = Rng::new(5);
-    let (wrapped, mag) = signal(&truth, &inside, 0.05, &mut rng);
-    let w: Vec<f32> = mag.iter().map(|m| m * m).collect();
+    let Ball {
+        inside,
+        truth,
+        wrapped,
+        mag,
+        w,
+    } = noisy_ball(5);
     let q = Quality {
         magnitude: Some(&mag),
         ..Quality::phase(&wrapped)
