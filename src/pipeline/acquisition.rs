@@ -482,8 +482,8 @@ fn raw_local_field(
         ));
     };
 
-    // The mask's magnitude part runs beside the echo fit, whose region growing keeps only
-    // one core busy.
+    // The mask's magnitude part needs no field, so it runs beside the echo fit and takes
+    // the cores its sequential parts (region growing within a slab) leave idle.
     stages.start("echo fit and magnitude mask");
     let (fit, mask) = rayon::join(
         || {
