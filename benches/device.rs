@@ -1,6 +1,6 @@
 //! Whole-head inference of the learned methods on the CPU and on CUDA, measured in one run:
-//! LP-CNN (published architecture, tiled under the memory budget as in the app) and LoopNet,
-//! time and peak memory per device, and the CPU/CUDA time ratio. Random weights: speed and
+//! LP-CNN (published architecture) and LoopNet, each cropped and tiled under the memory budget
+//! as in the app: time and peak memory per device, and the CPU/CUDA time ratio. Random weights: speed and
 //! memory do not depend on them.
 //!
 //! `cargo bench --features cuda --bench device [-- --dims 200,230,190] [--max-memory GIB]
@@ -118,7 +118,7 @@ fn run(dev: &Device, dims: [usize; 3], budget: usize, with_loopnet: bool) -> Row
     let cfg = loopnet::Config::default();
     let net = LoopNet::new(&cfg, VarBuilder::from_varmap(&vm, DType::F32, dev)).unwrap();
     let loopnet = measure(dev, || {
-        std::hint::black_box(net.forward_t(&y, false).unwrap().chi);
+        std::hint::black_box(net.infer(&y, &mask, budget).unwrap());
     });
     Row {
         device: device::name(dev),

@@ -136,7 +136,7 @@ impl Method for Learned {
                 let mut sum: Option<Tensor> = None;
                 for i in 0..n {
                     let f = fields.narrow(1, i, 1).map_err(err)?;
-                    let chi = net.forward_t(&f, false).map_err(err)?.chi;
+                    let chi = net.infer(&f, &mask, self.max_memory).map_err(err)?;
                     sum = Some(match sum {
                         None => chi,
                         Some(s) => (s + chi).map_err(err)?,

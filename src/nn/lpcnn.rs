@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 use super::conv3d::Conv3d;
 use super::dipole::DipoleSet;
 use super::layers::{BatchNorm3d, Dropout3d, DropoutRng};
-use super::tiling::{apply_tiled, Tiling};
+use super::tiling::{needed_voxels, Plan, Tiling};
 
 /// Architecture of LP-CNN; the default is the published one (≈ 446 k parameters).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -195,11 +195,7 @@ impl LpCnn {
         tiling: &Tiling,
     ) -> Result<Tensor> {
         let (_, _, d, h, w) = mask.dims5()?;
-        let plan = ProxPlan {
-            region: [(0, d), (0, h), (0, w)],
-            tiling: Some(*tiling),
-            needed: needed_voxels(mask)?,
-        };
+        let plan = Plan::tiled(needed_voxels(mask)?, [d, h, w], *tiling);
         self.run(fields, ops, mask, false, Some(&plan))
     }
 
@@ -215,33 +211,19 @@ impl LpCnn {
         max_bytes: usize,
     ) -> Result<Tensor> {
         let (n, _, d, h, w) = mask.dims5()?;
-        let dims = [d, h, w];
-        let needed = needed_voxels(mask)?;
-        let r = self.prox_radius();
-        let Some(region) = reach(&needed, dims, r) else {
+        let plan = Plan::within_budget(
+            &needed_voxels(mask)?,
+            [d, h, w],
+            self.prox_radius(),
+            self.prox_bytes_per_voxel(fields.device()),
+            max_bytes,
+            1,
+        );
+        match plan {
+            Some(plan) => self.run(fields, ops, mask, false, Some(&plan)),
             // No mask voxel: χ is zero everywhere.
-            return Tensor::zeros((n, 1, d, h, w), fields.dtype(), fields.device());
-        };
-        let sub = region.map(|(a, b)| b - a);
-        let mut inside = Vec::with_capacity(sub.iter().product());
-        for z in region[0].0..region[0].1 {
-            for y in region[1].0..region[1].1 {
-                let row = (z * h + y) * w;
-                inside.extend_from_slice(&needed[row + region[2].0..row + region[2].1]);
-            }
+            None => Tensor::zeros((n, 1, d, h, w), fields.dtype(), fields.device()),
         }
-        let plan = ProxPlan {
-            region,
-            tiling: Tiling::for_budget(
-                sub,
-                self.prox_bytes_per_voxel(fields.device()),
-                max_bytes,
-                r,
-                1,
-            ),
-            needed: inside,
-        };
-        self.run(fields, ops, mask, false, Some(&plan))
     }
 
     /// Receptive-field radius of the prox in voxels (one per 3³ convolution).
@@ -263,31 +245,17 @@ impl LpCnn {
         ops: &DipoleSet,
         mask: &Tensor,
         train: bool,
-        plan: Option<&ProxPlan>,
+        plan: Option<&Plan>,
     ) -> Result<Tensor> {
         // The normalisation is data, not a trained parameter.
         let (mean, std) = (self.mean.detach(), self.std.detach());
         let net = |z: &Tensor| self.prox.forward_t(z, train);
-        let (_, _, d, h, w) = mask.dims5()?;
         let prox = |v: &Tensor| -> Result<Tensor> {
             let z = v.broadcast_sub(&mean)?.broadcast_div(&std)?;
+            // Outside a plan's region the mask is zero, so any value does.
             let out = match plan {
                 None => net(&z)?,
-                Some(p) => {
-                    let [(z0, z1), (y0, y1), (x0, x1)] = p.region;
-                    let part =
-                        z.narrow(2, z0, z1 - z0)?
-                            .narrow(3, y0, y1 - y0)?
-                            .narrow(4, x0, x1 - x0)?;
-                    let out = match &p.tiling {
-                        Some(t) => apply_tiled(&part, t, Some(&p.needed), &net)?,
-                        None => net(&part)?,
-                    };
-                    // Outside the region the mask is zero, so any value does.
-                    out.pad_with_zeros(2, z0, d - z1)?
-                        .pad_with_zeros(3, y0, h - y1)?
-                        .pad_with_zeros(4, x0, w - x1)?
-                }
+                Some(p) => p.apply(&z, &net)?,
             };
             out.broadcast_mul(&std)?.broadcast_add(&mean)
         };
@@ -311,44 +279,6 @@ impl LpCnn {
         }
         Ok(x)
     }
-}
-
-/// Where and how the prox runs at inference: over `region` (`[start, end)` per axis of
-/// `[D, H, W]`), in tiles or whole, with the voxels of the region whose output is used.
-struct ProxPlan {
-    region: [(usize, usize); 3],
-    tiling: Option<Tiling>,
-    needed: Vec<bool>,
-}
-
-/// Voxels inside the mask of any batch item (`D·H·W` flags, x fastest).
-fn needed_voxels(mask: &Tensor) -> Result<Vec<bool>> {
-    let any = mask.ne(0f32)?.max_keepdim(0)?.flatten_all()?;
-    let flags = any.to_dtype(candle_core::DType::U8)?.to_vec1::<u8>()?;
-    Ok(flags.iter().map(|&f| f != 0).collect())
-}
-
-/// The bounding box of the `needed` voxels grown by `radius` and clipped to the grid;
-/// `None` when no voxel is needed.
-fn reach(needed: &[bool], dims: [usize; 3], radius: usize) -> Option<[(usize, usize); 3]> {
-    let [_, h, w] = dims;
-    let mut lo = [usize::MAX; 3];
-    let mut hi = [0usize; 3];
-    for (i, _) in needed.iter().enumerate().filter(|(_, &k)| k) {
-        let p = [i / (h * w), (i / w) % h, i % w];
-        for a in 0..3 {
-            lo[a] = lo[a].min(p[a]);
-            hi[a] = hi[a].max(p[a]);
-        }
-    }
-    (lo[0] != usize::MAX).then(|| {
-        std::array::from_fn(|a| {
-            (
-                lo[a].saturating_sub(radius),
-                (hi[a] + radius + 1).min(dims[a]),
-            )
-        })
-    })
 }
 
 #[cfg(test)]

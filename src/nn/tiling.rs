@@ -218,6 +218,96 @@ pub fn apply_tiled(
     Tensor::from_vec(acc, (n, cout, d, h, w), x.device())
 }
 
+/// Where a network runs at inference: over `region` (`[start, end)` per axis of
+/// `[D, H, W]`), whole or in tiles, with the flags of the region's voxels whose output is
+/// used (x fastest).
+#[derive(Clone, Debug)]
+pub struct Plan {
+    pub region: [(usize, usize); 3],
+    pub tiling: Option<Tiling>,
+    pub needed: Vec<bool>,
+}
+
+impl Plan {
+    /// The whole volume `dims` in the given tiles.
+    pub fn tiled(needed: Vec<bool>, dims: [usize; 3], tiling: Tiling) -> Plan {
+        Plan {
+            region: dims.map(|n| (0, n)),
+            tiling: Some(tiling),
+            needed,
+        }
+    }
+
+    /// Over the bounding box of the `needed` voxels grown by `radius` (clipped to `dims`),
+    /// in tiles with margin `radius` when the box does not fit `max_bytes` at
+    /// `bytes_per_voxel`; `None` when no voxel is needed.
+    pub fn within_budget(
+        needed: &[bool],
+        dims: [usize; 3],
+        radius: usize,
+        bytes_per_voxel: usize,
+        max_bytes: usize,
+        stride: usize,
+    ) -> Option<Plan> {
+        let [_, h, w] = dims;
+        let mut lo = [usize::MAX; 3];
+        let mut hi = [0usize; 3];
+        for (i, _) in needed.iter().enumerate().filter(|(_, &k)| k) {
+            let p = [i / (h * w), (i / w) % h, i % w];
+            for a in 0..3 {
+                lo[a] = lo[a].min(p[a]);
+                hi[a] = hi[a].max(p[a]);
+            }
+        }
+        if lo[0] == usize::MAX {
+            return None;
+        }
+        let region: [(usize, usize); 3] = std::array::from_fn(|a| {
+            (
+                lo[a].saturating_sub(radius),
+                (hi[a] + radius + 1).min(dims[a]),
+            )
+        });
+        let sub = region.map(|(a, b)| b - a);
+        let mut inside = Vec::with_capacity(sub.iter().product());
+        for z in region[0].0..region[0].1 {
+            for y in region[1].0..region[1].1 {
+                let row = (z * h + y) * w;
+                inside.extend_from_slice(&needed[row + region[2].0..row + region[2].1]);
+            }
+        }
+        Some(Plan {
+            region,
+            tiling: Tiling::for_budget(sub, bytes_per_voxel, max_bytes, radius, stride),
+            needed: inside,
+        })
+    }
+
+    /// `f` applied over the plan's region of `x` (`[N, C, D, H, W]`); zero outside it.
+    pub fn apply(&self, x: &Tensor, f: &dyn Fn(&Tensor) -> Result<Tensor>) -> Result<Tensor> {
+        let (_, _, d, h, w) = x.dims5()?;
+        let [(z0, z1), (y0, y1), (x0, x1)] = self.region;
+        let part = x
+            .narrow(2, z0, z1 - z0)?
+            .narrow(3, y0, y1 - y0)?
+            .narrow(4, x0, x1 - x0)?;
+        let out = match &self.tiling {
+            Some(t) => apply_tiled(&part, t, Some(&self.needed), f)?,
+            None => f(&part)?,
+        };
+        out.pad_with_zeros(2, z0, d - z1)?
+            .pad_with_zeros(3, y0, h - y1)?
+            .pad_with_zeros(4, x0, w - x1)
+    }
+}
+
+/// Voxels inside the mask `[N, 1, D, H, W]` of any batch item (`D·H·W` flags, x fastest).
+pub fn needed_voxels(mask: &Tensor) -> Result<Vec<bool>> {
+    let any = mask.ne(0f32)?.max_keepdim(0)?.flatten_all()?;
+    let flags = any.to_dtype(candle_core::DType::U8)?.to_vec1::<u8>()?;
+    Ok(flags.iter().map(|&f| f != 0).collect())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
