@@ -26,8 +26,8 @@ impl Tiling {
     /// overlaps included; `None` when the whole volume fits and tiling is not needed.
     ///
     /// Tiles overlap by `2·margin + blend` voxels per cut, so large cubes waste much: on a
-    /// 190×230×200 head with a 17-voxel margin and room for 184³, cubes compute 5.7× the
-    /// volume, while two 190×230×121 slabs compute 1.2×.
+    /// 200×230×190 head with a 17-voxel margin and room for 184³, cubes compute 5.7× the
+    /// volume, while two 200×136×190 slabs compute 1.18× (the test below).
     pub fn for_budget(
         dims: [usize; 3],
         bytes_per_voxel: usize,
