@@ -9,6 +9,8 @@
 
 use candle_core::{Result, Tensor};
 
+use crate::volume::crop_at;
+
 /// How to cut a volume into tiles.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Tiling {
@@ -269,13 +271,13 @@ impl Plan {
             )
         });
         let sub = region.map(|(a, b)| b - a);
-        let mut inside = Vec::with_capacity(sub.iter().product());
-        for z in region[0].0..region[0].1 {
-            for y in region[1].0..region[1].1 {
-                let row = (z * h + y) * w;
-                inside.extend_from_slice(&needed[row + region[2].0..row + region[2].1]);
-            }
-        }
+        // `crop_at` takes x-fastest grids in (x, y, z) order; ours are (D, H, W).
+        let inside = crop_at(
+            needed,
+            [w, h, dims[0]],
+            [region[2].0, region[1].0, region[0].0],
+            [sub[2], sub[1], sub[0]],
+        );
         Some(Plan {
             region,
             tiling: Tiling::for_budget(sub, bytes_per_voxel, max_bytes, radius, stride),
