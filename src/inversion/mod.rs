@@ -99,33 +99,26 @@ pub fn combined_spectrum(
     fft: &Fft3,
     g: impl Fn(f32) -> f32 + Sync,
 ) -> (Vec<Complex32>, Vec<f32>) {
-    // One parallel pass per orientation over the half spectrum (these are the only passes
-    // besides the FFTs, so they decide whether TKD stays near one FFT pair).
-    let mut num: Vec<Complex32> = Vec::new();
+    // One fused parallel pass per orientation over the half spectrum (besides the FFTs these
+    // passes are TKD's whole cost, so they decide whether it stays near one FFT pair).
+    let mut num: Option<Vec<Complex32>> = None;
     let mut den = vec![0.0f32; fft.spectrum_len()];
     for (o, kernel) in problem.orientations.iter().zip(problem.kernels()) {
-        let spec = fft.forward(o.field);
-        if num.is_empty() {
-            num = spec;
-            num.par_iter_mut()
-                .zip(den.par_iter_mut())
-                .zip(kernel.par_iter())
-                .for_each(|((a, s), &d)| {
-                    let gd = g(d);
-                    *a *= gd;
-                    *s = gd * gd;
-                });
-        } else {
-            num.par_iter_mut()
-                .zip(den.par_iter_mut())
-                .zip(spec.par_iter().zip(kernel.par_iter()))
-                .for_each(|((a, s), (&f, &d))| {
-                    let gd = g(d);
-                    *a += f * gd;
-                    *s += gd * gd;
-                });
+        let mut spec = fft.forward(o.field);
+        spec.par_iter_mut()
+            .zip(den.par_iter_mut())
+            .zip(kernel.par_iter())
+            .for_each(|((a, s), &d)| {
+                let gd = g(d);
+                *a *= gd;
+                *s += gd * gd;
+            });
+        if let Some(sum) = &num {
+            spec.par_iter_mut().zip(sum).for_each(|(a, &b)| *a += b);
         }
+        num = Some(spec);
     }
+    let num = num.unwrap_or_else(|| vec![Complex32::new(0.0, 0.0); fft.spectrum_len()]);
     (num, den)
 }
 
