@@ -3,7 +3,13 @@
 //! A phantom holds everything the signal model needs per voxel: the total susceptibility
 //! (brain plus skull, soft tissue and air, which together make the background field), the
 //! brain-only susceptibility (the ground truth a QSM method should recover), the brain mask,
-//! proton density and R2* at 3 T.
+//! proton density, fat fraction and R2* at 3 T.
+//!
+//! Heads are realistic where it matters to brain extraction and background removal: scalp
+//! (skin, subcutaneous fat, temporal muscle), skull with fatty marrow between its tables,
+//! eyes in orbital fat, face and neck all give signal, fat with its chemical shift
+//! ([`crate::physics::units::FAT_SHIFT_PPM`]); cortical bone and air give none. The brain mask
+//! (the truth) is intracranial: parenchyma and the CSF around it, up to the dura.
 
 use std::path::Path;
 
@@ -29,6 +35,9 @@ pub struct Phantom {
     pub m0: Vec<f32>,
     /// R2* at 3 T, s⁻¹ (the simulator scales it with the field strength).
     pub r2star: Vec<f32>,
+    /// Fraction of the proton density that is fat, 0..1 (its signal carries the chemical
+    /// shift `FAT_SHIFT_PPM`).
+    pub fat_fraction: Vec<f32>,
 }
 
 impl Phantom {
@@ -69,14 +78,16 @@ impl Phantom {
         let mut mask = vec![false; n];
         let mut m0 = vec![0.0f32; n];
         let mut r2 = vec![0.0f32; n];
+        let mut fat = vec![0.0f32; n];
         let slab = dims[0] * dims[1];
         chi_total
             .par_chunks_mut(slab)
             .zip(chi_local.par_chunks_mut(slab))
             .zip(mask.par_chunks_mut(slab))
             .zip(m0.par_chunks_mut(slab).zip(r2.par_chunks_mut(slab)))
+            .zip(fat.par_chunks_mut(slab))
             .enumerate()
-            .for_each(|(k, (((ct, cl), mk), (m, r)))| {
+            .for_each(|(k, ((((ct, cl), mk), (m, r)), f))| {
                 for j in 0..dims[1] {
                     for i in 0..dims[0] {
                         let p = [
@@ -93,6 +104,7 @@ impl Phantom {
                         }
                         m[v] = t.m0;
                         r[v] = t.r2star;
+                        f[v] = t.fat;
                     }
                 }
             });
@@ -103,6 +115,7 @@ impl Phantom {
             brain_mask: mask,
             m0,
             r2star: r2,
+            fat_fraction: fat,
         })
     }
 
@@ -206,21 +219,30 @@ impl Phantom {
                 .map(|(&x, &m)| if m { x } else { 0.0 })
                 .collect(),
         };
+        let geometry = chi_head.geometry.clone();
+        let layers = labels
+            .as_ref()
+            .map(|l| HeadLayers::new(l, &brain_mask, dims, geometry.voxel_size));
         let mut m0 = vec![0.0f32; n];
         let mut r2 = vec![0.0f32; n];
+        let mut fat = vec![0.0f32; n];
         for v in 0..n {
-            let by_label = labels.as_ref().and_then(|l| label_relaxation(l[v]));
-            let (a, b) = by_label.unwrap_or_else(|| chi_relaxation(chi_total[v], brain_mask[v]));
-            m0[v] = a;
-            r2[v] = b;
+            let by_label = match (&labels, &layers) {
+                (Some(l), Some(layers)) => layers.tissue(l[v], v),
+                _ => None,
+            };
+            let t = by_label.unwrap_or_else(|| chi_relaxation(chi_total[v], brain_mask[v]));
+            m0[v] = t.m0;
+            r2[v] = t.r2star;
+            fat[v] = t.fat;
         }
-        let geometry = chi_head.geometry.clone();
         Ok(Phantom {
             chi_total: Volume::new(dims, chi_total, geometry.clone()),
             chi_local: Volume::new(dims, chi_local, geometry),
             brain_mask,
             m0,
             r2star: r2,
+            fat_fraction: fat,
         })
     }
 }
@@ -241,6 +263,67 @@ fn is_brain_label(l: i32) -> bool {
     (1..=11).contains(&l) || l == 16 || l == 17
 }
 
+/// Where each non-brain voxel of a segmented head sits: the soft tissue and bone labels
+/// say nothing about skin, fat, muscle, dura or marrow, so depth decides.
+struct HeadLayers {
+    /// Distance (mm) to the air around the head (air pockets inside, the sinuses, excluded).
+    depth: Vec<f32>,
+    /// Distance (mm) to the brain.
+    to_brain: Vec<f32>,
+    /// Distance (mm) from a bone voxel to the nearest voxel that is not bone.
+    in_bone: Vec<f32>,
+}
+
+impl HeadLayers {
+    fn new(labels: &[i32], brain: &[bool], dims: [usize; 3], voxel_size: [f64; 3]) -> Self {
+        use crate::preprocess::mask::{fill_holes, squared_distance_to};
+        let not_air: Vec<bool> = labels.iter().map(|&l| l != 14).collect();
+        let inside = fill_holes(&not_air, dims);
+        let outside: Vec<bool> = inside.iter().map(|&i| !i).collect();
+        let not_bone: Vec<bool> = labels.iter().map(|&l| l != 13).collect();
+        let dist = |set: &[bool]| -> Vec<f32> {
+            squared_distance_to(set, dims, voxel_size, false)
+                .into_iter()
+                .map(f32::sqrt)
+                .collect()
+        };
+        HeadLayers {
+            depth: dist(&outside),
+            to_brain: dist(brain),
+            in_bone: dist(&not_bone),
+        }
+    }
+
+    /// The tissue of voxel `v` with label `l`; `None` for labels without a known tissue.
+    fn tissue(&self, l: i32, v: usize) -> Option<Tissue> {
+        Some(match l {
+            // Soft tissue nearer the brain than the air is meninges (dura: short T2*);
+            // outside the skull, skin over subcutaneous fat over muscle.
+            15 if self.to_brain[v] < self.depth[v] => Tissue::DURA,
+            15 if self.depth[v] <= SKIN_MM => Tissue::SKIN,
+            15 if self.depth[v] <= SKIN_MM + FAT_MM => Tissue::FAT,
+            15 => Tissue::MUSCLE,
+            // Cancellous bone between the tables holds fatty marrow.
+            13 if self.in_bone[v] > TABLE_MM => Tissue::MARROW,
+            _ => {
+                let (m0, r2star) = label_relaxation(l)?;
+                Tissue {
+                    chi: 0.0,
+                    m0,
+                    r2star,
+                    fat: 0.0,
+                    brain: false,
+                }
+            }
+        })
+    }
+}
+
+/// Layer thicknesses (mm) of the realistic head: skin, subcutaneous fat, each skull table.
+const SKIN_MM: f32 = 1.5;
+const FAT_MM: f32 = 3.0;
+const TABLE_MM: f32 = 1.5;
+
 /// (M0, R2* at 3 T) of a segmentation label; `None` for labels without a known tissue.
 fn label_relaxation(l: i32) -> Option<(f32, f32)> {
     // Iron-rich nuclei relax faster; the values follow typical 3 T literature ranges.
@@ -256,7 +339,7 @@ fn label_relaxation(l: i32) -> Option<(f32, f32)> {
         9 => (0.90, 16.0),   // grey matter
         10 => (1.00, 4.0),   // CSF
         11 => (0.70, 50.0),  // veins: deoxygenated blood
-        13 => (0.05, 300.0), // bone
+        13 => (0.05, 300.0), // cortical bone
         14 => (0.0, 0.0),    // air
         15 => (0.70, 30.0),  // soft tissue
         16 => (0.03, 300.0), // calcification
@@ -265,9 +348,9 @@ fn label_relaxation(l: i32) -> Option<(f32, f32)> {
     })
 }
 
-/// (M0, R2* at 3 T) guessed from χ alone.
-fn chi_relaxation(chi: f32, brain: bool) -> (f32, f32) {
-    if chi > 5.0 {
+/// The tissue guessed from χ alone (no segmentation).
+fn chi_relaxation(chi: f32, brain: bool) -> Tissue {
+    let (m0, r2star) = if chi > 5.0 {
         (0.0, 0.0)
     } else if chi < -1.0 {
         (0.05, 300.0)
@@ -275,6 +358,13 @@ fn chi_relaxation(chi: f32, brain: bool) -> (f32, f32) {
         (0.85, iron_r2star(chi))
     } else {
         (0.70, 30.0)
+    };
+    Tissue {
+        chi,
+        m0,
+        r2star,
+        fat: 0.0,
+        brain,
     }
 }
 
@@ -287,39 +377,53 @@ struct Tissue {
     chi: f32,
     m0: f32,
     r2star: f32,
+    /// Fat fraction of the proton density.
+    fat: f32,
     brain: bool,
 }
 
 impl Tissue {
+    /// Outside tissue without fat (χ 0: water-like).
+    const fn soft(m0: f32, r2star: f32) -> Tissue {
+        Tissue {
+            chi: 0.0,
+            m0,
+            r2star,
+            fat: 0.0,
+            brain: false,
+        }
+    }
     const AIR: Tissue = Tissue {
         chi: CHI_AIR,
-        m0: 0.0,
-        r2star: 0.0,
-        brain: false,
+        ..Tissue::soft(0.0, 0.0)
     };
-    const SOFT: Tissue = Tissue {
-        chi: 0.0,
-        m0: 0.7,
-        r2star: 30.0,
-        brain: false,
+    // T2* at 3 T: skin ≈ 25 ms, muscle ≈ 28 ms, subcutaneous fat ≈ 20 ms (its several
+    // peaks dephase), vitreous humour long.
+    const SKIN: Tissue = Tissue::soft(0.7, 40.0);
+    const MUSCLE: Tissue = Tissue::soft(0.6, 35.0);
+    const FAT: Tissue = Tissue {
+        fat: 0.9,
+        ..Tissue::soft(0.95, 50.0)
     };
+    const VITREOUS: Tissue = Tissue::soft(1.0, 5.0);
+    /// Dura and arachnoid: collagen with short T2*.
+    const DURA: Tissue = Tissue::soft(0.25, 80.0);
     const BONE: Tissue = Tissue {
         chi: CHI_BONE,
-        m0: 0.05,
-        r2star: 300.0,
-        brain: false,
+        ..Tissue::soft(0.05, 300.0)
     };
-    const CSF_SHELL: Tissue = Tissue {
-        chi: 0.0,
-        m0: 1.0,
-        r2star: 4.0,
-        brain: false,
+    /// Fatty marrow in trabecular bone: the bone's field gradients shorten T2* (≈ 8 ms).
+    const MARROW: Tissue = Tissue {
+        chi: CHI_BONE,
+        fat: 0.8,
+        ..Tissue::soft(0.45, 120.0)
     };
     fn brain(chi: f32, m0: f32, r2star: f32) -> Tissue {
         Tissue {
             chi,
             m0,
             r2star,
+            fat: 0.0,
             brain: true,
         }
     }
@@ -374,12 +478,26 @@ struct Nucleus {
     m0: f32,
 }
 
-/// The procedural head in mm, centred on the grid.
+/// The procedural head in mm, centred on the grid. The compartments are nested ellipsoids
+/// grown from the brain's: CSF, the skull's inner table, marrow, outer table, then the
+/// scalp's muscle, fat and skin.
 struct Head {
     brain: Ellipsoid,
     csf: Ellipsoid,
+    /// Inner surfaces of the marrow and of the outer table.
+    marrow: Ellipsoid,
+    outer_table: Ellipsoid,
     skull: Ellipsoid,
+    /// Inner surfaces of the subcutaneous fat and of the skin.
+    fat: Ellipsoid,
+    skin: Ellipsoid,
     scalp: Ellipsoid,
+    /// Temporal muscles (left, right): replace the fat over the temples.
+    temporalis: [Ellipsoid; 2],
+    /// Face below the forehead (soft tissue outside the scalp), eyes and their orbital fat.
+    face: Ellipsoid,
+    eyes: [Ellipsoid; 2],
+    orbits: [Ellipsoid; 2],
     /// Neck: an elliptic cylinder below the head centre (x, y semi-axes, centre y, top z).
     neck: ([f64; 2], f64, f64),
     sinuses: Vec<Ellipsoid>,
@@ -406,7 +524,8 @@ impl Head {
         let half_fov: Vec<f64> = (0..3).map(|a| dims[a] as f64 * voxel[a] / 2.0).collect();
         let need = [
             brain_r[0] + scalp_d,
-            brain_r[1] + scalp_d,
+            // The face reaches 24 mm in front of the brain.
+            brain_r[1] + 24.0,
             brain_r[2] + scalp_d + brain_cz,
         ];
         let fit = (0..3)
@@ -419,9 +538,18 @@ impl Head {
         let at = |c: [f64; 3], r: [f64; 3]| Ellipsoid { c: sc(c), r: sc(r) };
 
         let brain = at([0.0, 0.0, brain_cz], brain_r);
-        let csf = brain.grown(csf_d * mean_s);
-        let skull = brain.grown(skull_d * mean_s);
-        let scalp = brain.grown(scalp_d * mean_s);
+        let grown = |d: f64| brain.grown(d * mean_s);
+        let csf = grown(csf_d);
+        let skull = grown(skull_d);
+        let scalp = grown(scalp_d);
+        // Skull 7 mm: 2 mm tables around 3 mm of marrow. Scalp 5 mm: 1.5 mm skin over
+        // 2.5 mm fat over 1 mm of galea and muscle.
+        let (marrow, outer_table) = (grown(csf_d + 2.0), grown(skull_d - 2.0));
+        let (fat, skin) = (grown(skull_d + 1.0), grown(scalp_d - 1.5));
+        let temporalis = [-1.0, 1.0].map(|side| at([side * 62.0, 5.0, 5.0], [22.0, 40.0, 35.0]));
+        let face = at([0.0, 62.0, brain_cz - 42.0], [58.0, 42.0, 34.0]);
+        let eyes = [-1.0, 1.0].map(|side| at([side * 32.0, 88.0, brain_cz - 32.0], [12.0; 3]));
+        let orbits = eyes.map(|e| e.grown(3.5 * mean_s));
         let neck = (
             [0.55 * scalp.r[0], 0.5 * scalp.r[1]],
             -0.15 * scalp.r[1],
@@ -506,8 +634,16 @@ impl Head {
         Head {
             brain,
             csf,
+            marrow,
+            outer_table,
             skull,
+            fat,
+            skin,
             scalp,
+            temporalis,
+            face,
+            eyes,
+            orbits,
             neck,
             sinuses,
             ventricles,
@@ -522,24 +658,48 @@ impl Head {
     }
 
     fn tissue(&self, p: [f64; 3]) -> Tissue {
+        // The eyes sit in their orbits, in front of and below the intracranial space.
+        if !self.csf.contains(p) {
+            if self.eyes.iter().any(|e| e.contains(p)) {
+                return Tissue::VITREOUS;
+            }
+            if self.orbits.iter().any(|e| e.contains(p)) {
+                return Tissue::FAT;
+            }
+        }
         let in_neck = {
             let ([a, b], cy, top) = self.neck;
             p[2] < top && (p[0] / a).powi(2) + ((p[1] - cy) / b).powi(2) < 1.0
         };
         if !self.scalp.contains(p) {
-            return if in_neck { Tissue::SOFT } else { Tissue::AIR };
+            return if in_neck || self.face.contains(p) {
+                Tissue::MUSCLE
+            } else {
+                Tissue::AIR
+            };
         }
         if self.sinuses.iter().any(|s| s.contains(p)) {
             return Tissue::AIR;
         }
         if !self.skull.contains(p) {
-            return Tissue::SOFT;
+            return if !self.skin.contains(p) {
+                Tissue::SKIN
+            } else if self.fat.contains(p) || self.temporalis.iter().any(|t| t.contains(p)) {
+                Tissue::MUSCLE
+            } else {
+                Tissue::FAT
+            };
         }
         if !self.csf.contains(p) {
-            return Tissue::BONE;
+            return if !self.marrow.contains(p) && self.outer_table.contains(p) {
+                Tissue::MARROW
+            } else {
+                Tissue::BONE
+            };
         }
         if !self.brain.contains(p) {
-            return Tissue::CSF_SHELL;
+            // Subarachnoid CSF: inside the brain mask, as a QSM brain mask holds it.
+            return Tissue::brain(0.0, 1.0, 4.0);
         }
         let wave = |k: &[f64; 3], ph: f64| (k[0] * p[0] + k[1] * p[1] + k[2] * p[2] + ph).sin();
         if self.calcification.contains(p) {
@@ -622,6 +782,63 @@ mod tests {
             }
         }
         assert!(air_inside, "a sinus pocket");
+    }
+
+    #[test]
+    fn procedural_head_is_realistic_outside_the_brain() {
+        let p = Phantom::procedural([96, 112, 90], [2.0; 3], 5).unwrap();
+        let n = p.m0.len();
+        let outside = |v: usize| !p.brain_mask[v];
+        let count = |f: &dyn Fn(usize) -> bool| (0..n).filter(|&v| f(v)).count();
+        // Fat with signal in the scalp and orbits, fatty marrow inside the bone.
+        let scalp_fat =
+            count(&|v| outside(v) && p.fat_fraction[v] > 0.5 && p.chi_total.data[v] == 0.0);
+        let marrow = count(&|v| p.fat_fraction[v] > 0.5 && p.chi_total.data[v] == CHI_BONE);
+        assert!(
+            scalp_fat > 5000 && marrow > 5000,
+            "fat {scalp_fat}, marrow {marrow}"
+        );
+        // Eyes: bright, slowly relaxing water outside the brain.
+        let eyes = count(&|v| outside(v) && p.m0[v] == 1.0 && p.r2star[v] < 10.0);
+        assert!(eyes > 200, "vitreous {eyes}");
+        // Cortical bone and air give no (or almost no) signal; no fat inside the brain.
+        assert!((0..n).all(|v| p.chi_total.data[v] != CHI_AIR || p.m0[v] == 0.0));
+        assert!((0..n).all(|v| !p.brain_mask[v] || p.fat_fraction[v] == 0.0));
+        // The brain mask is intracranial: it holds the CSF around the brain.
+        let csf = count(&|v| p.brain_mask[v] && p.m0[v] == 1.0 && p.r2star[v] == 4.0);
+        assert!(csf > 5000, "CSF in the mask {csf}");
+        // Scalp signal: non-brain tissue with signal is a large part of the head, as in a
+        // real scan (fat, skin, muscle, face, eyes).
+        let signal_outside = count(&|v| outside(v) && p.m0[v] > 0.3);
+        let brain = count(&|v| p.brain_mask[v]);
+        assert!(
+            signal_outside as f64 > 0.3 * brain as f64,
+            "{signal_outside} vs {brain}"
+        );
+    }
+
+    #[test]
+    fn segmented_head_gets_skin_fat_muscle_dura_and_marrow_by_depth() {
+        // One line through a head: air | soft tissue ×5 | bone ×5 | soft ×2 | brain.
+        let labels = [
+            14, 14, 15, 15, 15, 15, 15, 13, 13, 13, 13, 13, 15, 15, 9, 9, 9, 9, 9, 9,
+        ];
+        let dims = [labels.len(), 1, 1];
+        let g = Geometry::from_voxel_size([1.0; 3]);
+        let seg = Volume::new(dims, labels.iter().map(|&l| l as f32).collect(), g.clone());
+        let head = Volume::new(dims, vec![0.0; labels.len()], g);
+        let p = Phantom::from_volumes(head, None, None, Some(seg)).unwrap();
+        let is = |v: usize, t: Tissue| {
+            (p.m0[v], p.r2star[v], p.fat_fraction[v]) == (t.m0, t.r2star, t.fat)
+        };
+        assert!(is(2, Tissue::SKIN));
+        assert!((3..=5).all(|v| is(v, Tissue::FAT)));
+        assert!(is(6, Tissue::MUSCLE));
+        assert!(is(7, Tissue::BONE) && is(11, Tissue::BONE));
+        assert!((8..=10).all(|v| is(v, Tissue::MARROW)));
+        assert!(is(12, Tissue::DURA) && is(13, Tissue::DURA));
+        assert_eq!((p.m0[14], p.fat_fraction[14]), (0.90, 0.0));
+        assert!(p.brain_mask[14] && !p.brain_mask[13]);
     }
 
     #[test]
