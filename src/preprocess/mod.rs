@@ -23,6 +23,7 @@
 //! spectra and Gaussian smoothing in [`util`].
 
 pub mod background;
+pub mod bet;
 pub mod echo_fit;
 pub mod mask;
 pub mod scale;
@@ -32,7 +33,7 @@ pub mod voids;
 
 pub use background::{remove_background, vsharp, BackgroundConfig, LocalField};
 pub use echo_fit::{fit_field, root_sum_of_squares, EchoFitConfig, FieldFit};
-pub use mask::{brain_mask, dilate, erode, user_mask, MaskConfig, ThresholdMethod};
+pub use mask::{brain_mask, dilate, erode, user_mask, MaskConfig, MaskMethod, ThresholdMethod};
 pub use scale::{scale_phase, PhaseScaleMode, PhaseScaling, ScaleConfig};
 pub use unwrap::{
     laplacian_unwrap, LaplacianForm, LaplacianUnwrapper, RomeoConfig, UnwrapConfig, UnwrapMethod,
