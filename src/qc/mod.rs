@@ -116,6 +116,15 @@ pub struct Config {
     pub wrap_jump_fraction: f64,
     /// Brain mask voxels over voxels with signal (magnitude above 10 % of its 99th percentile).
     pub mask_coverage: Limits,
+    /// Volume of the brain mask (mL). An adult's intracranial volume is ≈ 1100–1900 mL;
+    /// well above means scalp or neck is in the mask.
+    pub brain_volume_ml: Limits,
+    /// Length (mm) of the brain mask along its longest principal axis (an adult brain:
+    /// ≈ 160–185 mm front to back); longer means scalp, face or neck is in.
+    pub brain_length_mm: Limits,
+    /// Longest over shortest principal axis of the brain mask (≈ 1.3–1.5 for a brain); a
+    /// mask that leaks down the neck or misses a lobe is elongated.
+    pub brain_elongation: Limits,
     /// Fraction of the brain mask kept by background removal.
     pub mask_kept_after_background: Limits,
     /// Angle between B0 and the nearest voxel axis (degrees).
@@ -153,6 +162,21 @@ impl Default for Config {
                 fail_below: Some(0.05),
                 fail_above: None,
             },
+            // Flags only: the limits are an adult human's; other heads (children,
+            // animals, phantoms) are for the user's config to describe.
+            brain_volume_ml: Limits {
+                warn_below: Some(1000.0),
+                warn_above: Some(2000.0),
+                fail_below: None,
+                fail_above: None,
+            },
+            brain_length_mm: Limits {
+                warn_below: Some(130.0),
+                warn_above: Some(200.0),
+                fail_below: None,
+                fail_above: None,
+            },
+            brain_elongation: Limits::above(1.8, None),
             mask_kept_after_background: Limits::below(0.6, Some(0.3)),
             b0_tilt_degrees: Limits::above(30.0, None),
             echo_count: Limits::below(3.0, None),

@@ -155,7 +155,7 @@ fn figures(found: &Found, bids_root: &Path, fig_dir: &Path) -> Result<Vec<Figure
             m,
             Style::Grey,
             "",
-            "Magnitude (first echo)".into(),
+            "Magnitude (first echo), outline: brain mask".into(),
         ));
     }
     if let Some(p) = total {
@@ -192,10 +192,11 @@ fn figures(found: &Found, bids_root: &Path, fig_dir: &Path) -> Result<Vec<Figure
         let (brain, eroded) = (mask_ok(&brain), mask_ok(&eroded));
         let centre = figure::centre_of(brain.as_deref().unwrap_or(&[]), v.dims);
         let range = figure::display_range(&v, style, eroded.as_deref().or(brain.as_deref()));
-        let outline = if tag == "local" {
-            eroded.as_deref()
-        } else {
-            None
+        let outline = match tag.as_str() {
+            "local" => eroded.as_deref(),
+            // Where the brain extraction put the edge, over the image it was made from.
+            "magnitude" => brain.as_deref(),
+            _ => None,
         };
         let img = figure::montage(&v, style, range, centre, outline);
         let file = format!("{}_{tag}.png", found.prefix);
