@@ -581,7 +581,7 @@ fn raw_local_field(
         Output {
             path: deriv.path(e, Some("brain"), "mask"),
             volume: mask_volume(&rss, &mask),
-            sidecar: json!({ "Type": "Brain", "Description": "Brain mask from the magnitude, trimmed by the echo-fit residual" }),
+            sidecar: json!({ "Type": "Brain", "Description": pre.mask.description(), "Parameters": pre.mask }),
         },
         Output {
             path: deriv.path(e, Some("voids"), "mask"),
@@ -591,7 +591,7 @@ fn raw_local_field(
         Output {
             path: deriv.path(e, Some("eroded"), "mask"),
             volume: mask_volume(&rss, &local.mask),
-            sidecar: json!({ "Type": "Brain", "Description": pre.background.method.mask_description() }),
+            sidecar: json!({ "Type": "Brain", "Description": pre.background.mask_description() }),
         },
     ];
     let weight = fit
@@ -642,7 +642,7 @@ fn background_removal(
     let outputs = vec![Output {
         path: deriv.path(&acq.entities, Some("eroded"), "mask"),
         volume: mask_volume(&local.field, &local.mask),
-        sidecar: json!({ "Type": "Brain", "Description": bg.method.mask_description() }),
+        sidecar: json!({ "Type": "Brain", "Description": bg.mask_description() }),
     }];
     Ok(LocalField {
         dims,

@@ -24,6 +24,8 @@ pub use lbv::{lbv, LbvConfig};
 pub use pdf::{pdf, PdfConfig};
 pub use vsharp::{radii, vsharp};
 
+use super::mask::erode;
+use super::voids::harmonic_inpaint;
 use crate::{Mask, Result, Volume};
 
 /// Which background removal runs.
@@ -78,6 +80,11 @@ pub struct BackgroundConfig {
     pub pdf: PdfConfig,
     /// LBV settings.
     pub lbv: LbvConfig,
+    /// Thickness (mm) of the mask's outer rim whose field is not trusted: background
+    /// removal runs inside it, and the local field is then continued into the rim (and into
+    /// whatever the method eroded) harmonically, so χ covers the whole mask. 0 disables:
+    /// the local field is then defined only where the method leaves it.
+    pub rim_mm: f64,
 }
 
 impl Default for BackgroundConfig {
@@ -90,11 +97,32 @@ impl Default for BackgroundConfig {
             truncation: 0.05,
             pdf: PdfConfig::default(),
             lbv: LbvConfig::default(),
+            rim_mm: RIM_MM,
         }
     }
 }
 
+/// Default [`BackgroundConfig::rim_mm`]. The outermost voxels of a brain mask lie against
+/// bone, dura and fatty marrow: partial volume, intravoxel dephasing in the skull's field
+/// and chemical-shift ringing put their field off by ≈ 10 Hz (realistic 1 mm head, 3 T: RMS
+/// error 12.6 Hz in the outer 1 mm, 3.8 Hz at 1–2 mm, < 0.8 Hz deeper).
+const RIM_MM: f64 = 2.0;
+
 impl BackgroundConfig {
+    /// What the output mask is, for the sidecar of `desc-eroded_mask`.
+    pub fn mask_description(&self) -> String {
+        if self.rim_mm > 0.0 {
+            format!(
+                "Brain mask where the local field and the Chimap are defined: all of it. {} ran inside the mask less its outer {} mm, whose field is not trusted; the local field there (and wherever {} eroded) was continued harmonically from inside",
+                self.method.name(),
+                self.rim_mm,
+                self.method.name()
+            )
+        } else {
+            self.method.mask_description().to_string()
+        }
+    }
+
     /// The method and its parameters, for sidecars.
     pub fn parameters(&self) -> Value {
         let config = match self.method {
@@ -107,7 +135,7 @@ impl BackgroundConfig {
             Method::Pdf => json!(self.pdf),
             Method::Lbv => json!(self.lbv),
         };
-        json!({ "method": self.method.name(), "config": config })
+        json!({ "method": self.method.name(), "config": config, "rim_mm": self.rim_mm })
     }
 }
 
@@ -135,11 +163,41 @@ pub fn remove_background(
     weight: Option<&[f32]>,
     config: &BackgroundConfig,
 ) -> Result<LocalField> {
-    match config.method {
-        Method::Vsharp => vsharp(field, mask, config),
-        Method::Pdf => pdf(field, mask, b0, weight, &config.pdf).map(|(l, _)| l),
-        Method::Lbv => lbv(field, mask, &config.lbv),
+    if mask.len() != field.len() {
+        return Err(crate::Error::Numerics(
+            "mask and field differ in size".into(),
+        ));
     }
+    let core = if config.rim_mm > 0.0 {
+        let core = erode(mask, field.dims, field.geometry.voxel_size, config.rim_mm);
+        // A mask too thin to have a core keeps its rim: there is nothing to continue from.
+        let (kept, all) = (count(&core), count(mask));
+        (2 * kept >= all).then_some(core)
+    } else {
+        None
+    };
+    let inner = core.as_deref().unwrap_or(mask);
+    let mut local = match config.method {
+        Method::Vsharp => vsharp(field, inner, config)?,
+        Method::Pdf => pdf(field, inner, b0, weight, &config.pdf).map(|(l, _)| l)?,
+        Method::Lbv => lbv(field, inner, &config.lbv)?,
+    };
+    if core.is_some() {
+        let unknown: Mask = mask
+            .iter()
+            .zip(&local.mask)
+            .map(|(&m, &k)| m && !k)
+            .collect();
+        let extended = count(&unknown);
+        local.field.data = harmonic_inpaint(&local.field, mask, &unknown);
+        local.mask = mask.to_vec();
+        local.details["rim_voxels_continued"] = json!(extended);
+    }
+    Ok(local)
+}
+
+fn count(mask: &[bool]) -> usize {
+    mask.iter().filter(|&&b| b).count()
 }
 
 #[cfg(test)]
