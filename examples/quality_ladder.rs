@@ -208,6 +208,24 @@ fn main() {
             .zip(&brain)
             .map(|(&v, &b)| v > 0.5 && b)
             .collect();
+        // The raw-phase run's own brain mask against the truth, and how much of the true
+        // brain gets a χ value.
+        let own: Vec<bool> = volume(
+            &out_dir(methods[0], "c")
+                .join(&anat)
+                .join(format!("{name}_desc-brain_mask.nii.gz")),
+        )
+        .iter()
+        .map(|&v| v > 0.5)
+        .collect();
+        let count = |m: &[bool]| m.iter().filter(|&&b| b).count() as f64;
+        let both = own.iter().zip(&brain).filter(|(a, b)| **a && **b).count() as f64;
+        println!(
+            "\n{name}: brain mask Dice {:.3}, volume {:.3} × the true brain's, χ on {:.1} % of the true brain",
+            2.0 * both / (count(&own) + count(&brain)),
+            count(&own) / count(&brain),
+            100.0 * count(&eroded) / count(&brain)
+        );
         let reference = evaluate::metrics::Reference::new(&truth_chi, &eroded, truth_dims);
         println!("\n{name}: demeaned NRMSE (%)              eroded mask   whole brain mask   HFEN (%)   XSIM   inversion (s)");
         for &method in &methods {
