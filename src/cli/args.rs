@@ -93,6 +93,29 @@ pub struct RunArgs {
     #[arg(long, help_heading = "Selection")]
     pub dry_run: bool,
 
+    /// A BIDS derivative dataset of brain masks, `sub-<label>[_ses-<label>][_acq-<label>][_run-<index>]_desc-brain_mask.nii[.gz]`
+    /// on each acquisition's grid (no space- entity, or space-orig): they replace the
+    /// automatic masks and the masks beside field maps. The mask naming the most entities of
+    /// an acquisition wins; an acquisition without one fails.
+    #[arg(long, value_name = "DIR", help_heading = "Processing")]
+    pub mask_dir: Option<PathBuf>,
+
+    /// Group level: a folder searched for segmentations named `<acquisition>_*dseg.nii.gz`
+    /// (e.g. `sub-1_acq-ori1_desc-aseg_dseg.nii.gz`) on the acquisition's grid; χ is then
+    /// summarised per label as well as over the mask.
+    #[arg(long, value_name = "DIR", help_heading = "Group level")]
+    pub seg_dir: Option<PathBuf>,
+
+    #[command(flatten)]
+    pub processing: ProcessingArgs,
+
+    #[command(flatten)]
+    pub logging: LoggingArgs,
+}
+
+/// Options of the processing itself, shared by every command that processes data.
+#[derive(Args, Debug)]
+pub struct ProcessingArgs {
     /// YAML configuration; may set any subset of `chimap config --default`. Unknown keys are errors.
     #[arg(long, value_name = "FILE.yaml", help_heading = "Processing")]
     pub config: Option<PathBuf>,
@@ -129,16 +152,13 @@ pub struct RunArgs {
     #[arg(long, help_heading = "Processing")]
     pub ignore_qc_failures: bool,
 
-    /// Group level: a folder searched for segmentations named `<acquisition>_*dseg.nii.gz`
-    /// (e.g. `sub-1_acq-ori1_desc-aseg_dseg.nii.gz`) on the acquisition's grid; χ is then
-    /// summarised per label as well as over the mask.
-    #[arg(long, value_name = "DIR", help_heading = "Group level")]
-    pub seg_dir: Option<PathBuf>,
-
     /// Recompute outputs that already exist. Default: finished acquisitions are skipped.
     #[arg(long, help_heading = "Processing")]
     pub overwrite: bool,
+}
 
+#[derive(Args, Debug)]
+pub struct LoggingArgs {
     /// More log output (-v: debug, -vv: trace).
     #[arg(short, long, action = clap::ArgAction::Count, help_heading = "Logging")]
     pub verbose: u8,
@@ -201,13 +221,15 @@ mod tests {
         assert_eq!(r.bids_dir.unwrap(), PathBuf::from("in"));
         assert_eq!(r.analysis_level, Some(AnalysisLevel::Participant));
         assert_eq!(r.participant_label, vec!["sub-01", "02"]);
-        assert_eq!(r.method, Some(MethodName::Tkd));
-        assert_eq!(r.nthreads, Some(2));
-        assert_eq!(r.device, Some(crate::nn::device::DeviceChoice::Cpu));
-        assert_eq!(r.max_memory, Some(1.5));
-        assert!(r.overwrite);
-        assert_eq!(r.log_format, LogFormat::Json);
-        assert_eq!(r.verbose, 2);
+        assert!(r.mask_dir.is_none());
+        let p = &r.processing;
+        assert_eq!(p.method, Some(MethodName::Tkd));
+        assert_eq!(p.nthreads, Some(2));
+        assert_eq!(p.device, Some(crate::nn::device::DeviceChoice::Cpu));
+        assert_eq!(p.max_memory, Some(1.5));
+        assert!(p.overwrite);
+        assert_eq!(r.logging.log_format, LogFormat::Json);
+        assert_eq!(r.logging.verbose, 2);
         assert_eq!(strip_label("sub-01", "sub"), "01");
         assert_eq!(strip_label("02", "sub"), "02");
         assert_eq!(strip_label("ses-a", "ses"), "a");

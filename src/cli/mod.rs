@@ -14,7 +14,7 @@ use clap::Parser;
 use crate::bids::Filter;
 use crate::pipeline::{self, Config, Settings};
 use crate::{Error, Result};
-use args::{Cli, Command, RunArgs};
+use args::{Cli, Command, ProcessingArgs, RunArgs};
 
 /// Exit status for runs where some acquisitions failed.
 const EXIT_FAILED: u8 = 1;
@@ -87,11 +87,8 @@ fn run_group(run: &RunArgs) -> Result<()> {
     Ok(())
 }
 
-/// Turns the arguments into validated settings.
-pub fn settings(run: &RunArgs) -> Result<Settings> {
-    let (Some(bids_dir), Some(output_dir)) = (run.bids_dir.clone(), run.output_dir.clone()) else {
-        return Err(Error::Usage("BIDS_DIR and OUTPUT_DIR are required".into()));
-    };
+/// The configuration file merged with the options that override it, validated.
+fn config(run: &ProcessingArgs) -> Result<Config> {
     let mut config = match &run.config {
         Some(path) => Config::from_file(path)?,
         None => Config::default(),
@@ -122,6 +119,15 @@ pub fn settings(run: &RunArgs) -> Result<Settings> {
         }
         config.field_strength = Some(t);
     }
+    Ok(config)
+}
+
+/// Turns the arguments into validated settings.
+pub fn settings(run: &RunArgs) -> Result<Settings> {
+    let (Some(bids_dir), Some(output_dir)) = (run.bids_dir.clone(), run.output_dir.clone()) else {
+        return Err(Error::Usage("BIDS_DIR and OUTPUT_DIR are required".into()));
+    };
+    let config = config(&run.processing)?;
     if !bids_dir.is_dir() {
         return Err(Error::Usage(format!(
             "BIDS_DIR {} is not a folder",
@@ -144,30 +150,45 @@ pub fn settings(run: &RunArgs) -> Result<Settings> {
                 .collect(),
         },
         config,
-        overwrite: run.overwrite,
+        overwrite: run.processing.overwrite,
         dry_run: run.dry_run,
+        mask_dir: run.mask_dir.clone(),
         command_line: std::env::args().collect::<Vec<_>>().join(" "),
     })
 }
 
-fn run_participants(run: RunArgs) -> ExitCode {
-    logging::init(run.log_format, run.verbose, run.quiet);
-    if let Some(n) = run.nthreads {
+/// Sizes the global thread pool (`--nthreads`).
+fn init_threads(nthreads: Option<usize>) -> Result<()> {
+    if let Some(n) = nthreads {
         if n == 0
             || rayon::ThreadPoolBuilder::new()
                 .num_threads(n)
                 .build_global()
                 .is_err()
         {
-            return finish(Err(Error::Usage(
+            return Err(Error::Usage(
                 "--nthreads must be a positive number of threads".into(),
-            )));
+            ));
         }
+    }
+    Ok(())
+}
+
+fn run_participants(run: RunArgs) -> ExitCode {
+    let l = &run.logging;
+    logging::init(l.log_format, l.verbose, l.quiet);
+    if let Err(e) = init_threads(run.processing.nthreads) {
+        return finish(Err(e));
     }
     if run.analysis_level == Some(args::AnalysisLevel::Group) {
         return finish(run_group(&run));
     }
-    let summary = match settings(&run).and_then(|s| Ok((pipeline::run(&s)?, s.dry_run))) {
+    report_summary(settings(&run).and_then(|s| Ok((pipeline::run(&s)?, s.dry_run))))
+}
+
+/// Logs the outcome of a participant-level run and turns it into the exit status.
+fn report_summary(result: Result<(pipeline::Summary, bool)>) -> ExitCode {
+    let summary = match result {
         Ok((summary, dry_run)) => {
             if !dry_run {
                 tracing::info!(

@@ -29,6 +29,8 @@ pub struct Settings {
     pub config: Config,
     pub overwrite: bool,
     pub dry_run: bool,
+    /// A derivative dataset of brain masks (`--mask-dir`) that replace the automatic ones.
+    pub mask_dir: Option<PathBuf>,
     /// The command line, recorded in `dataset_description.json`.
     pub command_line: String,
 }
@@ -124,7 +126,35 @@ enum Unit<'a> {
 /// Discovers the dataset and processes every selected acquisition.
 pub fn run(settings: &Settings) -> Result<Summary> {
     check_output_location(&settings.bids_dir, &settings.output_dir)?;
-    let discovery = bids::discover(&settings.bids_dir, &settings.filter)?;
+    if let Some(masks) = &settings.mask_dir {
+        check_output_outside(masks, &settings.output_dir, "--mask-dir")?;
+    }
+    let discovery = bids::discover_with_masks(
+        &settings.bids_dir,
+        &settings.filter,
+        settings.mask_dir.as_deref(),
+    )?;
+    run_discovered(settings, discovery)
+}
+
+/// Refuses an OUTPUT_DIR equal to or inside another input folder (`what` names it), whose
+/// files a run could otherwise overwrite.
+fn check_output_outside(input: &Path, output_dir: &Path, what: &str) -> Result<()> {
+    let input_c = std::fs::canonicalize(input).map_err(|e| Error::io(input, e))?;
+    if canonical_even_if_missing(output_dir).starts_with(&input_c) {
+        return Err(Error::Usage(format!(
+            "OUTPUT_DIR {} is inside {what} {}: chimap never writes into its inputs; choose \
+             another folder",
+            output_dir.display(),
+            input.display()
+        )));
+    }
+    Ok(())
+}
+
+/// Processes the acquisitions of a discovery (a BIDS dataset, or the one acquisition of
+/// `chimap files`): the same stages, outputs and reports whatever the acquisitions came from.
+pub fn run_discovered(settings: &Settings, discovery: Discovery) -> Result<Summary> {
     if settings.dry_run {
         print!("{}", describe(&discovery));
         return Ok(Summary {
@@ -132,9 +162,15 @@ pub fn run(settings: &Settings) -> Result<Summary> {
             ..Summary::default()
         });
     }
-    let derivatives = Derivatives::create(
+    let links: Vec<(&str, &Path)> = settings
+        .mask_dir
+        .iter()
+        .map(|m| (bids::masks::MASK_LINK, m.as_path()))
+        .collect();
+    let derivatives = Derivatives::create_linked(
         &settings.output_dir,
         &discovery.root,
+        &links,
         &settings.command_line,
     )?;
     let mut summary = Summary::default();
@@ -277,6 +313,9 @@ pub fn describe(d: &Discovery) -> String {
             b0[2],
             crate::physics::tilt_degrees(b0)
         );
+        if let Some(m) = &a.user_mask {
+            let _ = writeln!(s, "    brain mask: {}", m.path.display());
+        }
     }
     for set in &d.orientation_sets {
         let names: Vec<_> = set
