@@ -19,6 +19,7 @@
 
 mod discover;
 mod entities;
+pub mod files;
 pub(crate) mod masks;
 mod pairs;
 mod sidecar;
