@@ -211,7 +211,7 @@ pub fn load_user_mask(path: &Path, like: &Volume, like_path: &Path) -> Result<Ma
         )));
     }
     let mm = crate::qc::protocol::grid_mismatch_mm(&like.geometry, &m.geometry, like.dims);
-    if !(mm <= USER_MASK_MAX_MISMATCH_MM) {
+    if mm.is_nan() || mm > USER_MASK_MAX_MISMATCH_MM {
         return Err(bad(format!(
             "has the data's dimensions but another position or orientation (its affine places \
              a corner {mm:.1} mm away): resample it onto the data"
