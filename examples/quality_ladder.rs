@@ -46,6 +46,7 @@ fn run(bids: &Path, out: &Path, config: &Config, method: MethodName) {
         config,
         overwrite: true,
         dry_run: false,
+        mask_dir: None,
         command_line: "quality_ladder".into(),
     };
     let summary = pipeline::run(&settings).expect("pipeline runs");

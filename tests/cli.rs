@@ -867,3 +867,257 @@ fn reports_on_the_example_then_the_group_level_with_a_segmentation() {
     let o = chimap(&[ex.to_str().unwrap(), empty.to_str().unwrap(), "group"]);
     assert_clean_failure(&o, "run the participant level first", &empty);
 }
+
+// ---------------------------------------------------------------------------------------
+// Masks users bring (--mask-dir) and the file mode
+
+/// The simulated true brain mask of `sub-1_acq-<acq>`.
+fn true_mask(ds: &Path, acq: &str) -> chimap::Volume {
+    let p = ds.join(format!(
+        "derivatives/chimap-truth/sub-1/anat/sub-1_acq-{acq}_desc-brain_mask.nii.gz"
+    ));
+    io::read_image(&p).unwrap().frames.remove(0)
+}
+
+/// A mask dataset holding `ori1` (as given) and the true mask of `ori2`.
+fn mask_dir(dir: &Path, name: &str, ori1: Option<&[&chimap::Volume]>, ds: &Path) -> PathBuf {
+    let root = dir.join(name);
+    let anat = root.join("sub-1/anat");
+    std::fs::create_dir_all(&anat).unwrap();
+    if let Some(frames) = ori1 {
+        let p = anat.join("sub-1_acq-ori1_desc-brain_mask.nii.gz");
+        match frames {
+            [one] => io::write_volume(&p, one).unwrap(),
+            many => io::write_volume_i16(&p, many).unwrap(),
+        }
+    }
+    io::write_volume(
+        &anat.join("sub-1_acq-ori2_desc-brain_mask.nii.gz"),
+        &true_mask(ds, "ori2"),
+    )
+    .unwrap();
+    root
+}
+
+#[test]
+fn mask_dir_replaces_the_automatic_mask_and_is_named_in_sources() {
+    let dir = tempfile::tempdir().unwrap();
+    let ds = simulate(dir.path(), "1", "float32");
+    let truth = ds.join("derivatives/chimap-truth");
+    let out = dir.path().join("out");
+    let o = chimap(&[
+        ds.to_str().unwrap(),
+        out.to_str().unwrap(),
+        "participant",
+        "--mask-dir",
+        truth.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let anat = out.join("sub-1/anat");
+    for ori in ["ori1", "ori2"] {
+        let written = read(&anat.join(format!("sub-1_acq-{ori}_desc-brain_mask.nii.gz")));
+        assert_eq!(
+            written,
+            true_mask(&ds, ori).data,
+            "{ori}: the mask as given"
+        );
+        let uri = format!("bids:masks:sub-1/anat/sub-1_acq-{ori}_desc-brain_mask.nii.gz");
+        let side =
+            io::read_json(&anat.join(format!("sub-1_acq-{ori}_desc-tkd_Chimap.json"))).unwrap();
+        let sources: Vec<&str> = side["Sources"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| s.as_str().unwrap())
+            .collect();
+        assert!(sources.contains(&uri.as_str()), "{sources:?}");
+        assert_eq!(side["Preprocessing"]["BrainMask"]["Source"], "user");
+        let mask_side =
+            io::read_json(&anat.join(format!("sub-1_acq-{ori}_desc-brain_mask.json"))).unwrap();
+        assert!(
+            mask_side["Description"]
+                .as_str()
+                .unwrap()
+                .contains("supplied by the user"),
+            "{mask_side}"
+        );
+    }
+    let desc = io::read_json(&out.join("dataset_description.json")).unwrap();
+    assert!(desc["DatasetLinks"]["masks"]
+        .as_str()
+        .unwrap()
+        .ends_with("derivatives/chimap-truth"));
+}
+
+#[test]
+fn unusable_user_masks_fail_their_acquisition_naming_both_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let ds = simulate(dir.path(), "1", "float32");
+    let good = true_mask(&ds, "ori1");
+    let mut moved = good.clone();
+    moved.geometry.affine[0][3] += 8.0;
+    let empty = good.with_data(vec![0.0; good.data.len()]);
+    let ones = good.with_data(vec![1.0; good.data.len()]);
+    let cases: [(&str, Option<&[&chimap::Volume]>, &str); 5] = [
+        ("moved", Some(&[&moved]), "another position or orientation"),
+        ("frames", Some(&[&good, &good]), "is 4D (2 volumes)"),
+        ("empty", Some(&[&empty]), "is empty"),
+        ("ones", Some(&[&ones]), "marks every voxel"),
+        ("missing", None, "no brain mask for sub-1_acq-ori1"),
+    ];
+    for (name, ori1, why) in cases {
+        let masks = mask_dir(dir.path(), name, ori1, &ds);
+        let out = dir.path().join(format!("out-{name}"));
+        let o = chimap(&[
+            ds.to_str().unwrap(),
+            out.to_str().unwrap(),
+            "participant",
+            "--mask-dir",
+            masks.to_str().unwrap(),
+        ]);
+        assert_clean_failure(&o, why, &out);
+        let err = stderr(&o);
+        let file = if ori1.is_some() {
+            "sub-1_acq-ori1_desc-brain_mask.nii.gz"
+        } else {
+            masks.to_str().unwrap()
+        };
+        assert!(err.contains(file), "{name}: {err}");
+        if ori1.is_some() {
+            assert!(
+                err.contains("sub-1_acq-ori1_echo-1_part-phase_MEGRE.nii.gz"),
+                "{name}: the data file is named too: {err}"
+            );
+        }
+        // The other acquisition still runs, on its own mask.
+        assert!(
+            out.join("sub-1/anat/sub-1_acq-ori2_desc-tkd_Chimap.nii.gz")
+                .is_file(),
+            "{name}: ori2 ran"
+        );
+        assert!(!out
+            .join("sub-1/anat/sub-1_acq-ori1_desc-tkd_Chimap.nii.gz")
+            .exists());
+    }
+}
+
+#[test]
+fn files_mode_runs_4d_echoes_with_a_mask_through_the_participant_pipeline() {
+    let dir = tempfile::tempdir().unwrap();
+    let ds = simulate(dir.path(), "1", "int16");
+    // A workflow step's inputs: all echoes in one 4D file each, and a mask, in one folder.
+    let step = dir.path().join("step");
+    std::fs::create_dir_all(&step).unwrap();
+    let frames = |part: &str| -> Vec<chimap::Volume> {
+        (1..=4)
+            .map(|e| {
+                let p = ds.join(format!(
+                    "sub-1/anat/sub-1_acq-ori1_echo-{e}_part-{part}_MEGRE.nii.gz"
+                ));
+                io::read_image(&p).unwrap().frames.remove(0)
+            })
+            .collect()
+    };
+    for (part, file) in [("phase", "phase.nii.gz"), ("mag", "mag.nii.gz")] {
+        let f = frames(part);
+        io::write_volume_i16(&step.join(file), &f.iter().collect::<Vec<_>>()).unwrap();
+    }
+    let mask = true_mask(&ds, "ori1");
+    io::write_volume(&step.join("brain.nii.gz"), &mask).unwrap();
+    let arg = |f: &str| step.join(f).to_str().unwrap().to_string();
+    let base = [
+        "files".to_string(),
+        step.to_str().unwrap().to_string(),
+        "--phase".into(),
+        arg("phase.nii.gz"),
+        "--magnitude".into(),
+        arg("mag.nii.gz"),
+        "--echo-times".into(),
+        "4".into(),
+        "8".into(),
+        "12".into(),
+        "16".into(),
+        "--field-strength".into(),
+        "3".into(),
+        "--mask".into(),
+        arg("brain.nii.gz"),
+    ];
+    let args: Vec<&str> = base.iter().map(String::as_str).collect();
+    // OUTPUT_DIR may be the inputs' own folder, as workflow engines stage them there.
+    let o = chimap(&args);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let anat = step.join("sub-phase/anat");
+    let side = io::read_json(&anat.join("sub-phase_desc-tkd_Chimap.json")).unwrap();
+    assert_eq!(
+        side["EchoTime"],
+        serde_json::json!([0.004, 0.008, 0.012, 0.016])
+    );
+    assert_eq!(side["MagneticFieldStrength"], 3.0);
+    assert_eq!(side["Preprocessing"]["PhaseScaling"]["bits"], 12);
+    let sources = side["Sources"].to_string();
+    assert!(
+        sources.contains("bids:raw:phase.nii.gz") && sources.contains("bids:raw:brain.nii.gz"),
+        "{sources}"
+    );
+    assert_eq!(
+        read(&anat.join("sub-phase_desc-brain_mask.nii.gz")),
+        mask.data
+    );
+    let chi = read(&anat.join("sub-phase_desc-tkd_Chimap.nii.gz"));
+    assert!(chi.iter().all(|v| v.is_finite()) && chi.iter().any(|&v| v != 0.0));
+    assert!(
+        step.join("sub-phase.html").is_file(),
+        "the report is written"
+    );
+    assert!(step.join("sub-phase/anat/sub-phase_desc-qc.json").is_file());
+
+    // An input where the outputs go would be overwritten: refused.
+    let mut again = args.clone();
+    let own = anat.join("sub-phase_desc-brain_mask.nii.gz");
+    let own = own.to_str().unwrap();
+    *again.last_mut().unwrap() = own;
+    let o = chimap(&again);
+    assert_clean_failure(&o, "where chimap writes", &step);
+    assert!(stderr(&o).contains("sub-phase_desc-brain_mask.nii.gz"));
+
+    // A mask that covers everything is refused here too, naming both files.
+    io::write_volume(
+        &step.join("ones.nii.gz"),
+        &mask.with_data(vec![1.0; mask.data.len()]),
+    )
+    .unwrap();
+    let out = dir.path().join("out-ones");
+    let mut ones = args.clone();
+    ones[1] = out.to_str().unwrap();
+    let ones_path = arg("ones.nii.gz");
+    *ones.last_mut().unwrap() = &ones_path;
+    let o = chimap(&ones);
+    assert_clean_failure(&o, "marks every voxel", &out);
+    assert!(stderr(&o).contains("ones.nii.gz") && stderr(&o).contains("phase.nii.gz"));
+
+    // A local field map with its mask: only the inversion runs.
+    let truth = ds.join("derivatives/chimap-truth/sub-1/anat");
+    let out = dir.path().join("out-local");
+    let o = chimap(&[
+        "files",
+        out.to_str().unwrap(),
+        "--local-field",
+        truth
+            .join("sub-1_acq-ori1_desc-local_fieldmap.nii.gz")
+            .to_str()
+            .unwrap(),
+        "--mask",
+        truth
+            .join("sub-1_acq-ori1_desc-brain_mask.nii.gz")
+            .to_str()
+            .unwrap(),
+        "--field-units",
+        "ppm",
+        "--name",
+        "sub-x_ses-2",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let side =
+        io::read_json(&out.join("sub-x/ses-2/anat/sub-x_ses-2_desc-tkd_Chimap.json")).unwrap();
+    assert_eq!(side["Preprocessing"]["Input"], "local field map");
+}

@@ -216,8 +216,9 @@ fn a_command_line_built_from_every_input_parses() {
         .unwrap_or_else(|e| panic!("{} does not parse: {e}", argv.join(" ")));
     let run = cli.run;
     assert_eq!(run.participant_label, vec!["01", "01b"]);
-    assert!(run.dry_run && run.overwrite && run.verbose == 1 && !run.quiet);
-    assert_eq!(run.nthreads, Some(2));
+    assert!(run.dry_run && run.processing.overwrite);
+    assert!(run.logging.verbose == 1 && !run.logging.quiet);
+    assert_eq!(run.processing.nthreads, Some(2));
 
     // The excluded members really do conflict with the first.
     let mut both = argv.clone();

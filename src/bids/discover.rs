@@ -5,10 +5,11 @@ use std::path::{Path, PathBuf};
 use serde_json::Value;
 use walkdir::WalkDir;
 
+use super::masks::MaskIndex;
 use super::sidecar::{Json, Sidecars};
 use super::{
     Acquisition, DatasetType, Discovery, Echo, Entities, FieldKind, FieldUnits, Filter,
-    OrientationSet, Source,
+    OrientationSet, Source, UserMask,
 };
 use crate::io::Header;
 use crate::{Error, Result};
@@ -20,7 +21,7 @@ const SAME_ORIENTATION_DEG: f64 = 1.0;
 const MAX_ECHO_TIME_S: f64 = 1.0;
 
 /// Folders that never hold the data of a participant-level run.
-const SKIPPED_DIRS: &[&str] = &["derivatives", "sourcedata", "code"];
+pub(super) const SKIPPED_DIRS: &[&str] = &["derivatives", "sourcedata", "code"];
 
 /// A NIfTI file with its parsed name.
 #[derive(Clone, Debug)]
@@ -41,6 +42,18 @@ type Problems = Vec<Error>;
 /// `dataset_description.json` is unreadable, or when nothing processable was found at all;
 /// a series that cannot be processed is reported in [`Discovery::problems`] instead.
 pub fn discover(root: &Path, filter: &Filter) -> Result<Discovery> {
+    discover_with_masks(root, filter, None)
+}
+
+/// [`discover`], with each acquisition's brain mask taken from `mask_dir` (see
+/// [`super::masks`]): an acquisition without a matching mask becomes a problem, since a
+/// silent fall-back to the automatic mask would hide a mistake.
+pub fn discover_with_masks(
+    root: &Path,
+    filter: &Filter,
+    mask_dir: Option<&Path>,
+) -> Result<Discovery> {
+    let masks = mask_dir.map(MaskIndex::scan).transpose()?;
     if !root.is_dir() {
         return Err(Error::Usage(format!(
             "{} does not exist or is not a folder: give the root folder of a BIDS dataset",
@@ -72,9 +85,11 @@ pub fn discover(root: &Path, filter: &Filter) -> Result<Discovery> {
 
     let mut sidecars = Sidecars::new(root);
     let mut acquisitions = match dataset_type {
-        DatasetType::Raw => raw_acquisitions(root, &files, &mut sidecars, &mut problems),
+        DatasetType::Raw => {
+            raw_acquisitions(root, &files, &mut sidecars, masks.as_ref(), &mut problems)
+        }
         DatasetType::Derivative => {
-            fieldmap_acquisitions(root, &files, &mut sidecars, &mut problems)
+            fieldmap_acquisitions(root, &files, &mut sidecars, masks.as_ref(), &mut problems)
         }
     };
     acquisitions.sort_by(|a, b| {
@@ -472,6 +487,7 @@ fn raw_acquisitions(
     root: &Path,
     files: &[DataFile],
     sidecars: &mut Sidecars,
+    masks: Option<&MaskIndex>,
     problems: &mut Vec<(String, Error)>,
 ) -> Vec<Acquisition> {
     let mut groups: BTreeMap<(Entities, String), Vec<&DataFile>> = BTreeMap::new();
@@ -483,9 +499,17 @@ fn raw_acquisitions(
     }
     let mut acquisitions = Vec::new();
     for ((entities, suffix), group) in groups {
-        match raw_series(root, entities.clone(), suffix, &group, sidecars) {
-            Ok(acq) => acquisitions.push(acq),
-            Err(errs) => problems.extend(errs.into_iter().map(|e| (entities.prefix(), e))),
+        let user_mask = masks.map(|m| m.resolve(&entities)).transpose();
+        match (
+            raw_series(root, entities.clone(), suffix, &group, sidecars),
+            user_mask,
+        ) {
+            (Ok(acq), Ok(user_mask)) => acquisitions.push(Acquisition { user_mask, ..acq }),
+            (Ok(_), Err(e)) => problems.push((entities.prefix(), e)),
+            (Err(mut errs), mask) => {
+                errs.extend(mask.err());
+                problems.extend(errs.into_iter().map(|e| (entities.prefix(), e)))
+            }
         }
     }
     acquisitions
@@ -720,6 +744,7 @@ fn raw_series(
         voxel_size: h.geometry.voxel_size,
         sidecar: meta,
         inputs,
+        user_mask: None,
     })
 }
 
@@ -751,6 +776,7 @@ fn fieldmap_acquisitions(
     root: &Path,
     files: &[DataFile],
     sidecars: &mut Sidecars,
+    user_masks: Option<&MaskIndex>,
     problems: &mut Vec<(String, Error)>,
 ) -> Vec<Acquisition> {
     // Brain masks by folder and entities (without desc).
@@ -806,7 +832,14 @@ fn fieldmap_acquisitions(
     let mut acquisitions = Vec::new();
     for ((dir, entities), (kind, f)) in chosen {
         let mask = masks.get(&(dir, entities.clone())).copied();
-        match fieldmap(root, entities.clone(), kind, f, mask, sidecars) {
+        let user_mask = match user_masks.map(|m| m.resolve(&entities)).transpose() {
+            Ok(m) => m,
+            Err(e) => {
+                problems.push((entities.prefix(), e));
+                continue;
+            }
+        };
+        match fieldmap(root, entities.clone(), kind, f, mask, user_mask, sidecars) {
             Ok(a) => acquisitions.push(a),
             Err(errs) => problems.extend(errs.into_iter().map(|e| (entities.prefix(), e))),
         }
@@ -820,6 +853,7 @@ fn fieldmap(
     kind: FieldKind,
     f: &DataFile,
     mask: Option<&DataFile>,
+    user_mask: Option<UserMask>,
     sidecars: &mut Sidecars,
 ) -> std::result::Result<Acquisition, Problems> {
     let mut problems = Problems::new();
@@ -875,8 +909,14 @@ fn fieldmap(
             ));
         }
     }
-    match mask {
-        None => {
+    // A user's mask replaces the one beside the field map; its grid is checked on loading.
+    let mask = match &user_mask {
+        Some(u) => Some(u.path.clone()),
+        None => mask.map(|m| m.path.clone()),
+    };
+    match (&mask, &user_mask) {
+        (_, Some(_)) => {}
+        (None, None) => {
             let mut m = f.entities.clone();
             m.desc = Some("brain".into());
             let ext = if file_name(&f.path).ends_with(".gz") {
@@ -893,10 +933,10 @@ fn fieldmap(
                 ),
             ));
         }
-        Some(m) => {
-            if let (Some(h), Some(mh)) = (&h, header(&m.path, &mut problems)) {
+        (Some(m), None) => {
+            if let (Some(h), Some(mh)) = (&h, header(m, &mut problems)) {
                 if mh.dims != h.dims {
-                    problems.push(grid_mismatch(&f.path, h, &m.path, &mh));
+                    problems.push(grid_mismatch(&f.path, h, m, &mh));
                 }
             }
         }
@@ -911,7 +951,7 @@ fn fieldmap(
             kind,
             field: f.path.clone(),
             units,
-            mask: mask.path.clone(),
+            mask: mask.clone(),
             echo_time,
         },
         field_strength,
@@ -919,7 +959,13 @@ fn fieldmap(
         dims: h.dims,
         voxel_size: h.geometry.voxel_size,
         sidecar: meta,
-        inputs: vec![relative(root, &f.path), relative(root, &mask.path)],
+        // A user's mask is not in this dataset: `Sources` names it by its own URI.
+        inputs: if user_mask.is_some() {
+            vec![relative(root, &f.path)]
+        } else {
+            vec![relative(root, &f.path), relative(root, &mask)]
+        },
+        user_mask,
     })
 }
 

@@ -19,12 +19,14 @@
 
 mod discover;
 mod entities;
+pub mod files;
+pub(crate) mod masks;
 mod pairs;
 mod sidecar;
 #[cfg(test)]
 mod tests;
 
-pub use discover::discover;
+pub use discover::{discover, discover_with_masks};
 pub use entities::Entities;
 pub use pairs::companion;
 
@@ -101,6 +103,18 @@ pub struct Acquisition {
     pub sidecar: serde_json::Map<String, serde_json::Value>,
     /// Paths relative to the dataset root of every input file (for `Sources`).
     pub inputs: Vec<PathBuf>,
+    /// A brain mask the user supplied (`--mask-dir`, or `--mask` of `chimap files`): it
+    /// replaces the automatic mask of raw data and the mask beside a field map.
+    pub user_mask: Option<UserMask>,
+}
+
+/// A brain mask supplied by the user.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct UserMask {
+    /// Where to read it.
+    pub path: PathBuf,
+    /// How the outputs' `Sources` name it (a BIDS URI).
+    pub uri: String,
 }
 
 impl Acquisition {

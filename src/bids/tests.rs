@@ -652,3 +652,158 @@ fn empty_dataset_is_a_usage_error() {
         "{err}"
     );
 }
+
+// ---------------------------------------------------------------------------------------
+// User masks (--mask-dir)
+
+/// A raw dataset of one-echo series with these name stems, and an empty mask folder.
+fn raw_with_masks(stems: &[&str]) -> (Ds, tempfile::TempDir) {
+    let ds = Ds::raw();
+    ds.json("MEGRE.json", json!({"MagneticFieldStrength": 3}));
+    for stem in stems {
+        ds.echo(stem, 1, Some(0.004), true, eye());
+    }
+    (ds, tempfile::TempDir::new().unwrap())
+}
+
+fn mask_in(dir: &tempfile::TempDir, rel: &str) -> PathBuf {
+    let p = dir.path().join(rel);
+    write_nii(&p, DIMS, 1, eye());
+    p
+}
+
+fn with_masks(ds: &Ds, masks: &tempfile::TempDir) -> Discovery {
+    discover_with_masks(ds.root(), &all(), Some(masks.path())).unwrap()
+}
+
+fn user_mask_of<'a>(d: &'a Discovery, name: &str) -> &'a UserMask {
+    let a = d
+        .acquisitions
+        .iter()
+        .find(|a| a.name() == name)
+        .unwrap_or_else(|| panic!("no {name}: {:?}", problem_texts(d)));
+    a.user_mask.as_ref().expect("a user mask")
+}
+
+#[test]
+fn a_session_mask_serves_every_series_of_the_session_and_a_specific_one_wins() {
+    let (ds, masks) = raw_with_masks(&[
+        "sub-01/ses-1/anat/sub-01_ses-1_acq-a",
+        "sub-01/ses-1/anat/sub-01_ses-1_acq-b",
+        "sub-01/ses-1/anat/sub-01_ses-1_acq-c",
+    ]);
+    let session = mask_in(
+        &masks,
+        "sub-01/ses-1/anat/sub-01_ses-1_desc-brain_mask.nii.gz",
+    );
+    // Other pipelines name the original grid with space-orig.
+    let c = mask_in(
+        &masks,
+        "sub-01/ses-1/anat/sub-01_ses-1_acq-c_space-orig_desc-brain_mask.nii",
+    );
+    // A template-space mask is not on the series' grid: ignored even though more specific.
+    mask_in(
+        &masks,
+        "sub-01/ses-1/anat/sub-01_ses-1_acq-a_space-MNI152NLin2009cAsym_desc-brain_mask.nii.gz",
+    );
+    // Not brain masks, or elsewhere: ignored.
+    mask_in(
+        &masks,
+        "sub-01/ses-1/anat/sub-01_ses-1_acq-a_desc-wm_mask.nii.gz",
+    );
+    mask_in(
+        &masks,
+        "sub-01/ses-1/anat/.x/sub-01_ses-1_acq-a_desc-brain_mask.nii.gz",
+    );
+    let d = with_masks(&ds, &masks);
+    assert!(d.problems.is_empty(), "{:?}", problem_texts(&d));
+    for acq in ["sub-01_ses-1_acq-a", "sub-01_ses-1_acq-b"] {
+        let m = user_mask_of(&d, acq);
+        assert_eq!(m.path, session, "{acq}");
+        assert_eq!(
+            m.uri,
+            "bids:masks:sub-01/ses-1/anat/sub-01_ses-1_desc-brain_mask.nii.gz"
+        );
+    }
+    assert_eq!(user_mask_of(&d, "sub-01_ses-1_acq-c").path, c);
+    // Without --mask-dir, nothing changes.
+    let plain = ds.discover(&all());
+    assert!(plain.acquisitions.iter().all(|a| a.user_mask.is_none()));
+}
+
+#[test]
+fn a_series_without_a_mask_or_with_two_equal_ones_fails_alone() {
+    let (ds, masks) = raw_with_masks(&[
+        "sub-01/anat/sub-01_acq-a_run-1",
+        "sub-01/anat/sub-01_acq-b",
+        "sub-02/anat/sub-02",
+    ]);
+    // Both name two entities of acq-a_run-1: neither is more specific.
+    let by_acq = mask_in(&masks, "sub-01/anat/sub-01_acq-a_desc-brain_mask.nii.gz");
+    let by_run = mask_in(&masks, "sub-01/anat/sub-01_run-1_desc-brain_mask.nii.gz");
+    mask_in(&masks, "sub-01/anat/sub-01_acq-b_desc-brain_mask.nii.gz");
+    // sub-02 has a mask only in another space.
+    mask_in(
+        &masks,
+        "sub-02/anat/sub-02_space-T1w_desc-brain_mask.nii.gz",
+    );
+    let d = with_masks(&ds, &masks);
+    assert_eq!(d.acquisitions.len(), 1, "{:?}", problem_texts(&d));
+    assert_eq!(d.acquisitions[0].name(), "sub-01_acq-b");
+    let p = problem_texts(&d);
+    assert_eq!(p.len(), 2, "{p:?}");
+    assert!(
+        p[0].starts_with("sub-01_acq-a_run-1: ")
+            && p[0].contains(name_of(&by_acq))
+            && p[0].contains(name_of(&by_run))
+            && p[0].contains("equally"),
+        "{p:?}"
+    );
+    assert!(
+        p[1].starts_with("sub-02: ")
+            && p[1].contains("no brain mask for sub-02")
+            && p[1].contains("sub-02_desc-brain_mask.nii.gz")
+            && p[1].contains("space-T1w"),
+        "{p:?}"
+    );
+}
+
+#[test]
+fn a_mask_dir_without_masks_is_refused_and_field_maps_take_the_users_mask() {
+    let (ds, masks) = raw_with_masks(&["sub-01/anat/sub-01"]);
+    let err = discover_with_masks(ds.root(), &all(), Some(masks.path()))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("holds no") && err.contains("--mask-dir"),
+        "{err}"
+    );
+    let missing = masks.path().join("nope");
+    let err = discover_with_masks(ds.root(), &all(), Some(&missing))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("not a folder"), "{err}");
+
+    // A field map with no mask beside it runs on the user's; one with a mask beside it too.
+    let fields = derivative();
+    fields.json(
+        "fieldmap.json",
+        json!({"MagneticFieldStrength": 3.0, "Units": "ppm"}),
+    );
+    fields.nii("sub-01/anat/sub-01_desc-local_fieldmap.nii.gz", eye());
+    fields.nii("sub-02/anat/sub-02_desc-local_fieldmap.nii.gz", eye());
+    fields.nii("sub-02/anat/sub-02_desc-brain_mask.nii.gz", eye());
+    let m1 = mask_in(&masks, "sub-01/anat/sub-01_desc-brain_mask.nii.gz");
+    let m2 = mask_in(&masks, "sub-02/anat/sub-02_desc-brain_mask.nii.gz");
+    let d = discover_with_masks(fields.root(), &all(), Some(masks.path())).unwrap();
+    assert!(d.problems.is_empty(), "{:?}", problem_texts(&d));
+    for (a, want) in d.acquisitions.iter().zip([m1, m2]) {
+        assert_eq!(a.user_mask.as_ref().unwrap().path, want);
+        match &a.source {
+            Source::FieldMap { mask, .. } => assert_eq!(mask, &want),
+            other => panic!("{other:?}"),
+        }
+        // The mask beside it is not used, so it is not a source.
+        assert_eq!(a.inputs.len(), 1, "{:?}", a.inputs);
+    }
+}

@@ -36,6 +36,95 @@ pub enum Command {
     Evaluate(crate::evaluate::EvaluateArgs),
     /// Train LP-CNN, LoopNet or the U-net on synthetic (or NIfTI) susceptibility patches.
     Train(crate::train::TrainArgs),
+    /// Process one acquisition given as NIfTI files (a workflow step), not a BIDS dataset;
+    /// OUTPUT_DIR becomes the same derivative dataset as a participant run's.
+    Files(FilesArgs),
+}
+
+/// `chimap files OUTPUT_DIR --phase … --magnitude … --echo-times …`, or a field map with
+/// `--local-field`/`--total-field`, `--field-units` and `--mask`.
+#[derive(Args, Debug)]
+#[command(group(
+    clap::ArgGroup::new("input")
+        .required(true)
+        .args(["phase", "local_field", "total_field"])
+))]
+pub struct FilesArgs {
+    /// Where the derivative dataset is written (created if missing). It may be the inputs'
+    /// folder, but no input may lie in OUTPUT_DIR/sub-<label>/, where the outputs go.
+    #[arg(value_name = "OUTPUT_DIR")]
+    pub output_dir: PathBuf,
+
+    /// Phase images: one 3D file per echo, or one 4D file holding all echoes.
+    #[arg(long, value_name = "FILE", num_args = 1.., requires_all = ["magnitude", "echo_times"], help_heading = "Inputs")]
+    pub phase: Vec<PathBuf>,
+
+    /// Magnitude images, one per --phase file in the same order (and with as many frames).
+    #[arg(long, value_name = "FILE", num_args = 1.., requires = "phase", help_heading = "Inputs")]
+    pub magnitude: Vec<PathBuf>,
+
+    /// Echo times in milliseconds, one per echo; with a field map in rad, its one echo time.
+    #[arg(long, value_name = "MS", num_args = 1.., help_heading = "Inputs")]
+    pub echo_times: Vec<f64>,
+
+    /// A local (tissue) field map: only the dipole inversion runs. Needs --mask and --field-units.
+    #[arg(long, value_name = "FILE", requires_all = ["mask", "field_units"], help_heading = "Inputs")]
+    pub local_field: Option<PathBuf>,
+
+    /// A total field map: background removal and inversion run. Needs --mask and --field-units.
+    #[arg(long, value_name = "FILE", requires_all = ["mask", "field_units"], help_heading = "Inputs")]
+    pub total_field: Option<PathBuf>,
+
+    /// Units of --local-field/--total-field.
+    #[arg(
+        long,
+        value_enum,
+        value_name = "UNITS",
+        ignore_case = true,
+        help_heading = "Inputs"
+    )]
+    pub field_units: Option<FieldUnitsArg>,
+
+    /// Brain mask on the data's grid (3D, 1 inside): replaces the automatic mask of phase
+    /// data; required with a field map.
+    #[arg(long, value_name = "FILE", help_heading = "Inputs")]
+    pub mask: Option<PathBuf>,
+
+    /// BIDS entities naming the outputs, e.g. `sub-01` or `sub-01_ses-2_acq-fast`. Default:
+    /// the entities of the first input's name, else `sub-<its letters and digits>`.
+    #[arg(long, value_name = "ENTITIES", help_heading = "Inputs")]
+    pub name: Option<String>,
+
+    /// Describe the acquisition, then stop.
+    #[arg(long)]
+    pub dry_run: bool,
+
+    #[command(flatten)]
+    pub processing: ProcessingArgs,
+
+    #[command(flatten)]
+    pub logging: LoggingArgs,
+}
+
+/// `--field-units` of `chimap files`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum FieldUnitsArg {
+    Ppm,
+    Hz,
+    Rad,
+    #[value(name = "rad/s")]
+    RadPerS,
+}
+
+impl From<FieldUnitsArg> for crate::bids::FieldUnits {
+    fn from(u: FieldUnitsArg) -> Self {
+        match u {
+            FieldUnitsArg::Ppm => Self::Ppm,
+            FieldUnitsArg::Hz => Self::Hz,
+            FieldUnitsArg::Rad => Self::Rad,
+            FieldUnitsArg::RadPerS => Self::RadPerSecond,
+        }
+    }
 }
 
 #[derive(Args, Debug)]
@@ -93,6 +182,29 @@ pub struct RunArgs {
     #[arg(long, help_heading = "Selection")]
     pub dry_run: bool,
 
+    /// A BIDS derivative dataset of brain masks, `sub-<label>[_ses-<label>][_acq-<label>][_run-<index>]_desc-brain_mask.nii[.gz]`
+    /// on each acquisition's grid (no space- entity, or space-orig): they replace the
+    /// automatic masks and the masks beside field maps. The mask naming the most entities of
+    /// an acquisition wins; an acquisition without one fails.
+    #[arg(long, value_name = "DIR", help_heading = "Processing")]
+    pub mask_dir: Option<PathBuf>,
+
+    /// Group level: a folder searched for segmentations named `<acquisition>_*dseg.nii.gz`
+    /// (e.g. `sub-1_acq-ori1_desc-aseg_dseg.nii.gz`) on the acquisition's grid; χ is then
+    /// summarised per label as well as over the mask.
+    #[arg(long, value_name = "DIR", help_heading = "Group level")]
+    pub seg_dir: Option<PathBuf>,
+
+    #[command(flatten)]
+    pub processing: ProcessingArgs,
+
+    #[command(flatten)]
+    pub logging: LoggingArgs,
+}
+
+/// Options of the processing itself, shared by the BIDS-App and `chimap files`.
+#[derive(Args, Debug)]
+pub struct ProcessingArgs {
     /// YAML configuration; may set any subset of `chimap config --default`. Unknown keys are errors.
     #[arg(long, value_name = "FILE.yaml", help_heading = "Processing")]
     pub config: Option<PathBuf>,
@@ -129,16 +241,13 @@ pub struct RunArgs {
     #[arg(long, help_heading = "Processing")]
     pub ignore_qc_failures: bool,
 
-    /// Group level: a folder searched for segmentations named `<acquisition>_*dseg.nii.gz`
-    /// (e.g. `sub-1_acq-ori1_desc-aseg_dseg.nii.gz`) on the acquisition's grid; χ is then
-    /// summarised per label as well as over the mask.
-    #[arg(long, value_name = "DIR", help_heading = "Group level")]
-    pub seg_dir: Option<PathBuf>,
-
     /// Recompute outputs that already exist. Default: finished acquisitions are skipped.
     #[arg(long, help_heading = "Processing")]
     pub overwrite: bool,
+}
 
+#[derive(Args, Debug)]
+pub struct LoggingArgs {
     /// More log output (-v: debug, -vv: trace).
     #[arg(short, long, action = clap::ArgAction::Count, help_heading = "Logging")]
     pub verbose: u8,
@@ -201,13 +310,15 @@ mod tests {
         assert_eq!(r.bids_dir.unwrap(), PathBuf::from("in"));
         assert_eq!(r.analysis_level, Some(AnalysisLevel::Participant));
         assert_eq!(r.participant_label, vec!["sub-01", "02"]);
-        assert_eq!(r.method, Some(MethodName::Tkd));
-        assert_eq!(r.nthreads, Some(2));
-        assert_eq!(r.device, Some(crate::nn::device::DeviceChoice::Cpu));
-        assert_eq!(r.max_memory, Some(1.5));
-        assert!(r.overwrite);
-        assert_eq!(r.log_format, LogFormat::Json);
-        assert_eq!(r.verbose, 2);
+        assert!(r.mask_dir.is_none());
+        let p = &r.processing;
+        assert_eq!(p.method, Some(MethodName::Tkd));
+        assert_eq!(p.nthreads, Some(2));
+        assert_eq!(p.device, Some(crate::nn::device::DeviceChoice::Cpu));
+        assert_eq!(p.max_memory, Some(1.5));
+        assert!(p.overwrite);
+        assert_eq!(r.logging.log_format, LogFormat::Json);
+        assert_eq!(r.logging.verbose, 2);
         assert_eq!(strip_label("sub-01", "sub"), "01");
         assert_eq!(strip_label("02", "sub"), "02");
         assert_eq!(strip_label("ses-a", "ses"), "a");
@@ -218,6 +329,88 @@ mod tests {
         assert!(Cli::try_parse_from(["chimap", "in", "out"]).is_err());
         assert!(Cli::try_parse_from(["chimap", "in", "out", "everything"]).is_err());
         assert!(Cli::try_parse_from(["chimap", "in", "out", "participant", "-q", "-v"]).is_err());
+    }
+
+    #[test]
+    fn mask_dir_and_files_mode_parse() {
+        let cli =
+            Cli::try_parse_from(["chimap", "in", "out", "participant", "--mask-dir", "m"]).unwrap();
+        assert_eq!(cli.run.mask_dir, Some(PathBuf::from("m")));
+        let cli = Cli::try_parse_from([
+            "chimap",
+            "files",
+            "out",
+            "--phase",
+            "p.nii.gz",
+            "--magnitude",
+            "m.nii.gz",
+            "--echo-times",
+            "4",
+            "8",
+            "--field-strength",
+            "3",
+            "--method",
+            "tkd",
+        ])
+        .unwrap();
+        match cli.command {
+            Some(Command::Files(f)) => {
+                assert_eq!(f.echo_times, [4.0, 8.0]);
+                assert_eq!(f.processing.field_strength, Some(3.0));
+                assert!(f.mask.is_none() && f.local_field.is_none());
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+        let cli = Cli::try_parse_from([
+            "chimap",
+            "files",
+            "out",
+            "--local-field",
+            "f.nii",
+            "--mask",
+            "m.nii",
+            "--field-units",
+            "rad/s",
+        ])
+        .unwrap();
+        match cli.command {
+            Some(Command::Files(f)) => assert_eq!(f.field_units, Some(FieldUnitsArg::RadPerS)),
+            other => panic!("unexpected {other:?}"),
+        }
+        // An input is required; a field map needs its mask and units; phase needs the rest.
+        assert!(Cli::try_parse_from(["chimap", "files", "out"]).is_err());
+        assert!(Cli::try_parse_from([
+            "chimap",
+            "files",
+            "out",
+            "--local-field",
+            "f.nii",
+            "--field-units",
+            "ppm"
+        ])
+        .is_err());
+        assert!(
+            Cli::try_parse_from(["chimap", "files", "out", "--phase", "p.nii", "--mask", "m"])
+                .is_err()
+        );
+        assert!(Cli::try_parse_from([
+            "chimap",
+            "files",
+            "out",
+            "--phase",
+            "p",
+            "--magnitude",
+            "m",
+            "--echo-times",
+            "4",
+            "--total-field",
+            "t",
+            "--mask",
+            "k",
+            "--field-units",
+            "hz"
+        ])
+        .is_err());
     }
 
     #[test]

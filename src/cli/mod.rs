@@ -11,10 +11,10 @@ use std::process::ExitCode;
 
 use clap::Parser;
 
-use crate::bids::Filter;
+use crate::bids::{self, Filter};
 use crate::pipeline::{self, Config, Settings};
 use crate::{Error, Result};
-use args::{Cli, Command, RunArgs};
+use args::{Cli, Command, FilesArgs, ProcessingArgs, RunArgs};
 
 /// Exit status for runs where some acquisitions failed.
 const EXIT_FAILED: u8 = 1;
@@ -39,6 +39,7 @@ pub fn main() -> ExitCode {
             logging::init(args::LogFormat::Text, 0, false);
             finish(crate::train::run(&t))
         }
+        Some(Command::Files(f)) => run_files(f),
         None => run_participants(cli.run),
     }
 }
@@ -87,11 +88,8 @@ fn run_group(run: &RunArgs) -> Result<()> {
     Ok(())
 }
 
-/// Turns the arguments into validated settings.
-pub fn settings(run: &RunArgs) -> Result<Settings> {
-    let (Some(bids_dir), Some(output_dir)) = (run.bids_dir.clone(), run.output_dir.clone()) else {
-        return Err(Error::Usage("BIDS_DIR and OUTPUT_DIR are required".into()));
-    };
+/// The configuration file merged with the options that override it, validated.
+fn config(run: &ProcessingArgs) -> Result<Config> {
     let mut config = match &run.config {
         Some(path) => Config::from_file(path)?,
         None => Config::default(),
@@ -122,6 +120,15 @@ pub fn settings(run: &RunArgs) -> Result<Settings> {
         }
         config.field_strength = Some(t);
     }
+    Ok(config)
+}
+
+/// Turns the arguments into validated settings.
+pub fn settings(run: &RunArgs) -> Result<Settings> {
+    let (Some(bids_dir), Some(output_dir)) = (run.bids_dir.clone(), run.output_dir.clone()) else {
+        return Err(Error::Usage("BIDS_DIR and OUTPUT_DIR are required".into()));
+    };
+    let config = config(&run.processing)?;
     if !bids_dir.is_dir() {
         return Err(Error::Usage(format!(
             "BIDS_DIR {} is not a folder",
@@ -144,30 +151,113 @@ pub fn settings(run: &RunArgs) -> Result<Settings> {
                 .collect(),
         },
         config,
-        overwrite: run.overwrite,
+        overwrite: run.processing.overwrite,
         dry_run: run.dry_run,
+        mask_dir: run.mask_dir.clone(),
         command_line: std::env::args().collect::<Vec<_>>().join(" "),
     })
 }
 
-fn run_participants(run: RunArgs) -> ExitCode {
-    logging::init(run.log_format, run.verbose, run.quiet);
-    if let Some(n) = run.nthreads {
+/// Sizes the global thread pool (`--nthreads`).
+fn init_threads(nthreads: Option<usize>) -> Result<()> {
+    if let Some(n) = nthreads {
         if n == 0
             || rayon::ThreadPoolBuilder::new()
                 .num_threads(n)
                 .build_global()
                 .is_err()
         {
-            return finish(Err(Error::Usage(
+            return Err(Error::Usage(
                 "--nthreads must be a positive number of threads".into(),
-            )));
+            ));
         }
+    }
+    Ok(())
+}
+
+fn run_participants(run: RunArgs) -> ExitCode {
+    let l = &run.logging;
+    logging::init(l.log_format, l.verbose, l.quiet);
+    if let Err(e) = init_threads(run.processing.nthreads) {
+        return finish(Err(e));
     }
     if run.analysis_level == Some(args::AnalysisLevel::Group) {
         return finish(run_group(&run));
     }
-    let summary = match settings(&run).and_then(|s| Ok((pipeline::run(&s)?, s.dry_run))) {
+    report_summary(settings(&run).and_then(|s| Ok((pipeline::run(&s)?, s.dry_run))))
+}
+
+/// `chimap files`: the file-mode acquisition through the participant pipeline.
+fn run_files(f: FilesArgs) -> ExitCode {
+    let l = &f.logging;
+    logging::init(l.log_format, l.verbose, l.quiet);
+    if let Err(e) = init_threads(f.processing.nthreads) {
+        return finish(Err(e));
+    }
+    let run = || -> Result<(pipeline::Summary, bool)> {
+        let config = config(&f.processing)?;
+        let ms = |t: f64| -> Result<f64> {
+            if t > 0.0 && t <= 1000.0 {
+                Ok(t * 1e-3)
+            } else {
+                Err(Error::Usage(format!(
+                    "--echo-times takes milliseconds between 0 and 1000, got {t}"
+                )))
+            }
+        };
+        let echo_times: Vec<f64> = f.echo_times.iter().map(|&t| ms(t)).collect::<Result<_>>()?;
+        let field = f
+            .local_field
+            .clone()
+            .map(|p| (bids::FieldKind::Local, p))
+            .or(f.total_field.clone().map(|p| (bids::FieldKind::Total, p)));
+        let source = match field {
+            Some((kind, field)) => {
+                if echo_times.len() > 1 {
+                    return Err(Error::Usage(
+                        "a field map takes at most one --echo-times value (for rad units)".into(),
+                    ));
+                }
+                bids::files::FileSource::FieldMap {
+                    kind,
+                    field,
+                    units: f
+                        .field_units
+                        .map(Into::into)
+                        .unwrap_or(bids::FieldUnits::Ppm),
+                    echo_time: echo_times.first().copied(),
+                }
+            }
+            None => bids::files::FileSource::Raw {
+                phase: f.phase.clone(),
+                magnitude: f.magnitude.clone(),
+                echo_times,
+            },
+        };
+        let discovery = bids::files::from_files(&bids::files::FileInputs {
+            source,
+            mask: f.mask.clone(),
+            name: f.name.clone(),
+        })?;
+        pipeline::check_files_output(&f.output_dir, &discovery)?;
+        let settings = Settings {
+            bids_dir: discovery.root.clone(),
+            output_dir: f.output_dir.clone(),
+            filter: Filter::default(),
+            config,
+            overwrite: f.processing.overwrite,
+            dry_run: f.dry_run,
+            mask_dir: None,
+            command_line: std::env::args().collect::<Vec<_>>().join(" "),
+        };
+        Ok((pipeline::run_discovered(&settings, discovery)?, f.dry_run))
+    };
+    report_summary(run())
+}
+
+/// Logs the outcome of a participant-level run and turns it into the exit status.
+fn report_summary(result: Result<(pipeline::Summary, bool)>) -> ExitCode {
+    let summary = match result {
         Ok((summary, dry_run)) => {
             if !dry_run {
                 tracing::info!(

@@ -24,9 +24,31 @@ pub struct Derivatives {
 impl Derivatives {
     /// Creates (or reuses) `root` and writes `dataset_description.json` and `.bidsignore`.
     pub fn create(root: &Path, source_root: &Path, command_line: &str) -> Result<Self> {
+        Self::create_linked(root, source_root, &[], command_line)
+    }
+
+    /// [`Derivatives::create`], with more input datasets (e.g. user masks) linked by name in
+    /// `DatasetLinks`, so that their files can be named by BIDS URIs in `Sources`.
+    pub fn create_linked(
+        root: &Path,
+        source_root: &Path,
+        links: &[(&str, &Path)],
+        command_line: &str,
+    ) -> Result<Self> {
         std::fs::create_dir_all(root).map_err(|e| Error::io(root, e))?;
-        let source = std::fs::canonicalize(source_root).map_err(|e| Error::io(source_root, e))?;
-        let source_uri = format!("file://{}", source.display());
+        let file_url = |p: &Path| -> Result<String> {
+            let abs = std::fs::canonicalize(p).map_err(|e| Error::io(p, e))?;
+            Ok(format!("file://{}", abs.display()))
+        };
+        let source_uri = file_url(source_root)?;
+        let mut dataset_links = serde_json::Map::new();
+        dataset_links.insert(SOURCE_LINK.into(), json!(source_uri));
+        let mut sources = vec![json!({ "URL": source_uri })];
+        for (name, path) in links {
+            let url = file_url(path)?;
+            sources.push(json!({ "URL": url }));
+            dataset_links.insert((*name).into(), json!(url));
+        }
         let description = json!({
             "Name": "chimap: quantitative susceptibility maps",
             "BIDSVersion": "1.10.0",
@@ -36,8 +58,8 @@ impl Derivatives {
                 "Version": crate::VERSION,
                 "Description": format!("QSM from multi-echo gradient-echo phase; command line: {command_line}"),
             }],
-            "SourceDatasets": [{ "URL": source_uri }],
-            "DatasetLinks": { SOURCE_LINK: source_uri },
+            "SourceDatasets": sources,
+            "DatasetLinks": dataset_links,
         });
         io::write_json(&root.join("dataset_description.json"), &description)?;
         io::write_atomic(
@@ -102,11 +124,17 @@ pub fn sidecar_path(path: &Path) -> PathBuf {
 
 /// The BIDS URI of a file of the source dataset, given its path relative to that root.
 pub fn source_uri(relative: &Path) -> String {
+    dataset_uri(SOURCE_LINK, relative)
+}
+
+/// The BIDS URI of a file of the dataset linked as `link`, given its path relative to that
+/// dataset's root.
+pub fn dataset_uri(link: &str, relative: &Path) -> String {
     let parts: Vec<String> = relative
         .components()
         .map(|c| c.as_os_str().to_string_lossy().into_owned())
         .collect();
-    format!("bids:{SOURCE_LINK}:{}", parts.join("/"))
+    format!("bids:{link}:{}", parts.join("/"))
 }
 
 /// A mask as a 0/1 volume on the grid of `like`.

@@ -323,7 +323,10 @@ fn local_field(
         } => {
             stages.start("load");
             let field_ppm = fields::load_field_ppm(field, *units, *echo_time, b0_tesla)?;
-            let mask_v = fields::load_mask(mask, &field_ppm, field)?;
+            let mask_v = match &acq.user_mask {
+                Some(user) => fields::load_user_mask(&user.path, &field_ppm, field)?,
+                None => fields::load_mask(mask, &field_ppm, field)?,
+            };
             let dims = field_ppm.dims;
             let work = work_dims(dims);
             let field_w = field_ppm.padded(work);
@@ -403,7 +406,8 @@ fn write_outputs(
 
 /// Sidecar fields shared by every output of the acquisition.
 fn common_sidecar(acq: &Acquisition, b0_tesla: Option<f64>) -> Value {
-    let sources: Vec<String> = acq.inputs.iter().map(|p| source_uri(p)).collect();
+    let mut sources: Vec<String> = acq.inputs.iter().map(|p| source_uri(p)).collect();
+    sources.extend(acq.user_mask.iter().map(|m| m.uri.clone()));
     let mut v = json!({
         "Sources": sources,
         "B0Direction": acq.b0_direction,
@@ -468,6 +472,7 @@ fn raw_local_field(
 
     let dims = phase[0].dims;
     let work = work_dims(dims);
+    let user_mask = user_brain_mask(acq, &phase[0], &phase_paths[0], work)?;
     let phase: Vec<Volume> = phase.iter().map(|v| v.padded(work)).collect();
     let magnitude: Vec<Volume> = magnitude.iter().map(|v| v.padded(work)).collect();
     let magnitude = (!magnitude.is_empty()).then_some(magnitude);
@@ -495,12 +500,22 @@ fn raw_local_field(
                 &pre.unwrap,
             )
         },
-        || preprocess::mask::magnitude_mask(&rss, &pre.mask),
+        || match &user_mask {
+            Some(_) => Ok(None),
+            None => preprocess::mask::magnitude_mask(&rss, &pre.mask).map(Some),
+        },
     );
     let fit = fit?;
 
-    stages.start("mask refinement");
-    let mask = preprocess::mask::refine_mask(mask?, &rss, Some(&fit.residual_rad), &pre.mask)?;
+    let mask = match (user_mask, mask?) {
+        (Some(user), _) => user,
+        (None, auto) => {
+            stages.start("mask refinement");
+            let auto =
+                auto.ok_or_else(|| Error::Numerics("no automatic brain mask was made".into()))?;
+            preprocess::mask::refine_mask(auto, &rss, Some(&fit.residual_rad), &pre.mask)?
+        }
+    };
     let first_magnitude = magnitude.as_deref().map(|m| &m[0]).unwrap_or(&rss);
     let echo_coherence = qc::echoes::pair_coherence(&phase, &mask);
     drop(phase);
@@ -581,7 +596,7 @@ fn raw_local_field(
         Output {
             path: deriv.path(e, Some("brain"), "mask"),
             volume: mask_volume(&rss, &mask),
-            sidecar: json!({ "Type": "Brain", "Description": pre.mask.description(), "Parameters": pre.mask }),
+            sidecar: brain_mask_sidecar(acq, &pre.mask),
         },
         Output {
             path: deriv.path(e, Some("voids"), "mask"),
@@ -611,11 +626,50 @@ fn raw_local_field(
             "Unwrapping": pre.unwrap,
             "EchoFit": pre.echo_fit,
             "NoiseSigma": fit.noise_sigma,
-            "BrainMask": pre.mask,
+            "BrainMask": brain_mask_parameters(acq, &pre.mask),
             "SignalVoids": { "config": pre.voids, "voxels": filled.voids.iter().filter(|&&v| v).count(), "sources": sources },
             "BackgroundRemoval": background_parameters(&pre.background, local.details),
         }),
     })
+}
+
+/// The user's brain mask (`--mask-dir`, `--mask`) on the work grid, when there is one; the
+/// automatic mask is then not built. `like` is the first echo's phase on the input grid.
+fn user_brain_mask(
+    acq: &Acquisition,
+    like: &Volume,
+    like_path: &Path,
+    work: [usize; 3],
+) -> Result<Option<Mask>> {
+    let Some(user) = &acq.user_mask else {
+        return Ok(None);
+    };
+    let mask = fields::load_user_mask(&user.path, like, like_path)?;
+    Ok(Some(crate::volume::pad(&mask, like.dims, work, false)))
+}
+
+/// The `desc-brain_mask` output's own sidecar fields: where the mask came from.
+fn brain_mask_sidecar(acq: &Acquisition, config: &preprocess::MaskConfig) -> Value {
+    match &acq.user_mask {
+        Some(user) => json!({
+            "Type": "Brain",
+            "Description": "Brain mask supplied by the user, used as given (no automatic mask was made)",
+            "UserMask": user.uri,
+        }),
+        None => json!({
+            "Type": "Brain",
+            "Description": config.description(),
+            "Parameters": config,
+        }),
+    }
+}
+
+/// The `BrainMask` entry of the preprocessing parameters.
+fn brain_mask_parameters(acq: &Acquisition, config: &preprocess::MaskConfig) -> Value {
+    match &acq.user_mask {
+        Some(user) => json!({ "Source": "user", "File": user.uri }),
+        None => json!(config),
+    }
 }
 
 /// The background removal method, its parameters and what it reported, for the sidecar.

@@ -178,6 +178,60 @@ pub fn load_mask(path: &Path, like: &Volume, like_path: &Path) -> Result<Mask> {
     Ok(mask)
 }
 
+/// Largest corner displacement (mm) between a user's mask and its data that still counts as
+/// the same grid: below half a typical voxel, so a mask never lands one voxel off.
+const USER_MASK_MAX_MISMATCH_MM: f64 = 0.5;
+
+/// A user's brain mask (voxels > 0.5) on the grid of `like`. Unlike masks that another
+/// pipeline wrote beside its field maps, a mask brought from elsewhere is easily one of
+/// another series, a template or a probability map, so beyond the dims its placement, frame
+/// count and content are checked; every error names both files.
+pub fn load_user_mask(path: &Path, like: &Volume, like_path: &Path) -> Result<Mask> {
+    let bad = |what: String| {
+        Error::input(
+            path,
+            format!(
+                "{what}; the brain mask must be one 3D image on the grid of {}",
+                like_path.display()
+            ),
+        )
+    };
+    let mut image = io::read_image(path)?;
+    if image.frames.len() != 1 {
+        return Err(bad(format!(
+            "is 4D ({} volumes), not one brain mask",
+            image.frames.len()
+        )));
+    }
+    let m = image.frames.remove(0);
+    if m.dims != like.dims {
+        return Err(bad(format!(
+            "has dimensions {:?} but the data has {:?}",
+            m.dims, like.dims
+        )));
+    }
+    let mm = crate::qc::protocol::grid_mismatch_mm(&like.geometry, &m.geometry, like.dims);
+    if mm.is_nan() || mm > USER_MASK_MAX_MISMATCH_MM {
+        return Err(bad(format!(
+            "has the data's dimensions but another position or orientation (its affine places \
+             a corner {mm:.1} mm away): resample it onto the data"
+        )));
+    }
+    let mask: Mask = m.data.iter().map(|&v| v > 0.5).collect();
+    let inside = mask.iter().filter(|&&b| b).count();
+    if inside == 0 {
+        return Err(bad(
+            "is empty (no voxel above 0.5): it must mark the brain with 1".into(),
+        ));
+    }
+    if inside == mask.len() {
+        return Err(bad(
+            "marks every voxel: that is the whole field of view, not a brain mask".into(),
+        ));
+    }
+    Ok(mask)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -307,5 +361,75 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("does not match"), "{err}");
+    }
+
+    #[test]
+    fn user_masks_must_be_one_3d_brain_mask_on_the_data_grid() {
+        let dir = tempfile::tempdir().unwrap();
+        let g = Geometry::from_voxel_size([2.0; 3]);
+        let like = Volume::new([4, 4, 2], vec![0.0; 32], g.clone());
+        let data = Path::new("/d/phase.nii.gz");
+        let write = |name: &str, v: &[&Volume]| {
+            let p = dir.path().join(name);
+            if v.len() == 1 {
+                io::write_volume(&p, v[0]).unwrap();
+            } else {
+                io::write_volume_i16(&p, v).unwrap();
+            }
+            p
+        };
+        let mut inside = vec![0.0; 32];
+        inside[5] = 1.0;
+        inside[6] = 0.7;
+        let good = Volume::new([4, 4, 2], inside, g.clone());
+        let ok = write("ok_mask.nii.gz", &[&good]);
+        let m = load_user_mask(&ok, &like, data).unwrap();
+        assert_eq!(m.iter().filter(|&&b| b).count(), 2);
+
+        // A shift of a fraction of a voxel passes; one of 1 mm (half a voxel) does not.
+        let mut g_near = g.clone();
+        g_near.affine[0][3] += 0.2;
+        let near = write(
+            "near_mask.nii.gz",
+            &[&Volume::new(good.dims, good.data.clone(), g_near)],
+        );
+        load_user_mask(&near, &like, data).unwrap();
+        let mut g_far = g.clone();
+        g_far.affine[2][3] += 1.0;
+        let far_mask = Volume::new(good.dims, good.data.clone(), g_far);
+        let shifted = write("shifted_mask.nii.gz", &[&far_mask]);
+        let cases = [
+            (shifted, "position or orientation"),
+            (
+                write(
+                    "small_mask.nii.gz",
+                    &[&Volume::new([4, 4, 1], vec![1.0; 16], g.clone())],
+                ),
+                "dimensions [4, 4, 1]",
+            ),
+            (
+                write("frames_mask.nii.gz", &[&good, &good]),
+                "4D (2 volumes)",
+            ),
+            (
+                write("empty_mask.nii.gz", &[&good.with_data(vec![0.0; 32])]),
+                "is empty",
+            ),
+            (
+                write("ones_mask.nii.gz", &[&good.with_data(vec![1.0; 32])]),
+                "marks every voxel",
+            ),
+        ];
+        for (path, why) in cases {
+            let err = load_user_mask(&path, &like, data).unwrap_err().to_string();
+            assert!(
+                err.contains(name_of(&path)) && err.contains("phase.nii.gz") && err.contains(why),
+                "{err}"
+            );
+        }
+    }
+
+    fn name_of(p: &Path) -> &str {
+        p.file_name().unwrap().to_str().unwrap()
     }
 }

@@ -29,6 +29,8 @@ pub struct Settings {
     pub config: Config,
     pub overwrite: bool,
     pub dry_run: bool,
+    /// A derivative dataset of brain masks (`--mask-dir`) that replace the automatic ones.
+    pub mask_dir: Option<PathBuf>,
     /// The command line, recorded in `dataset_description.json`.
     pub command_line: String,
 }
@@ -124,7 +126,77 @@ enum Unit<'a> {
 /// Discovers the dataset and processes every selected acquisition.
 pub fn run(settings: &Settings) -> Result<Summary> {
     check_output_location(&settings.bids_dir, &settings.output_dir)?;
-    let discovery = bids::discover(&settings.bids_dir, &settings.filter)?;
+    if let Some(masks) = &settings.mask_dir {
+        check_output_outside(masks, &settings.output_dir, "--mask-dir")?;
+    }
+    let discovery = bids::discover_with_masks(
+        &settings.bids_dir,
+        &settings.filter,
+        settings.mask_dir.as_deref(),
+    )?;
+    run_discovered(settings, discovery)
+}
+
+/// Refuses an OUTPUT_DIR equal to or inside another input folder (`what` names it), whose
+/// files a run could otherwise overwrite.
+fn check_output_outside(input: &Path, output_dir: &Path, what: &str) -> Result<()> {
+    let input_c = std::fs::canonicalize(input).map_err(|e| Error::io(input, e))?;
+    if canonical_even_if_missing(output_dir).starts_with(&input_c) {
+        return Err(Error::Usage(format!(
+            "OUTPUT_DIR {} is inside {what} {}: chimap never writes into its inputs; choose \
+             another folder",
+            output_dir.display(),
+            input.display()
+        )));
+    }
+    Ok(())
+}
+
+/// Where `chimap files` may write. Workflow engines stage a step's inputs in the folder its
+/// outputs go to, so OUTPUT_DIR may hold the inputs; but no input may lie where outputs are
+/// written (`OUTPUT_DIR/sub-<label>/`: a rerun on an earlier output would overwrite it), and an
+/// existing `dataset_description.json` there must be chimap's own.
+pub fn check_files_output(output_dir: &Path, discovery: &Discovery) -> Result<()> {
+    let out = canonical_even_if_missing(output_dir);
+    for acq in &discovery.acquisitions {
+        let written = out.join(format!("sub-{}", acq.entities.sub));
+        let inputs = acq
+            .inputs
+            .iter()
+            .map(|p| discovery.root.join(p))
+            .chain(acq.user_mask.iter().map(|m| m.path.clone()));
+        for input in inputs {
+            if canonical_even_if_missing(&input).starts_with(&written) {
+                return Err(Error::input(
+                    &input,
+                    format!(
+                        "lies in {}, where chimap writes this acquisition's outputs: copy it \
+                         elsewhere, choose another OUTPUT_DIR, or another --name",
+                        written.display()
+                    ),
+                ));
+            }
+        }
+    }
+    let description = output_dir.join("dataset_description.json");
+    if description.is_file() {
+        let generated_by = crate::io::read_json(&description)
+            .ok()
+            .and_then(|d| d["GeneratedBy"][0]["Name"].as_str().map(str::to_string));
+        if generated_by.as_deref() != Some("chimap") {
+            return Err(Error::input(
+                &description,
+                "belongs to another dataset: chimap would replace it; choose an empty or \
+                 chimap OUTPUT_DIR",
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Processes the acquisitions of a discovery (a BIDS dataset, or the one acquisition of
+/// `chimap files`): the same stages, outputs and reports whatever the acquisitions came from.
+pub fn run_discovered(settings: &Settings, discovery: Discovery) -> Result<Summary> {
     if settings.dry_run {
         print!("{}", describe(&discovery));
         return Ok(Summary {
@@ -132,9 +204,15 @@ pub fn run(settings: &Settings) -> Result<Summary> {
             ..Summary::default()
         });
     }
-    let derivatives = Derivatives::create(
+    let links: Vec<(&str, &Path)> = settings
+        .mask_dir
+        .iter()
+        .map(|m| (bids::masks::MASK_LINK, m.as_path()))
+        .collect();
+    let derivatives = Derivatives::create_linked(
         &settings.output_dir,
         &discovery.root,
+        &links,
         &settings.command_line,
     )?;
     let mut summary = Summary::default();
@@ -277,6 +355,9 @@ pub fn describe(d: &Discovery) -> String {
             b0[2],
             crate::physics::tilt_degrees(b0)
         );
+        if let Some(m) = &a.user_mask {
+            let _ = writeln!(s, "    brain mask: {}", m.path.display());
+        }
     }
     for set in &d.orientation_sets {
         let names: Vec<_> = set
@@ -317,5 +398,67 @@ mod tests {
         // A relative path with `..` that lands inside is still caught.
         let sneaky = bids.join("derivatives/../sub-01/x");
         assert!(check_output_location(&bids, &sneaky).is_err());
+        // Nor inside a --mask-dir, even one under derivatives/.
+        let masks = bids.join("derivatives/masks");
+        std::fs::create_dir_all(&masks).unwrap();
+        let err = check_output_outside(&masks, &masks.join("out"), "--mask-dir")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("inside --mask-dir"), "{err}");
+        check_output_outside(&masks, &bids.join("derivatives/chimap"), "--mask-dir").unwrap();
+    }
+
+    #[test]
+    fn file_mode_output_may_hold_the_inputs_but_not_where_outputs_go() {
+        let d = tempfile::tempdir().unwrap();
+        let input = d.path().join("phase.nii");
+        std::fs::write(&input, b"").unwrap();
+        let acq = bids::Acquisition {
+            entities: bids::Entities {
+                sub: "x".into(),
+                ..Default::default()
+            },
+            suffix: "MEGRE".into(),
+            source: bids::Source::Raw { echoes: Vec::new() },
+            field_strength: None,
+            b0_direction: [0.0, 0.0, 1.0],
+            dims: [1, 1, 1],
+            voxel_size: [1.0; 3],
+            sidecar: Default::default(),
+            inputs: vec![PathBuf::from("phase.nii")],
+            user_mask: Some(bids::UserMask {
+                path: d.path().join("sub-x/anat/m.nii"),
+                uri: String::new(),
+            }),
+        };
+        let discovery = Discovery {
+            root: d.path().to_path_buf(),
+            dataset_type: bids::DatasetType::Raw,
+            name: None,
+            acquisitions: vec![acq],
+            orientation_sets: Vec::new(),
+            problems: Vec::new(),
+        };
+        // The mask lies in OUTPUT_DIR/sub-x/: refused; elsewhere, the inputs' folder is fine.
+        let err = check_files_output(d.path(), &discovery)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("m.nii") && err.contains("where chimap writes"),
+            "{err}"
+        );
+        let elsewhere = d.path().join("out");
+        check_files_output(&elsewhere, &discovery).unwrap();
+        // Another dataset's description would be replaced: refused.
+        std::fs::create_dir_all(&elsewhere).unwrap();
+        std::fs::write(
+            elsewhere.join("dataset_description.json"),
+            r#"{"Name": "raw", "BIDSVersion": "1.9.0"}"#,
+        )
+        .unwrap();
+        let err = check_files_output(&elsewhere, &discovery)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("another dataset"), "{err}");
     }
 }
