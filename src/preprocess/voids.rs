@@ -7,7 +7,7 @@
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
-use super::mask::{dilate, label_components};
+use super::mask::{dilate, erode, label_components};
 use super::util::{gaussian_kernel, quantile, smooth};
 use crate::physics::fft::{fast_len, Fft3};
 use crate::physics::DipoleOperator;
@@ -241,7 +241,22 @@ pub fn fit_void_sources(
             hi[a] = hi[a].max(p[a]);
         }
     }
+    // Voids on the mask's edge are partial volume with the tissue outside (bone at the
+    // brain's edge), not sources within it, and the field around them is measured on one
+    // side only: they stay in-painted. (A 1 mm head without k-space blur has ≈ 1500 such
+    // specks; fitting each cost 4.4 s and modelled bone as brain.)
+    let min_voxel = vox.iter().copied().fold(f64::INFINITY, f64::min);
+    let interior = erode(mask, dims, vox, min_voxel);
+    let mut on_edge = vec![false; sizes.len()];
+    for (idx, &l) in labels.iter().enumerate() {
+        if l > 0 && !interior[idx] {
+            on_edge[l as usize - 1] = true;
+        }
+    }
     for (c, (&size, &(lo, hi))) in sizes.iter().zip(&bounds).enumerate() {
+        if on_edge[c] {
+            continue;
+        }
         let label = c as u32 + 1;
         let start: Vec<usize> = (0..3).map(|a| lo[a].saturating_sub(margin[a])).collect();
         let end: Vec<usize> = (0..3)
@@ -444,7 +459,16 @@ mod tests {
         let f_calc = op.forward(&chi_calc);
         let f_other = op.forward(&chi_other);
         let mask = ball([24.0, 24.0, 24.0], 22.0);
-        let voids = ball([24.0, 24.0, 24.0], 4.0);
+        // The calcification's void, and a speck on the mask's edge (partial volume with
+        // what lies outside), which must stay a plain in-painted void.
+        let edge_speck = ball([24.0, 24.0, 46.0], 2.5);
+        let voids: Vec<bool> = ball([24.0, 24.0, 24.0], 4.0)
+            .iter()
+            .zip(&edge_speck)
+            .zip(&mask)
+            .map(|((&c, &e), &m)| c || (e && m))
+            .collect();
+        assert!((0..n).any(|i| edge_speck[i] && mask[i]));
         // What the pipeline has: the measured field with the void in-painted.
         let measured = Volume::new(
             dims,
@@ -464,7 +488,8 @@ mod tests {
             b0,
             &VoidConfig::default(),
         );
-        assert_eq!(sources.len(), 1);
+        assert_eq!(sources.len(), 1, "{sources:?}");
+        assert!((0..n).all(|i| !edge_speck[i] || chi[i] == 0.0));
         // The fitted uniform χ spreads the source over the (larger) void: its moment matches.
         let moment: f64 = chi.iter().map(|&v| v as f64).sum();
         let truth = -(calc.iter().filter(|&&b| b).count() as f64);
