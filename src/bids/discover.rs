@@ -21,7 +21,7 @@ const SAME_ORIENTATION_DEG: f64 = 1.0;
 const MAX_ECHO_TIME_S: f64 = 1.0;
 
 /// Folders that never hold the data of a participant-level run.
-pub(super) const SKIPPED_DIRS: &[&str] = &["derivatives", "sourcedata", "code"];
+const SKIPPED_DIRS: &[&str] = &["derivatives", "sourcedata", "code"];
 
 /// A NIfTI file with its parsed name.
 #[derive(Clone, Debug)]
@@ -255,6 +255,21 @@ fn is_nifti_ext(ext: &str) -> bool {
     ext == ".nii" || ext == ".nii.gz"
 }
 
+/// The entries under `dir`, sorted by name, following links, without hidden entries and the
+/// folders a BIDS dataset keeps apart (`derivatives`, `sourcedata`, `code`).
+pub(super) fn dataset_walk(dir: &Path) -> impl Iterator<Item = walkdir::Result<walkdir::DirEntry>> {
+    WalkDir::new(dir)
+        .follow_links(true)
+        .sort_by_file_name()
+        .into_iter()
+        .filter_entry(|e| {
+            let name = e.file_name().to_string_lossy();
+            e.depth() == 0
+                || !(name.starts_with('.')
+                    || (e.file_type().is_dir() && SKIPPED_DIRS.contains(&name.as_ref())))
+        })
+}
+
 /// Every BIDS-named NIfTI file under the selected `sub-<label>/` folders, sorted by path.
 fn walk_subjects(
     root: &Path,
@@ -264,17 +279,7 @@ fn walk_subjects(
     let mut files = Vec::new();
     for label in subjects {
         let sub_dir = root.join(format!("sub-{label}"));
-        let walker = WalkDir::new(&sub_dir)
-            .follow_links(true)
-            .sort_by_file_name()
-            .into_iter()
-            .filter_entry(|e| {
-                let name = e.file_name().to_string_lossy();
-                e.depth() == 0
-                    || !(name.starts_with('.')
-                        || (e.file_type().is_dir() && SKIPPED_DIRS.contains(&name.as_ref())))
-            });
-        for entry in walker {
+        for entry in dataset_walk(&sub_dir) {
             let entry = match entry {
                 Ok(e) => e,
                 Err(e) => {

@@ -12,8 +12,6 @@
 
 use std::path::{Path, PathBuf};
 
-use walkdir::WalkDir;
-
 use super::{Entities, UserMask};
 use crate::{Error, Result};
 
@@ -49,18 +47,7 @@ impl MaskIndex {
             masks: Vec::new(),
             other_space: Vec::new(),
         };
-        let walker = WalkDir::new(dir)
-            .follow_links(true)
-            .sort_by_file_name()
-            .into_iter()
-            .filter_entry(|e| {
-                let name = e.file_name().to_string_lossy();
-                e.depth() == 0
-                    || !(name.starts_with('.')
-                        || (e.file_type().is_dir()
-                            && super::discover::SKIPPED_DIRS.contains(&name.as_ref())))
-            });
-        for entry in walker.flatten() {
+        for entry in super::discover::dataset_walk(dir).flatten() {
             if !entry.file_type().is_file() {
                 continue;
             }

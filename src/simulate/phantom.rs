@@ -305,15 +305,10 @@ impl HeadLayers {
             15 => Tissue::MUSCLE,
             // Cancellous bone between the tables holds fatty marrow.
             13 if self.in_bone[v] > TABLE_MM => Tissue::MARROW,
+            // Only M0, R2* and the fat fraction are read from here: χ comes from the map.
             _ => {
                 let (m0, r2star) = label_relaxation(l)?;
-                Tissue {
-                    chi: 0.0,
-                    m0,
-                    r2star,
-                    fat: 0.0,
-                    brain: false,
-                }
+                Tissue::soft(m0, r2star)
             }
         })
     }
