@@ -188,32 +188,6 @@ pub fn refine_mask(
     Ok(mask)
 }
 
-/// Validates a user-supplied mask: same grid as the data and not empty. `source` names the
-/// file in messages. Returns the mask as booleans (non-zero = inside).
-pub fn user_mask(mask: &Volume, dims: [usize; 3], source: &std::path::Path) -> Result<Mask> {
-    if mask.dims != dims {
-        return Err(Error::input(
-            source,
-            format!(
-                "mask dimensions {:?} differ from the data's {:?}",
-                mask.dims, dims
-            ),
-        ));
-    }
-    let m: Mask = mask
-        .data
-        .iter()
-        .map(|&v| v != 0.0 && v.is_finite())
-        .collect();
-    if !m.iter().any(|&b| b) {
-        return Err(Error::Numerics(format!(
-            "empty mask: {} has no non-zero voxel",
-            source.display()
-        )));
-    }
-    Ok(m)
-}
-
 /// Otsu's threshold of a sample (256-bin histogram); `None` for an empty sample.
 pub fn otsu(values: &[f32]) -> Option<f32> {
     let (lo, hi) = values
@@ -697,19 +671,5 @@ mod tests {
             brain_mask(&empty, None, &MaskConfig::default()),
             Err(Error::Numerics(_))
         ));
-    }
-
-    #[test]
-    fn user_mask_is_validated() {
-        let g = Geometry::from_voxel_size([1.0; 3]);
-        let p = std::path::Path::new("mask.nii.gz");
-        let v = Volume::new([2, 2, 2], vec![0.0; 8], g.clone());
-        let e = user_mask(&v, [2, 2, 2], p).unwrap_err();
-        assert!(e.to_string().contains("empty mask"));
-        assert!(user_mask(&v, [2, 2, 3], p).is_err());
-        let mut d = vec![0.0; 8];
-        d[3] = 1.0;
-        let ok = user_mask(&Volume::new([2, 2, 2], d, g), [2, 2, 2], p).unwrap();
-        assert_eq!(ok.iter().filter(|&&b| b).count(), 1);
     }
 }

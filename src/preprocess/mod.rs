@@ -10,8 +10,9 @@
 //!    or ROMEO-like region growing; temporally consistent) and fits the field through the
 //!    origin: `FieldFit { field_hz, noise_hz, residual_rad, offset_rad, noise_sigma }`.
 //! 3. [`brain_mask`]`(&rss, Some(&fit.residual_rad), &MaskConfig) -> Result<Mask>` with
-//!    `rss = `[`root_sum_of_squares`]`(&magnitudes)`, or [`user_mask`]`(&vol, dims, path)` for a
-//!    supplied mask.
+//!    `rss = `[`root_sum_of_squares`]`(&magnitudes)`: brain extraction ([`bet`]) or a
+//!    threshold, then trimmed by the fit residual. A mask the user brings is read and checked
+//!    by `pipeline::fields::load_user_mask` instead.
 //! 4. [`fill_voids`]`(&fit.field_hz, &mask, Some(&rss), Some(&fit.residual_rad), &VoidConfig) -> Result<VoidFill>`
 //!    in-paints unreliable voxels: `VoidFill { field, voids }`.
 //! 5. [`remove_background`]`(&filled.field, &mask, b0, weight, &BackgroundConfig) -> Result<LocalField>`:
@@ -33,7 +34,7 @@ pub mod voids;
 
 pub use background::{remove_background, vsharp, BackgroundConfig, LocalField};
 pub use echo_fit::{fit_field, root_sum_of_squares, EchoFitConfig, FieldFit};
-pub use mask::{brain_mask, dilate, erode, user_mask, MaskConfig, MaskMethod, ThresholdMethod};
+pub use mask::{brain_mask, dilate, erode, MaskConfig, MaskMethod, ThresholdMethod};
 pub use scale::{scale_phase, PhaseScaleMode, PhaseScaling, ScaleConfig};
 pub use unwrap::{
     laplacian_unwrap, LaplacianForm, LaplacianUnwrapper, RomeoConfig, UnwrapConfig, UnwrapMethod,
