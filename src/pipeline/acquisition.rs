@@ -500,19 +500,19 @@ fn raw_local_field(
                 &pre.unwrap,
             )
         },
-        || match &user_mask {
-            Some(_) => Ok(None),
-            None => preprocess::mask::magnitude_mask(&rss, &pre.mask).map(Some),
+        || {
+            user_mask
+                .is_none()
+                .then(|| preprocess::mask::magnitude_mask(&rss, &pre.mask))
         },
     );
     let fit = fit?;
 
-    let mask = match (user_mask, mask?) {
+    let mask = match (user_mask, mask) {
         (Some(user), _) => user,
         (None, auto) => {
             stages.start("mask refinement");
-            let auto =
-                auto.ok_or_else(|| Error::Numerics("no automatic brain mask was made".into()))?;
+            let auto = auto.expect("the magnitude mask is made whenever no mask was given")?;
             preprocess::mask::refine_mask(auto, &rss, Some(&fit.residual_rad), &pre.mask)?
         }
     };
