@@ -15,8 +15,8 @@
 use serde::{Deserialize, Serialize};
 
 use super::cgls::cgls;
-use super::tkd::truncate;
 use super::{restrict, Method, Problem};
+use crate::physics::dipole::truncate_kernel as truncate;
 use crate::physics::fft::{multiply_real, Fft3};
 use crate::physics::gradient::Gradient;
 use crate::physics::kernels::{laplacian_real, sphere_kernel};

@@ -99,27 +99,10 @@ pub fn combined_spectrum(
     fft: &Fft3,
     g: impl Fn(f32) -> f32 + Sync,
 ) -> (Vec<Complex32>, Vec<f32>) {
-    // One fused parallel pass per orientation over the half spectrum (besides the FFTs these
-    // passes are TKD's whole cost, so they decide whether it stays near one FFT pair).
-    let mut num: Option<Vec<Complex32>> = None;
-    let mut den = vec![0.0f32; fft.spectrum_len()];
-    for (o, kernel) in problem.orientations.iter().zip(problem.kernels()) {
-        let mut spec = fft.forward(o.field);
-        spec.par_iter_mut()
-            .zip(den.par_iter_mut())
-            .zip(kernel.par_iter())
-            .for_each(|((a, s), &d)| {
-                let gd = g(d);
-                *a *= gd;
-                *s += gd * gd;
-            });
-        if let Some(sum) = &num {
-            spec.par_iter_mut().zip(sum).for_each(|(a, &b)| *a += b);
-        }
-        num = Some(spec);
-    }
-    let num = num.unwrap_or_else(|| vec![Complex32::new(0.0, 0.0); fft.spectrum_len()]);
-    (num, den)
+    let fields: Vec<&[f32]> = problem.orientations.iter().map(|o| o.field).collect();
+    let kernels = problem.kernels();
+    let kernels: Vec<&[f32]> = kernels.iter().map(Vec::as_slice).collect();
+    crate::physics::dipole::combine_orientations(fft, &fields, &kernels, g)
 }
 
 /// Zeroes `chi` outside the mask.

@@ -7,8 +7,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::{combined_spectrum, restrict, Method, Problem};
-use rayon::prelude::*;
+use super::{restrict, Method, Problem};
 
 use crate::physics::fft::Fft3;
 use crate::{Error, Result};
@@ -37,18 +36,6 @@ impl Tkd {
     }
 }
 
-/// The truncated kernel value (also iLSQR's TKD reference).
-#[inline]
-pub(super) fn truncate(d: f32, t: f32) -> f32 {
-    if d.abs() >= t {
-        d
-    } else if d < 0.0 {
-        -t
-    } else {
-        t
-    }
-}
-
 impl Method for Tkd {
     fn name(&self) -> &'static str {
         "tkd"
@@ -64,12 +51,11 @@ impl Method for Tkd {
         problem.check("TKD")?;
         let t = t as f32;
         let fft = Fft3::new(problem.dims);
-        let (mut spec, den) = combined_spectrum(problem, &fft, |d| truncate(d, t));
-        // Σ D̃² ≥ t² > 0 everywhere but DC, where D̃ = t keeps the mean (set by referencing).
-        spec.par_iter_mut()
-            .zip(den.par_iter())
-            .for_each(|(a, &s)| *a /= s);
-        Ok(restrict(fft.inverse(&mut spec), problem.mask))
+        let fields: Vec<&[f32]> = problem.orientations.iter().map(|o| o.field).collect();
+        let kernels = problem.kernels();
+        let kernels: Vec<&[f32]> = kernels.iter().map(Vec::as_slice).collect();
+        let chi = crate::physics::dipole::tkd(&fft, &fields, &kernels, t);
+        Ok(restrict(chi, problem.mask))
     }
 
     fn parameters(&self) -> serde_json::Value {

@@ -560,6 +560,22 @@ pub struct Conv3d {
 }
 
 impl Conv3d {
+    /// A convolution whose weights and bias start at zero (a residual branch that starts as
+    /// nothing).
+    pub fn zeroed(cin: usize, cout: usize, k: usize, bias: bool, vb: VarBuilder) -> Result<Self> {
+        let weight = vb.get_with_hints((cout, cin, k, k, k), "weight", Init::Const(0.0))?;
+        let bias = if bias {
+            Some(vb.get_with_hints(cout, "bias", Init::Const(0.0))?)
+        } else {
+            None
+        };
+        Ok(Conv3d {
+            weight,
+            bias,
+            pad: k / 2,
+        })
+    }
+
     /// Kaiming-uniform initialisation as in PyTorch, for random weights in tests and training.
     pub fn new(cin: usize, cout: usize, k: usize, bias: bool, vb: VarBuilder) -> Result<Self> {
         let fan_in = (cin * k * k * k) as f64;

@@ -75,6 +75,32 @@ impl DipoleSet {
         fields.contiguous()?.apply_op1(Adjoint(self.clone()))
     }
 
+    /// TKD of fields `[N, B, D, H, W]` over all B directions (`physics::dipole::tkd`),
+    /// `[N, 1, D, H, W]` on the fields' device. Data only: no gradient flows through it.
+    pub fn tkd(&self, fields: &Tensor, threshold: f32) -> Result<Tensor> {
+        let fields = self.as_5d(fields, self.len())?;
+        let host = fields
+            .detach()
+            .to_device(&candle_core::Device::Cpu)?
+            .flatten_all()?
+            .to_vec1::<f32>()?;
+        let (nv, b) = (self.voxels(), self.len());
+        let kernels: Vec<&[f32]> = self.ops.iter().map(|o| o.kernel()).collect();
+        let mut out = Vec::with_capacity(host.len() / b);
+        for volume in host.chunks(nv * b) {
+            let per_direction: Vec<&[f32]> = volume.chunks(nv).collect();
+            out.extend(crate::physics::dipole::tkd(
+                self.ops[0].fft(),
+                &per_direction,
+                &kernels,
+                threshold,
+            ));
+        }
+        let mut dims = fields.dims().to_vec();
+        dims[1] = 1;
+        Tensor::from_vec(out, dims, fields.device())
+    }
+
     /// Checks the grid and channel count; accepts `[N, D, H, W]` for one channel.
     fn as_5d(&self, t: &Tensor, channels: usize) -> Result<Tensor> {
         let [nx, ny, nz] = self.dims();

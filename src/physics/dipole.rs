@@ -9,6 +9,7 @@
 //! `D` is real and even in k, so the operator is self-adjoint: `Dᴴ = D`.
 
 use rayon::prelude::*;
+use rustfft::num_complex::Complex32;
 
 use super::fft::{multiply_real, signed_index, Fft3};
 
@@ -121,6 +122,61 @@ impl DipoleOperator {
         multiply_real(&mut spec, &h);
         self.fft.inverse(&mut spec)
     }
+}
+
+/// `Σᵢ g(Dᵢ)·FFT(fᵢ)` and `Σᵢ g(Dᵢ)²` on the half spectrum: the least-squares combination
+/// of several orientations' fields under a kernel `g(D)` (D itself for COSMOS, the truncated
+/// kernel for TKD). `fields[i]` pairs with `kernels[i]`.
+pub fn combine_orientations(
+    fft: &Fft3,
+    fields: &[&[f32]],
+    kernels: &[&[f32]],
+    g: impl Fn(f32) -> f32 + Sync,
+) -> (Vec<Complex32>, Vec<f32>) {
+    // One fused parallel pass per orientation over the half spectrum (besides the FFTs these
+    // passes are TKD's whole cost, so they decide whether it stays near one FFT pair).
+    let mut num: Option<Vec<Complex32>> = None;
+    let mut den = vec![0.0f32; fft.spectrum_len()];
+    for (field, kernel) in fields.iter().zip(kernels) {
+        let mut spec = fft.forward(field);
+        spec.par_iter_mut()
+            .zip(den.par_iter_mut())
+            .zip(kernel.par_iter())
+            .for_each(|((a, s), &d)| {
+                let gd = g(d);
+                *a *= gd;
+                *s += gd * gd;
+            });
+        if let Some(sum) = &num {
+            spec.par_iter_mut().zip(sum).for_each(|(a, &b)| *a += b);
+        }
+        num = Some(spec);
+    }
+    let num = num.unwrap_or_else(|| vec![Complex32::new(0.0, 0.0); fft.spectrum_len()]);
+    (num, den)
+}
+
+/// The TKD kernel: `D` where `|D| ≥ t`, else `t·sign(D)` (`t` at DC).
+#[inline]
+pub fn truncate_kernel(d: f32, t: f32) -> f32 {
+    if d.abs() >= t {
+        d
+    } else if d < 0.0 {
+        -t
+    } else {
+        t
+    }
+}
+
+/// Thresholded k-space division of one or more orientations' fields:
+/// `IFFT(Σᵢ D̃ᵢ Fᵢ / Σᵢ D̃ᵢ²)`, with `D̃` the kernel truncated at `t` (`0 < t`).
+pub fn tkd(fft: &Fft3, fields: &[&[f32]], kernels: &[&[f32]], t: f32) -> Vec<f32> {
+    let (mut spec, den) = combine_orientations(fft, fields, kernels, |d| truncate_kernel(d, t));
+    // Σ D̃² ≥ t² > 0 everywhere (D̃ = t at DC keeps the mean).
+    spec.par_iter_mut()
+        .zip(den.par_iter())
+        .for_each(|(a, &s)| *a /= s);
+    fft.inverse(&mut spec)
 }
 
 #[cfg(test)]

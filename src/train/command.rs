@@ -28,17 +28,83 @@ pub struct TrainArgs {
     /// `--features cuda` and one opens, else the CPU.
     #[arg(long, value_enum, value_name = "DEVICE", default_value = "auto")]
     pub device: crate::nn::device::DeviceChoice,
+    /// Stop after this much wall time (e.g. `45m`, `2h`, `1h30m`), with a checkpoint and a
+    /// validation row; `--resume OUT/checkpoint.safetensors` continues the run exactly.
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    pub time_budget: Option<f64>,
+    /// Minutes between checkpoints within an epoch (one is also written after each epoch).
+    #[arg(long, value_name = "MINUTES", default_value_t = 5.0)]
+    pub checkpoint_minutes: f64,
     /// Print the complete default training configuration and stop.
     #[arg(long)]
     pub print_default_config: bool,
 }
 
+/// Seconds in a duration such as `90s`, `45m`, `2h`, `1h30m` or a bare number of seconds.
+pub fn parse_duration(text: &str) -> std::result::Result<f64, String> {
+    let bad = || format!("`{text}` is not a duration; write e.g. 90s, 45m, 2h or 1h30m");
+    let t = text.trim();
+    if let Ok(s) = t.parse::<f64>() {
+        return (s > 0.0).then_some(s).ok_or_else(bad);
+    }
+    let (mut total, mut number) = (0.0, String::new());
+    for c in t.chars() {
+        match c {
+            '0'..='9' | '.' => number.push(c),
+            'h' | 'm' | 's' => {
+                let v: f64 = number.parse().map_err(|_| bad())?;
+                total += v * match c {
+                    'h' => 3600.0,
+                    'm' => 60.0,
+                    _ => 1.0,
+                };
+                number.clear();
+            }
+            _ => return Err(bad()),
+        }
+    }
+    if !number.is_empty() || total <= 0.0 {
+        return Err(bad());
+    }
+    Ok(total)
+}
+
+/// CPU time of this process (all threads) in seconds, where the system reports it.
+pub fn process_cpu_seconds() -> Option<f64> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    // Fields after the command name (which may hold spaces) start after the last ')'.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    // utime and stime are fields 14 and 15 of the file, 12 and 13 after the name.
+    let ticks: f64 = f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?;
+    Some(ticks / clock_ticks_per_second())
+}
+
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+fn clock_ticks_per_second() -> f64 {
+    // SAFETY: sysconf only reads a system constant.
+    let t = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    if t > 0 {
+        t as f64
+    } else {
+        100.0
+    }
+}
+
+#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+fn clock_ticks_per_second() -> f64 {
+    100.0
+}
+
 /// Files written under `--out`.
 pub const CHECKPOINT: &str = "checkpoint.safetensors";
 pub const FINAL: &str = "final.safetensors";
+/// The weights at the latest checkpoint, usable while a long run continues.
+pub const LATEST: &str = "latest.safetensors";
 const LOG: &str = "train_log.csv";
 const PLOT: &str = "loss.png";
-const HEADER: &str = "epoch,step,lr,train_loss,val_loss,val_nrmse,val_hfen,val_ssim,seconds";
+const HEADER: &str =
+    "epoch,step,lr,train_loss,val_loss,val_nrmse,val_hfen,val_ssim,seconds,cpu_seconds";
 
 /// One line of the CSV log (one epoch).
 #[derive(Clone, Debug, PartialEq)]
@@ -49,13 +115,15 @@ struct Row {
     train_loss: f64,
     val: Validation,
     seconds: f64,
+    /// CPU time of the whole run so far (NaN where the system does not report it).
+    cpu_seconds: f64,
 }
 
 impl Row {
     fn csv(&self) -> String {
         let v = &self.val;
         format!(
-            "{},{},{:e},{:e},{:e},{:.4},{:.4},{:.5},{:.1}",
+            "{},{},{:e},{:e},{:e},{:.4},{:.4},{:.5},{:.1},{:.1}",
             self.epoch,
             self.step,
             self.lr,
@@ -64,7 +132,8 @@ impl Row {
             v.nrmse,
             v.hfen,
             v.ssim,
-            self.seconds
+            self.seconds,
+            self.cpu_seconds
         )
     }
 
@@ -83,6 +152,8 @@ impl Row {
                 ssim: n(7)?,
             },
             seconds: n(8)?,
+            // Logs written before CPU time was recorded lack the column.
+            cpu_seconds: n(9).unwrap_or(f64::NAN),
         })
     }
 }
@@ -137,14 +208,34 @@ pub fn run(args: &TrainArgs) -> Result<()> {
     );
     let started = Instant::now();
     let prior = rows.last().map_or(0.0, |r| r.seconds);
+    let prior_cpu = rows.last().map_or(0.0, |r| {
+        if r.cpu_seconds.is_finite() {
+            r.cpu_seconds
+        } else {
+            0.0
+        }
+    });
+    let cpu_at_start = process_cpu_seconds();
+    let cpu_now = || match (process_cpu_seconds(), cpu_at_start) {
+        (Some(now), Some(start)) => prior_cpu + now - start,
+        _ => f64::NAN,
+    };
+    let every = std::time::Duration::from_secs_f64(args.checkpoint_minutes.max(0.1) * 60.0);
+    let mut last_checkpoint = Instant::now();
     let mut bar = Progress::new(t.total_steps() - t.step());
     let mut epoch_loss = (0.0, 0usize);
+    let mut out_of_time = false;
     while t.step() < t.total_steps() {
         let epoch = t.epoch();
         let loss = t.train_step()?;
         epoch_loss = (epoch_loss.0 + loss, epoch_loss.1 + 1);
         bar.tick(epoch, loss);
-        if t.step() % t.config().steps_per_epoch as u64 == 0 || t.step() == t.total_steps() {
+        out_of_time = args
+            .time_budget
+            .is_some_and(|b| started.elapsed().as_secs_f64() >= b);
+        let epoch_end =
+            t.step() % t.config().steps_per_epoch as u64 == 0 || t.step() == t.total_steps();
+        if epoch_end || out_of_time {
             bar.clear();
             let val = t.validate()?;
             let row = Row {
@@ -154,10 +245,12 @@ pub fn run(args: &TrainArgs) -> Result<()> {
                 train_loss: epoch_loss.0 / epoch_loss.1.max(1) as f64,
                 val,
                 seconds: prior + started.elapsed().as_secs_f64(),
+                cpu_seconds: cpu_now(),
             };
             tracing::info!(
-                "epoch {}: train loss {:.3e}, validation loss {:.3e}, NRMSE {:.1} %, HFEN {:.1} %, SSIM {:.3}",
+                "epoch {}{}: train loss {:.3e}, validation loss {:.3e}, NRMSE {:.1} %, HFEN {:.1} %, SSIM {:.3}",
                 row.epoch,
+                if epoch_end { "" } else { " (partial)" },
                 row.train_loss,
                 val.loss,
                 val.nrmse,
@@ -166,11 +259,28 @@ pub fn run(args: &TrainArgs) -> Result<()> {
             );
             rows.push(row);
             epoch_loss = (0.0, 0);
-            t.save_checkpoint(&out.join(CHECKPOINT))?;
             write_log(out, &rows)?;
+        }
+        if epoch_end || out_of_time || last_checkpoint.elapsed() >= every {
+            t.save_checkpoint(&out.join(CHECKPOINT))?;
+            t.save_weights(&out.join(LATEST))?;
+            last_checkpoint = Instant::now();
+        }
+        if out_of_time {
+            break;
         }
     }
     bar.clear();
+    if out_of_time && t.step() < t.total_steps() {
+        tracing::info!(
+            "time budget reached at step {} of {}; continue with `chimap train --resume {} --out {}`",
+            t.step(),
+            t.total_steps(),
+            out.join(CHECKPOINT).display(),
+            out.display()
+        );
+        return Ok(());
+    }
     t.save_weights(&out.join(FINAL))?;
     write_summary(out, &t, rows.last())?;
     tracing::info!("weights written to {}", out.join(FINAL).display());
@@ -206,6 +316,7 @@ fn write_summary(out: &Path, t: &Trainer, last: Option<&Row>) -> Result<()> {
         "BatchSize": cfg.batch_size,
         "PatchSize": cfg.data.patch,
         "WallTimeSeconds": last.map(|r| r.seconds),
+        "CpuHours": last.and_then(|r| r.cpu_seconds.is_finite().then_some(r.cpu_seconds / 3600.0)),
         "Threads": rayon::current_num_threads(),
         "FinalValidation": last.map(|r| serde_json::json!({
             "Loss": r.val.loss, "NRMSE": r.val.nrmse, "HFEN": r.val.hfen, "SSIM": r.val.ssim,
@@ -292,12 +403,81 @@ mod tests {
                 ssim: 0.8125,
             },
             seconds: 12.5,
+            cpu_seconds: 24.5,
         };
         assert_eq!(Row::parse(&r.csv()), Some(r));
         assert_eq!(Row::parse(HEADER), None);
         assert_eq!(clock(12.4), "12s");
         assert_eq!(clock(185.0), "3m05s");
         assert_eq!(clock(3720.0), "1h02m");
+    }
+
+    #[test]
+    fn durations_parse_and_nonsense_is_refused() {
+        assert_eq!(parse_duration("90s"), Ok(90.0));
+        assert_eq!(parse_duration("45m"), Ok(2700.0));
+        assert_eq!(parse_duration("2h"), Ok(7200.0));
+        assert_eq!(parse_duration("1h30m"), Ok(5400.0));
+        assert_eq!(parse_duration("0.5h"), Ok(1800.0));
+        assert_eq!(parse_duration("120"), Ok(120.0));
+        for bad in ["", "2x", "h", "1h30", "-5", "0m"] {
+            let err = parse_duration(bad).unwrap_err();
+            assert!(err.contains("1h30m"), "{bad}: {err}");
+        }
+    }
+
+    /// A run out of time stops with a checkpoint, the latest weights and a validation row
+    /// but no final weights; resuming finishes it.
+    #[test]
+    fn a_time_budget_stops_with_a_checkpoint_and_resume_finishes() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg_path = dir.path().join("train.yaml");
+        let yaml =
+            "epochs: 1\nsteps_per_epoch: 3\nvalidation_batches: 1\nnormalisation_batches: 1\n\
+                    data:\n  patch: 16\nmodel:\n  lpcnn:\n    channels: 4\n    blocks: 1\n";
+        std::fs::write(&cfg_path, yaml).unwrap();
+        let out = dir.path().join("run");
+        let args = TrainArgs {
+            model: Some(ModelKind::Lpcnn),
+            config: Some(cfg_path),
+            resume: None,
+            out: Some(out.clone()),
+            device: crate::nn::device::DeviceChoice::Cpu,
+            // Out of time after the first step.
+            time_budget: Some(1e-9),
+            checkpoint_minutes: 5.0,
+            print_default_config: false,
+        };
+        run(&args).unwrap();
+        assert!(out.join(CHECKPOINT).is_file() && out.join(LATEST).is_file());
+        assert!(!out.join(FINAL).exists());
+        let rows = |out: &Path| -> Vec<Row> {
+            std::fs::read_to_string(out.join(LOG))
+                .unwrap()
+                .lines()
+                .filter_map(Row::parse)
+                .collect()
+        };
+        assert_eq!(
+            rows(&out).iter().map(|r| r.step).collect::<Vec<_>>(),
+            vec![1]
+        );
+        assert!(rows(&out)[0].cpu_seconds > 0.0);
+        let resumed = TrainArgs {
+            model: None,
+            config: None,
+            resume: Some(out.join(CHECKPOINT)),
+            time_budget: None,
+            ..args
+        };
+        run(&resumed).unwrap();
+        assert!(out.join(FINAL).is_file());
+        let steps: Vec<u64> = rows(&out).iter().map(|r| r.step).collect();
+        assert_eq!(steps, vec![1, 3]);
+        let summary: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(out.join("final.json")).unwrap())
+                .unwrap();
+        assert!(summary["CpuHours"].as_f64().unwrap() > 0.0);
     }
 
     /// The command end to end on a tiny configuration, then resumed for one more epoch.
@@ -315,6 +495,8 @@ mod tests {
             resume: None,
             out: Some(out.clone()),
             device: crate::nn::device::DeviceChoice::Cpu,
+            time_budget: None,
+            checkpoint_minutes: 5.0,
             print_default_config: false,
         };
         run(&args).unwrap();

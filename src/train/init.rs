@@ -126,7 +126,8 @@ mod tests {
         assert_ne!(a, weights(4));
         let get = |name: &str| &a.iter().find(|(k, _)| k == name).unwrap().1;
         // Constants stay constants; the first conv (1 → 4, 3³) is uniform in ±1/√27.
-        assert_eq!(get("alpha"), &vec![4.0]);
+        assert!((get("alpha_logit")[0] - (4.0f32 / 0.5).ln()).abs() < 1e-6);
+        assert_eq!(get("prox.head.2.weight"), &vec![0.0; 4]);
         assert_eq!(get("norm.std"), &vec![1.0]);
         let w = get("prox.conv_in.weight");
         let b = 1.0 / 27f32.sqrt();

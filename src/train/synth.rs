@@ -41,6 +41,12 @@ pub struct DataConfig {
     pub strong_source_range: [f64; 2],
     /// Probability that the brain mask is an ellipsoid inside the patch rather than all of it.
     pub partial_mask_probability: f64,
+    /// Probability that a sample whose mask does not fill the patch gets its field the way
+    /// users' fields are made: a total field from the brain plus head-like sources outside
+    /// the mask (air, bone, tissue), passed through chimap's own background removal
+    /// (`preprocess::background` with its defaults). The network then learns to undo the
+    /// residual background and the harmonic part that removal loses; the target stays χ.
+    pub background_probability: f64,
     /// Field strengths (T) drawn with equal odds; the noise scales as 1/B0.
     pub field_strengths: Vec<f64>,
     /// Phase SNR range of the combined echoes; field noise is 1/(SNR·2π·γ̄·B0·TE) ppm.
@@ -69,7 +75,8 @@ impl Default for DataConfig {
             chi_range: [-0.2, 0.4],
             strong_source_probability: 0.1,
             strong_source_range: [0.5, 1.5],
-            partial_mask_probability: 0.3,
+            partial_mask_probability: 0.5,
+            background_probability: 0.7,
             field_strengths: vec![3.0, 7.0],
             snr: [30.0, 150.0],
             echo_time: 0.02,
@@ -191,7 +198,12 @@ impl Synth {
                     (Some(src), true) => cut_patch(src, p, &mut r),
                     _ => synthetic_patch(cfg, &mut r),
                 };
-                let fields = fields_of(&chi, &mask, &ops, cfg, &mut r);
+                let partial = mask.iter().any(|&m| !m);
+                let fields = if partial && r.uniform() < cfg.background_probability {
+                    fields_after_background_removal(&chi, &mask, &ops, cfg, &mut r)
+                } else {
+                    fields_of(&chi, &mask, &ops, cfg, &mut r)
+                };
                 let mask = mask.iter().map(|&m| m as u8 as f32).collect();
                 (chi, mask, fields)
             })
@@ -254,6 +266,14 @@ pub fn field_noise_ppm(snr: f64, b0_tesla: f64, echo_time: f64) -> f64 {
     1e6 / (snr * 2.0 * std::f64::consts::PI * GAMMA_BAR_HZ_PER_T * b0_tesla * echo_time)
 }
 
+/// Field noise σ (ppm) of one sample: a random field strength and a log-uniform SNR (the
+/// noise level spans its range evenly on a ratio scale).
+fn draw_noise(cfg: &DataConfig, rng: &mut Rng) -> f64 {
+    let t = cfg.field_strengths[(rng.next_u64() % cfg.field_strengths.len() as u64) as usize];
+    let snr = (rng.range(cfg.snr[0].ln(), cfg.snr[1].ln())).exp();
+    field_noise_ppm(snr, t, cfg.echo_time)
+}
+
 /// `M · (D_b (M χ) + noise)` for each direction.
 fn fields_of(
     chi: &[f32],
@@ -262,10 +282,7 @@ fn fields_of(
     cfg: &DataConfig,
     rng: &mut Rng,
 ) -> Vec<f32> {
-    let t = cfg.field_strengths[(rng.next_u64() % cfg.field_strengths.len() as u64) as usize];
-    // Log-uniform SNR: the noise level spans its range evenly on a ratio scale.
-    let snr = (rng.range(cfg.snr[0].ln(), cfg.snr[1].ln())).exp();
-    let sigma = field_noise_ppm(snr, t, cfg.echo_time);
+    let sigma = draw_noise(cfg, rng);
     let mut out = Vec::with_capacity(chi.len() * ops.len());
     for op in ops {
         let f = op.forward(chi);
@@ -276,6 +293,88 @@ fn fields_of(
                 0.0
             }
         }));
+    }
+    out
+}
+
+/// Relative susceptibility (ppm, against tissue ≈ water) of air and of cortical bone.
+const AIR_PPM: f64 = 9.4;
+const BONE_PPM: f64 = -2.0;
+
+/// χ outside the mask as around a brain: soft tissue of a random level, and a few large
+/// regions of air (sinuses, outside the head) or bone; zero inside the mask.
+fn background_sources(mask: &[bool], p: usize, rng: &mut Rng) -> Vec<f32> {
+    let mut chi = vec![rng.range(-0.1, 0.1); p * p * p];
+    for _ in 0..1 + rng.next_u64() % 3 {
+        let shape = Shape::random(rng, 0.1, 0.35);
+        let value = if rng.uniform() < 0.5 {
+            AIR_PPM
+        } else {
+            BONE_PPM
+        };
+        paint(&mut chi, p, &shape, |_| value);
+    }
+    chi.iter()
+        .zip(mask)
+        .map(|(&c, &m)| if m { 0.0 } else { c as f32 })
+        .collect()
+}
+
+/// Local fields made as the pipeline makes them: the total field of the brain's χ and of
+/// [`background_sources`], with noise, measured inside the mask, then chimap's background
+/// removal. Falls back to the exact local field if removal fails (e.g. a sliver of mask).
+fn fields_after_background_removal(
+    chi: &[f32],
+    mask: &[bool],
+    ops: &[DipoleOperator],
+    cfg: &DataConfig,
+    rng: &mut Rng,
+) -> Vec<f32> {
+    let p = ops[0].dims()[0];
+    let outside = background_sources(mask, p, rng);
+    let total_chi: Vec<f32> = chi.iter().zip(&outside).map(|(a, b)| a + b).collect();
+    let sigma = draw_noise(cfg, rng);
+    let settings = crate::preprocess::background::BackgroundConfig::default();
+    let mut out = Vec::with_capacity(chi.len() * ops.len());
+    for op in ops {
+        let total: Vec<f32> = op
+            .forward(&total_chi)
+            .iter()
+            .zip(mask)
+            .map(|(&v, &m)| {
+                if m {
+                    v + (sigma * rng.normal()) as f32
+                } else {
+                    0.0
+                }
+            })
+            .collect();
+        let field = crate::Volume::new(
+            op.dims(),
+            total,
+            crate::volume::Geometry::from_voxel_size(op.voxel_size()),
+        );
+        let local = crate::preprocess::background::remove_background(
+            &field,
+            mask,
+            op.b0(),
+            None,
+            &settings,
+        );
+        match local {
+            Ok(l) => out.extend(
+                l.field
+                    .data
+                    .iter()
+                    .zip(&l.mask)
+                    .zip(mask)
+                    .map(|((&v, &k), &m)| if k && m && v.is_finite() { v } else { 0.0 }),
+            ),
+            Err(_) => {
+                let f = op.forward(chi);
+                out.extend(f.iter().zip(mask).map(|(&v, &m)| if m { v } else { 0.0 }));
+            }
+        }
     }
     out
 }
@@ -531,6 +630,47 @@ mod tests {
         }
     }
 
+    /// Fields made through background removal: head-like sources outside the mask give a
+    /// total field far from the local one, and chimap's removal brings it most of the way
+    /// back (what remains is what the network must learn to undo).
+    #[test]
+    fn background_removal_fields_are_near_the_local_field() {
+        let cfg = DataConfig {
+            patch: 32,
+            snr: [1e6, 1e6],
+            partial_mask_probability: 1.0,
+            ..DataConfig::default()
+        };
+        let b0 = [0.0, 0.2588, 0.9659];
+        let ops = [DipoleOperator::new([32; 3], [1.0; 3], b0)];
+        let (mut removed_err, mut total_err) = (0.0, 0.0);
+        for seed in 0..4 {
+            let mut rng = Rng::new(seed);
+            let (chi, mask) = synthetic_patch(&cfg, &mut rng);
+            assert!(mask.iter().any(|&m| !m) && mask.iter().any(|&m| m));
+            let local = ops[0].forward(&chi);
+            let mut r = Rng::new(100 + seed);
+            let removed = fields_after_background_removal(&chi, &mask, &ops, &cfg, &mut r);
+            // The same draws again give the background's sources, hence the total field.
+            let mut r = Rng::new(100 + seed);
+            let outside = background_sources(&mask, 32, &mut r);
+            let background = ops[0].forward(&outside);
+            let inside = |f: &dyn Fn(usize) -> f32| -> f64 {
+                (0..chi.len())
+                    .filter(|&v| mask[v])
+                    .map(|v| (f(v) as f64).powi(2))
+                    .sum()
+            };
+            removed_err += inside(&|v| removed[v] - local[v]);
+            total_err += inside(&|v| background[v]);
+            assert!(removed.iter().zip(&mask).all(|(&f, &m)| m || f == 0.0));
+            assert!(removed.iter().all(|f| f.is_finite()));
+        }
+        let ratio = (removed_err / total_err).sqrt();
+        eprintln!("background left after removal: {ratio:.3}");
+        assert!(ratio < 0.2, "background left after removal: {ratio}");
+    }
+
     #[test]
     fn batches_are_a_function_of_seed_stream_and_index() {
         let a = Synth::new(&small(), 7).unwrap();
@@ -553,6 +693,7 @@ mod tests {
     fn fields_follow_the_dipole_model_within_the_noise() {
         let cfg = DataConfig {
             snr: [1e9, 1e9],
+            background_probability: 0.0,
             ..small()
         };
         let s = Synth::new(&cfg, 1).unwrap();
