@@ -149,7 +149,8 @@ impl Method for Learned {
             | MethodName::Cfl2
             | MethodName::Ilsqr
             | MethodName::Tv
-            | MethodName::Cosmos => unreachable!("not a learned method"),
+            | MethodName::Cosmos
+            | MethodName::Rts => unreachable!("not a learned method"),
         };
         chi.flatten_all()
             .and_then(|t| t.to_vec1::<f32>())

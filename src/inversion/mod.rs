@@ -8,6 +8,7 @@ pub mod cgls;
 pub mod cosmos;
 pub mod ilsqr;
 pub mod learned;
+pub mod rts;
 #[cfg(test)]
 mod testing;
 pub mod tkd;
@@ -161,6 +162,8 @@ pub enum MethodName {
     Tv,
     /// Closed-form multi-orientation inversion (Liu et al. 2009); needs 2+ orientations.
     Cosmos,
+    /// Rapid two-step: exact inversion off the cone, TV fills the cone (Kames et al. 2018).
+    Rts,
     /// Learned proximal gradient descent (Lai et al. 2020); needs `--weights`.
     Lpcnn,
     /// Looped U-net with GHPA (Chen et al. 2024); needs `--weights`.
@@ -178,6 +181,7 @@ impl MethodName {
             MethodName::Ilsqr => "ilsqr",
             MethodName::Tv => "tv",
             MethodName::Cosmos => "cosmos",
+            MethodName::Rts => "rts",
             MethodName::Lpcnn => "lpcnn",
             MethodName::Loopnet => "loopnet",
             MethodName::Unet => "unet",
@@ -201,6 +205,8 @@ pub struct Config {
     pub tv: tv::Config,
     /// Parameters of COSMOS.
     pub cosmos: cosmos::Config,
+    /// Parameters of RTS.
+    pub rts: rts::Config,
     /// Weights (safetensors) of the learned methods; required by them, no default.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub weights: Option<PathBuf>,
@@ -220,6 +226,7 @@ impl Default for Config {
             ilsqr: ilsqr::Config::default(),
             tv: tv::Config::default(),
             cosmos: cosmos::Config::default(),
+            rts: rts::Config::default(),
             weights: None,
             device: Default::default(),
             max_memory_gib: 3.0,
@@ -236,6 +243,7 @@ impl Config {
             MethodName::Ilsqr => Box::new(ilsqr::Ilsqr::new(self.ilsqr.clone())),
             MethodName::Tv => Box::new(tv::TvAdmm::new(self.tv.clone())),
             MethodName::Cosmos => Box::new(cosmos::Cosmos::new(self.cosmos.clone())),
+            MethodName::Rts => Box::new(rts::Rts::new(self.rts.clone())),
             m => Box::new(learned::Learned::new(
                 m,
                 self.weights.clone(),
