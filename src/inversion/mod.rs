@@ -7,6 +7,7 @@ pub mod cfl2;
 pub mod cgls;
 pub mod cosmos;
 pub mod ilsqr;
+pub mod lambda;
 pub mod learned;
 pub mod rts;
 #[cfg(test)]
