@@ -104,7 +104,7 @@ fn pipeline_stages(dims: [usize; 3], dir: &Path) -> Vec<(String, f64)> {
 /// to one FFT pair there: whole solves for the closed forms and iLSQR, one iteration for
 /// TV-ADMM (ten iterations timed with the stopping test disabled).
 fn inversions(work: [usize; 3], t_work: f64, quick: bool) {
-    use chimap::inversion::{cfl2, cosmos, ilsqr, tv};
+    use chimap::inversion::{cfl2, cosmos, ilsqr, lambda, rts, tv};
     let n: usize = work.iter().product();
     let c = work.map(|d| d as f64 / 2.0);
     let mask: Vec<bool> = (0..n)
@@ -189,7 +189,27 @@ fn inversions(work: [usize; 3], t_work: f64, quick: bool) {
         "TV-ADMM, whole solve (max)",
         t * full as f64
     );
+    // RTS at the paper's limit of 20 iterations, the stopping test disabled (the worst case).
+    let rts = rts::Rts::new(rts::Config {
+        tolerance: 1e-30,
+        ..Default::default()
+    });
+    report(
+        "RTS, whole solve (20 it.)",
+        time(reps, || rts.invert(&p1).unwrap()),
+        "",
+    );
     if !quick {
+        // The L-curve scan (7 λ × ≤ 30 iterations) and the final solve at ≤ 100.
+        let auto = tv::TvAdmm::new(tv::Config {
+            lambda: lambda::Lambda::AUTO,
+            ..Default::default()
+        });
+        report(
+            "TV-ADMM, λ auto (whole)",
+            time(1, || auto.invert(&p1).unwrap()),
+            "",
+        );
         let ilsqr = ilsqr::Ilsqr::new(Default::default());
         report("iLSQR", time(1, || ilsqr.invert(&p1).unwrap()), "");
     }

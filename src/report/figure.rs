@@ -210,9 +210,9 @@ pub fn montage(
 }
 
 /// The minimum over voxels `k0..k1` along z of every (x, y) column, counting only voxels
-/// inside `mask` (all when `None`); NaN where a column has none. Magnitude and χ are both
-/// lowest in veins, so a slab's minimum traces them through the slab (Reichenbach et al.
-/// 1997 used the magnitude's).
+/// inside `mask` (all when `None`); NaN where a column has none. Veins are dark in the
+/// magnitude, so its slab minimum traces them through the slab (as in SWI); χ's shows the
+/// most diamagnetic tissue and any negative streaking.
 pub fn min_projection(
     data: &[f32],
     dims: [usize; 3],
@@ -225,7 +225,7 @@ pub fn min_projection(
     for k in k0..k1.min(dims[2]) {
         for (o, v) in out.iter_mut().enumerate() {
             let c = o + plane * k;
-            if mask.is_none_or(|m| m[c]) && !(data[c] >= *v) {
+            if mask.is_none_or(|m| m[c]) && (v.is_nan() || data[c] < *v) {
                 *v = data[c];
             }
         }

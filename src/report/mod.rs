@@ -215,8 +215,8 @@ fn figures(found: &Found, bids_root: &Path, fig_dir: &Path) -> Result<Vec<Figure
             diverging: style == Style::Diverging,
             projection: false,
         });
-        // Minimum-intensity projections of the magnitude and of χ, over the brain, where
-        // veins (dark in both) show as connected vessels.
+        // Minimum-intensity projections of the magnitude (veins as connected dark lines) and
+        // of χ (diamagnetic tissue, negative streaks), over the brain only.
         if tag == "magnitude" || tag.starts_with("chi-") {
             let slabs = figure::slabs(
                 v.dims,
