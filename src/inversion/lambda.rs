@@ -99,9 +99,11 @@ pub struct Point {
 /// the interior point of largest signed curvature of (log residual, log regulariser) as
 /// functions of log λ, by central differences. The curve falls steeply (regulariser drops,
 /// residual flat) and then runs flat (residual grows); the turn between is anticlockwise,
-/// so the corner is the largest positive curvature. With no interior point or a degenerate
-/// curve (non-positive values) the middle point is returned.
-pub fn corner(points: &[Point]) -> usize {
+/// so the corner is the largest positive curvature. Returns the index and whether it is a
+/// corner: with no positive curvature (the scan misses the corner: the curve only bends
+/// the other way) it is the least negative one; with no interior point or a degenerate
+/// curve (non-positive values) the middle point.
+pub fn corner(points: &[Point]) -> (usize, bool) {
     let n = points.len();
     let mid = n / 2;
     if n < 3
@@ -109,7 +111,7 @@ pub fn corner(points: &[Point]) -> usize {
             .iter()
             .any(|p| !(p.residual > 0.0 && p.regulariser > 0.0))
     {
-        return mid;
+        return (mid, false);
     }
     let x: Vec<f64> = points.iter().map(|p| p.residual.ln()).collect();
     let y: Vec<f64> = points.iter().map(|p| p.regulariser.ln()).collect();
@@ -130,7 +132,7 @@ pub fn corner(points: &[Point]) -> usize {
             best = (i, kappa);
         }
     }
-    best.0
+    (best.0, best.1 > 0.0)
 }
 
 #[cfg(test)]
@@ -162,11 +164,20 @@ mod tests {
                 regulariser: regulariser[i],
             })
             .collect();
-        assert_eq!(corner(&points), 2);
+        assert_eq!(corner(&points), (2, true));
         // Degenerate values fall back to the middle.
         let mut bad = points.clone();
         bad[0].regulariser = 0.0;
-        assert_eq!(corner(&bad), 2);
+        assert_eq!(corner(&bad), (2, false));
+        // Bending only clockwise (the regulariser falls faster and faster): no corner.
+        let convex: Vec<Point> = (0..5)
+            .map(|i| Point {
+                lambda: lambdas[i],
+                residual: (1.0 + i as f64) * 2.0,
+                regulariser: 100.0 - (i * i) as f64 * 6.0,
+            })
+            .collect();
+        assert!(!corner(&convex).1);
     }
 
     #[test]

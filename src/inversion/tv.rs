@@ -57,7 +57,7 @@ pub struct TvAdmm {
     /// Iterations of the last solve, for the sidecar.
     iterations: std::sync::atomic::AtomicUsize,
     /// How `auto` chose λ in the last solve (λ and the scan), for the sidecar.
-    chosen: std::sync::Mutex<Option<(f64, Vec<Point>)>>,
+    chosen: std::sync::Mutex<Option<(f64, bool, Vec<Point>)>>,
 }
 
 impl TvAdmm {
@@ -105,9 +105,18 @@ impl TvAdmm {
             Some(l) => l,
             None => {
                 let scan = self.l_curve(problem)?;
-                let l = scan[lambda::corner(&scan)].lambda;
-                tracing::info!(lambda = l, "TV-ADMM: λ from the L-curve corner");
-                *self.chosen.lock().unwrap_or_else(|e| e.into_inner()) = Some((l, scan));
+                let (i, found) = lambda::corner(&scan);
+                let l = scan[i].lambda;
+                if found {
+                    tracing::info!(lambda = l, "TV-ADMM: λ from the L-curve corner");
+                } else {
+                    tracing::warn!(
+                        lambda = l,
+                        "TV-ADMM: the L-curve has no corner inside inversion.tv.lambda_scan; \
+                         using its least bent point (widen the scan or give λ)"
+                    );
+                }
+                *self.chosen.lock().unwrap_or_else(|e| e.into_inner()) = Some((l, found, scan));
                 l
             }
         };
@@ -328,10 +337,11 @@ impl Method for TvAdmm {
         v["iterations_run"] =
             serde_json::json!(self.iterations.load(std::sync::atomic::Ordering::Relaxed));
         match &*self.chosen.lock().unwrap_or_else(|e| e.into_inner()) {
-            Some((l, scan)) => {
+            Some((l, found, scan)) => {
                 v["lambda"] = serde_json::json!(l);
                 v["lambda_selection"] = serde_json::json!({
                     "method": "L-curve corner (maximum curvature of log ‖W(Dχ − f)‖₂ against log ‖∇χ‖₁)",
+                    "corner_found": found,
                     "scan": scan,
                 });
             }
