@@ -150,7 +150,8 @@ impl Method for Learned {
             | MethodName::Ilsqr
             | MethodName::Tv
             | MethodName::Cosmos
-            | MethodName::Rts => unreachable!("not a learned method"),
+            | MethodName::Rts
+            | MethodName::Medi => unreachable!("not a learned method"),
         };
         chi.flatten_all()
             .and_then(|t| t.to_vec1::<f32>())
@@ -188,6 +189,7 @@ mod tests {
             }],
             mask,
             weight: None,
+            magnitude: None,
         }
     }
 

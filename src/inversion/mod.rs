@@ -9,6 +9,7 @@ pub mod cosmos;
 pub mod ilsqr;
 pub mod lambda;
 pub mod learned;
+pub mod medi;
 pub mod rts;
 #[cfg(test)]
 mod testing;
@@ -45,6 +46,9 @@ pub struct Problem<'a> {
     /// Relative reliability of each voxel's field (e.g. inverse noise, mean 1 in the mask),
     /// used by the weighted methods (iLSQR, TV-ADMM); `None` = uniform inside the mask.
     pub weight: Option<&'a [f32]>,
+    /// Magnitude image on the same grid, for methods with anatomical priors (MEDI's edge
+    /// mask); `None` when the input had none.
+    pub magnitude: Option<&'a [f32]>,
 }
 
 impl Problem<'_> {
@@ -84,9 +88,10 @@ impl Problem<'_> {
         if self.mask.len() != n
             || self.orientations.iter().any(|o| o.field.len() != n)
             || self.weight.is_some_and(|w| w.len() != n)
+            || self.magnitude.is_some_and(|w| w.len() != n)
         {
             return Err(Error::Numerics(format!(
-                "{method}: field, mask and weight must all have {n} voxels"
+                "{method}: field, mask, weight and magnitude must all have {n} voxels"
             )));
         }
         Ok(())
@@ -165,6 +170,8 @@ pub enum MethodName {
     Cosmos,
     /// Rapid two-step: exact inversion off the cone, TV fills the cone (Kames et al. 2018).
     Rts,
+    /// Nonlinear data term with magnitude-edge-weighted TV, Gauss-Newton (Liu et al. 2011).
+    Medi,
     /// Learned proximal gradient descent (Lai et al. 2020); needs `--weights`.
     Lpcnn,
     /// Looped U-net with GHPA (Chen et al. 2024); needs `--weights`.
@@ -183,6 +190,7 @@ impl MethodName {
             MethodName::Tv => "tv",
             MethodName::Cosmos => "cosmos",
             MethodName::Rts => "rts",
+            MethodName::Medi => "medi",
             MethodName::Lpcnn => "lpcnn",
             MethodName::Loopnet => "loopnet",
             MethodName::Unet => "unet",
@@ -208,6 +216,8 @@ pub struct Config {
     pub cosmos: cosmos::Config,
     /// Parameters of RTS.
     pub rts: rts::Config,
+    /// Parameters of MEDI.
+    pub medi: medi::Config,
     /// Weights (safetensors) of the learned methods; required by them, no default.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub weights: Option<PathBuf>,
@@ -228,6 +238,7 @@ impl Default for Config {
             tv: tv::Config::default(),
             cosmos: cosmos::Config::default(),
             rts: rts::Config::default(),
+            medi: medi::Config::default(),
             weights: None,
             device: Default::default(),
             max_memory_gib: 3.0,
@@ -245,6 +256,7 @@ impl Config {
             MethodName::Tv => Box::new(tv::TvAdmm::new(self.tv.clone())),
             MethodName::Cosmos => Box::new(cosmos::Cosmos::new(self.cosmos.clone())),
             MethodName::Rts => Box::new(rts::Rts::new(self.rts.clone())),
+            MethodName::Medi => Box::new(medi::Medi::new(self.medi.clone())),
             m => Box::new(learned::Learned::new(
                 m,
                 self.weights.clone(),

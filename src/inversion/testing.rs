@@ -115,6 +115,7 @@ pub fn problem<'a>(
             .collect(),
         mask,
         weight: None,
+        magnitude: None,
     }
 }
 

@@ -97,6 +97,7 @@ mod tests {
             orientations: vec![Orientation { field: &field, b0 }],
             mask: &mask,
             weight: None,
+            magnitude: None,
         };
         let low = Tkd::new(Config { threshold: 0.05 })
             .invert(&problem)
@@ -127,6 +128,7 @@ mod tests {
             orientations: vec![Orientation { field: &f1, b0: b1 }],
             mask: &mask,
             weight: None,
+            magnitude: None,
         };
         let two = Problem {
             dims,
@@ -137,6 +139,7 @@ mod tests {
             ],
             mask: &mask,
             weight: None,
+            magnitude: None,
         };
         let tkd = Tkd::new(Config { threshold: 0.2 });
         let e1 = nrmse(&tkd.invert(&one).unwrap(), &chi, &mask);
@@ -158,6 +161,7 @@ mod tests {
             }],
             mask: &mask,
             weight: None,
+            magnitude: None,
         };
         let err = Tkd::new(Config { threshold: 0.9 })
             .invert(&p)
