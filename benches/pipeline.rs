@@ -104,7 +104,7 @@ fn pipeline_stages(dims: [usize; 3], dir: &Path) -> Vec<(String, f64)> {
 /// to one FFT pair there: whole solves for the closed forms and iLSQR, one iteration for
 /// TV-ADMM (ten iterations timed with the stopping test disabled).
 fn inversions(work: [usize; 3], t_work: f64, quick: bool) {
-    use chimap::inversion::{cfl2, cosmos, ilsqr, tv};
+    use chimap::inversion::{cfl2, cosmos, ilsqr, lambda, medi, rts, tv};
     let n: usize = work.iter().product();
     let c = work.map(|d| d as f64 / 2.0);
     let mask: Vec<bool> = (0..n)
@@ -139,6 +139,7 @@ fn inversions(work: [usize; 3], t_work: f64, quick: bool) {
             .collect(),
         mask: &mask,
         weight: None,
+        magnitude: None,
     };
     println!("\ninversions on the work grid (ratio to one FFT pair there)");
     let report = |name: &str, t: f64, goal: &str| {
@@ -189,7 +190,40 @@ fn inversions(work: [usize; 3], t_work: f64, quick: bool) {
         "TV-ADMM, whole solve (max)",
         t * full as f64
     );
+    // RTS at the paper's limit of 20 iterations, the stopping test disabled (the worst case).
+    let rts = rts::Rts::new(rts::Config {
+        tolerance: 1e-30,
+        ..Default::default()
+    });
+    report(
+        "RTS, whole solve (20 it.)",
+        time(reps, || rts.invert(&p1).unwrap()),
+        "",
+    );
+    // MEDI at its limits (Gauss-Newton steps of 50 CG iterations each), no magnitude.
+    let steps = if quick { 2 } else { 10 };
+    let medi = medi::Medi::new(medi::Config {
+        tolerance: 1e-30,
+        cg_tolerance: 1e-30,
+        max_iterations: steps,
+        ..Default::default()
+    });
+    report(
+        &format!("MEDI, {steps} GN × 50 CG"),
+        time(1, || medi.invert(&p1).unwrap()),
+        "",
+    );
     if !quick {
+        // The L-curve scan (7 λ × ≤ 30 iterations) and the final solve at ≤ 100.
+        let auto = tv::TvAdmm::new(tv::Config {
+            lambda: lambda::Lambda::AUTO,
+            ..Default::default()
+        });
+        report(
+            "TV-ADMM, λ auto (whole)",
+            time(1, || auto.invert(&p1).unwrap()),
+            "",
+        );
         let ilsqr = ilsqr::Ilsqr::new(Default::default());
         report("iLSQR", time(1, || ilsqr.invert(&p1).unwrap()), "");
     }
@@ -250,6 +284,7 @@ fn main() {
         orientations: vec![Orientation { field: &x, b0 }],
         mask: &mask,
         weight: None,
+        magnitude: None,
     };
     let t_tkd = time(3, || tkd.invert(&problem).expect("TKD runs"));
     println!(
@@ -399,6 +434,7 @@ fn background_methods(dims: [usize; 3]) {
         }],
         mask: &mask,
         weight: None,
+        magnitude: None,
     };
     let t_tkd = time(3, || tkd.invert(&problem).expect("TKD runs"));
     let t_pair = fft_pair(dims);

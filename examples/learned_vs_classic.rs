@@ -112,6 +112,7 @@ fn main() {
                     }],
                     mask: &mask,
                     weight: None,
+                    magnitude: None,
                 };
                 let chi = m.invert(&problem).expect("inversion");
                 let s = scores(&chi, &b.chi, &mask, b.dims);
@@ -222,6 +223,7 @@ fn main() {
                     .collect(),
                 mask: &mask,
                 weight: None,
+                magnitude: None,
             };
             let t0 = std::time::Instant::now();
             let chi = m.invert(&problem).expect("inversion");

@@ -800,14 +800,15 @@ fn reports_on_the_example_then_the_group_level_with_a_segmentation() {
     let o = chimap(&[ex.to_str().unwrap(), out.to_str().unwrap(), "participant"]);
     assert!(o.status.success(), "{}", stderr(&o));
     for sub in ["sub-1", "sub-2"] {
-        // Magnitude, total field, local field and χ for each of two orientations.
-        assert_eq!(assert_images_exist(&out.join(format!("{sub}.html"))), 8);
+        // Magnitude, total field, local field and χ for each of two orientations, and the
+        // minimum-intensity projections of the magnitude and of χ.
+        assert_eq!(assert_images_exist(&out.join(format!("{sub}.html"))), 12);
     }
     // A rerun that skips everything still rebuilds the report from disk.
     std::fs::remove_file(out.join("sub-1.html")).unwrap();
     let o = chimap(&[ex.to_str().unwrap(), out.to_str().unwrap(), "participant"]);
     assert!(stderr(&o).contains("skipped 4"), "{}", stderr(&o));
-    assert_eq!(assert_images_exist(&out.join("sub-1.html")), 8);
+    assert_eq!(assert_images_exist(&out.join("sub-1.html")), 12);
 
     // A two-label segmentation for one acquisition: left and right halves of its mask.
     let seg_dir = dir.path().join("seg");

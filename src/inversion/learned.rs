@@ -149,7 +149,9 @@ impl Method for Learned {
             | MethodName::Cfl2
             | MethodName::Ilsqr
             | MethodName::Tv
-            | MethodName::Cosmos => unreachable!("not a learned method"),
+            | MethodName::Cosmos
+            | MethodName::Rts
+            | MethodName::Medi => unreachable!("not a learned method"),
         };
         chi.flatten_all()
             .and_then(|t| t.to_vec1::<f32>())
@@ -187,6 +189,7 @@ mod tests {
             }],
             mask,
             weight: None,
+            magnitude: None,
         }
     }
 

@@ -7,7 +7,10 @@ pub mod cfl2;
 pub mod cgls;
 pub mod cosmos;
 pub mod ilsqr;
+pub mod lambda;
 pub mod learned;
+pub mod medi;
+pub mod rts;
 #[cfg(test)]
 mod testing;
 pub mod tkd;
@@ -43,6 +46,9 @@ pub struct Problem<'a> {
     /// Relative reliability of each voxel's field (e.g. inverse noise, mean 1 in the mask),
     /// used by the weighted methods (iLSQR, TV-ADMM); `None` = uniform inside the mask.
     pub weight: Option<&'a [f32]>,
+    /// Magnitude image on the same grid, for methods with anatomical priors (MEDI's edge
+    /// mask); `None` when the input had none.
+    pub magnitude: Option<&'a [f32]>,
 }
 
 impl Problem<'_> {
@@ -82,9 +88,10 @@ impl Problem<'_> {
         if self.mask.len() != n
             || self.orientations.iter().any(|o| o.field.len() != n)
             || self.weight.is_some_and(|w| w.len() != n)
+            || self.magnitude.is_some_and(|w| w.len() != n)
         {
             return Err(Error::Numerics(format!(
-                "{method}: field, mask and weight must all have {n} voxels"
+                "{method}: field, mask, weight and magnitude must all have {n} voxels"
             )));
         }
         Ok(())
@@ -144,6 +151,10 @@ pub enum MethodName {
     Tv,
     /// Closed-form multi-orientation inversion (Liu et al. 2009); needs 2+ orientations.
     Cosmos,
+    /// Rapid two-step: exact inversion off the cone, TV fills the cone (Kames et al. 2018).
+    Rts,
+    /// Nonlinear data term with magnitude-edge-weighted TV, Gauss-Newton (Liu et al. 2011).
+    Medi,
     /// Learned proximal gradient descent (Lai et al. 2020); needs `--weights`.
     Lpcnn,
     /// Looped U-net with GHPA (Chen et al. 2024); needs `--weights`.
@@ -161,6 +172,8 @@ impl MethodName {
             MethodName::Ilsqr => "ilsqr",
             MethodName::Tv => "tv",
             MethodName::Cosmos => "cosmos",
+            MethodName::Rts => "rts",
+            MethodName::Medi => "medi",
             MethodName::Lpcnn => "lpcnn",
             MethodName::Loopnet => "loopnet",
             MethodName::Unet => "unet",
@@ -184,6 +197,10 @@ pub struct Config {
     pub tv: tv::Config,
     /// Parameters of COSMOS.
     pub cosmos: cosmos::Config,
+    /// Parameters of RTS.
+    pub rts: rts::Config,
+    /// Parameters of MEDI.
+    pub medi: medi::Config,
     /// Weights (safetensors) of the learned methods; required by them, no default.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub weights: Option<PathBuf>,
@@ -203,6 +220,8 @@ impl Default for Config {
             ilsqr: ilsqr::Config::default(),
             tv: tv::Config::default(),
             cosmos: cosmos::Config::default(),
+            rts: rts::Config::default(),
+            medi: medi::Config::default(),
             weights: None,
             device: Default::default(),
             max_memory_gib: 3.0,
@@ -219,6 +238,8 @@ impl Config {
             MethodName::Ilsqr => Box::new(ilsqr::Ilsqr::new(self.ilsqr.clone())),
             MethodName::Tv => Box::new(tv::TvAdmm::new(self.tv.clone())),
             MethodName::Cosmos => Box::new(cosmos::Cosmos::new(self.cosmos.clone())),
+            MethodName::Rts => Box::new(rts::Rts::new(self.rts.clone())),
+            MethodName::Medi => Box::new(medi::Medi::new(self.medi.clone())),
             m => Box::new(learned::Learned::new(
                 m,
                 self.weights.clone(),

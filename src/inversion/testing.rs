@@ -115,6 +115,7 @@ pub fn problem<'a>(
             .collect(),
         mask,
         weight: None,
+        magnitude: None,
     }
 }
 
@@ -161,7 +162,7 @@ fn sweep() {
         for rho_tv in [30.0, 100.0, 300.0] {
             for max_iterations in [30, 60, 100, 200] {
                 let m = super::tv::TvAdmm::new(super::tv::Config {
-                    lambda,
+                    lambda: super::lambda::Lambda::Value(lambda),
                     rho_tv,
                     max_iterations,
                     ..Default::default()

@@ -83,6 +83,7 @@ mod tests {
             orientations: vec![Orientation { field: &field, b0 }],
             mask: &mask,
             weight: None,
+            magnitude: None,
         };
         let low = Tkd::new(Config { threshold: 0.05 })
             .invert(&problem)
@@ -113,6 +114,7 @@ mod tests {
             orientations: vec![Orientation { field: &f1, b0: b1 }],
             mask: &mask,
             weight: None,
+            magnitude: None,
         };
         let two = Problem {
             dims,
@@ -123,6 +125,7 @@ mod tests {
             ],
             mask: &mask,
             weight: None,
+            magnitude: None,
         };
         let tkd = Tkd::new(Config { threshold: 0.2 });
         let e1 = nrmse(&tkd.invert(&one).unwrap(), &chi, &mask);
@@ -144,6 +147,7 @@ mod tests {
             }],
             mask: &mask,
             weight: None,
+            magnitude: None,
         };
         let err = Tkd::new(Config { threshold: 0.9 })
             .invert(&p)

@@ -14,6 +14,7 @@
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
+use super::lambda::{self, Lambda, Point, Scan};
 use super::{restrict, Method, Problem};
 use crate::physics::fft::{Fft3, C32};
 use crate::physics::gradient::Gradient;
@@ -23,8 +24,11 @@ use crate::{Error, Result};
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Config {
-    /// TV weight λ (ppm·mm: the data term is in ppm², ‖∇χ‖₁ in ppm/mm per voxel).
-    pub lambda: f64,
+    /// TV weight λ (ppm·mm: the data term is in ppm², ‖∇χ‖₁ in ppm/mm per voxel), or
+    /// `auto`: the L-curve corner over `lambda_scan`.
+    pub lambda: Lambda,
+    /// The λ values that `lambda: auto` tries.
+    pub lambda_scan: Scan,
     /// Penalty ρ₁ on `z = ∇χ`, as a multiple of λ.
     pub rho_tv: f64,
     /// Penalty ρ₂ on `sᵢ = Dᵢχ` (relative to a unit data weight).
@@ -38,7 +42,8 @@ pub struct Config {
 impl Default for Config {
     fn default() -> Self {
         Config {
-            lambda: 3e-4,
+            lambda: Lambda::Value(3e-4),
+            lambda_scan: Scan::default(),
             rho_tv: 100.0,
             rho_data: 1.0,
             tolerance: 1e-3,
@@ -51,6 +56,8 @@ pub struct TvAdmm {
     config: Config,
     /// Iterations of the last solve, for the sidecar.
     iterations: std::sync::atomic::AtomicUsize,
+    /// How `auto` chose λ in the last solve (λ and the scan), for the sidecar.
+    chosen: std::sync::Mutex<Option<(f64, bool, Vec<Point>)>>,
 }
 
 impl TvAdmm {
@@ -58,16 +65,26 @@ impl TvAdmm {
         TvAdmm {
             config,
             iterations: Default::default(),
+            chosen: Default::default(),
         }
     }
 
     fn validate(&self) -> Result<()> {
         let c = &self.config;
         let positive = |v: f64| v > 0.0 && v.is_finite();
-        if !(positive(c.lambda) && positive(c.rho_tv) && positive(c.rho_data)) {
+        match c.lambda.value() {
+            Some(l) if !positive(l) => {
+                return Err(Error::Config(format!(
+                    "inversion.tv.lambda must be positive or auto, got {l}"
+                )))
+            }
+            None => c.lambda_scan.validate("inversion.tv")?,
+            Some(_) => {}
+        }
+        if !(positive(c.rho_tv) && positive(c.rho_data)) {
             return Err(Error::Config(format!(
-                "inversion.tv: lambda ({}), rho_tv ({}) and rho_data ({}) must be positive",
-                c.lambda, c.rho_tv, c.rho_data
+                "inversion.tv: rho_tv ({}) and rho_data ({}) must be positive",
+                c.rho_tv, c.rho_data
             )));
         }
         if !(positive(c.tolerance) && c.max_iterations > 0) {
@@ -78,21 +95,69 @@ impl TvAdmm {
         Ok(())
     }
 
-    /// Runs ADMM and returns χ (whole grid) and the number of iterations used.
+    /// Runs ADMM (after the L-curve scan for `auto`) and returns χ (whole grid) and the
+    /// number of iterations used.
     fn solve(&self, problem: &Problem) -> Result<(Vec<f32>, usize)> {
         self.validate()?;
         problem.check("TV-ADMM")?;
         let c = &self.config;
-        let dims = problem.dims;
-        let n: usize = dims.iter().product();
-        let fft = Fft3::new(dims);
-        let grad = Gradient::new(dims, problem.voxel_size);
-        let kernels = problem.kernels();
-        let lambda = c.lambda as f32;
-        let rho1 = (c.rho_tv * c.lambda) as f32;
-        let rho2 = c.rho_data as f32;
+        let lambda = match c.lambda.value() {
+            Some(l) => l,
+            None => {
+                let scan = self.l_curve(problem)?;
+                let (i, found) = lambda::corner(&scan);
+                let l = scan[i].lambda;
+                if found {
+                    tracing::info!(lambda = l, "TV-ADMM: λ from the L-curve corner");
+                } else {
+                    tracing::warn!(
+                        lambda = l,
+                        "TV-ADMM: the L-curve has no corner inside inversion.tv.lambda_scan; \
+                         using its least bent point (widen the scan or give λ)"
+                    );
+                }
+                *self.chosen.lock().unwrap_or_else(|e| e.into_inner()) = Some((l, found, scan));
+                l
+            }
+        };
+        self.solve_with(problem, lambda, c.max_iterations)
+    }
 
-        // W², normalised to mean 1 in the mask so λ means the same for any weight scale.
+    /// The L-curve points of the configured scan: ‖W(Dχ − f)‖₂ (W normalised as in the
+    /// solve) and ‖∇χ‖₁ of each λ's map.
+    fn l_curve(&self, problem: &Problem) -> Result<Vec<Point>> {
+        let scan = &self.config.lambda_scan;
+        let w2 = self.normalised_weight(problem)?;
+        let grad = Gradient::new(problem.dims, problem.voxel_size);
+        let mut points = Vec::new();
+        for l in scan.values() {
+            let (chi, _) = self.solve_with(problem, l, scan.max_iterations)?;
+            let mut residual = 0.0f64;
+            for (i, o) in problem.orientations.iter().enumerate() {
+                let d = problem.operator(i).forward(&chi);
+                residual += d
+                    .par_iter()
+                    .zip(o.field)
+                    .zip(&w2)
+                    .map(|((&d, &f), &w)| (w * (d - f) * (d - f)) as f64)
+                    .sum::<f64>();
+            }
+            let g = grad.forward(&chi);
+            let tv: f64 = (0..chi.len())
+                .into_par_iter()
+                .map(|i| ((g[0][i].powi(2) + g[1][i].powi(2) + g[2][i].powi(2)) as f64).sqrt())
+                .sum();
+            points.push(Point {
+                lambda: l,
+                residual: residual.sqrt(),
+                regulariser: tv,
+            });
+        }
+        Ok(points)
+    }
+
+    /// W², normalised to mean 1 in the mask so λ means the same for any weight scale.
+    fn normalised_weight(&self, problem: &Problem) -> Result<Vec<f32>> {
         let mut w2 = problem.data_weight();
         let (sum, count) = w2
             .iter()
@@ -106,6 +171,26 @@ impl TvAdmm {
         }
         let scale = (count as f64 / sum) as f32;
         w2.iter_mut().for_each(|w| *w = (*w * scale).powi(2));
+        Ok(w2)
+    }
+
+    /// ADMM with a given λ and iteration limit.
+    fn solve_with(
+        &self,
+        problem: &Problem,
+        lambda: f64,
+        max_iterations: usize,
+    ) -> Result<(Vec<f32>, usize)> {
+        let c = &self.config;
+        let dims = problem.dims;
+        let n: usize = dims.iter().product();
+        let fft = Fft3::new(dims);
+        let grad = Gradient::new(dims, problem.voxel_size);
+        let kernels = problem.kernels();
+        let rho1 = (c.rho_tv * lambda) as f32;
+        let lambda = lambda as f32;
+        let rho2 = c.rho_data as f32;
+        let w2 = self.normalised_weight(problem)?;
 
         let g2 = grad.energy_kernel(problem.voxel_size);
         let mut inv_den: Vec<f32> = g2.iter().map(|&g| rho1 * g).collect();
@@ -137,7 +222,7 @@ impl TvAdmm {
         let last = kernels.len() - 1;
 
         let mut iterations = 0;
-        for it in 1..=c.max_iterations {
+        for it in 1..=max_iterations {
             iterations = it;
             // χ-update in k-space: the right-hand side, divided by the diagonal in the pass
             // that adds the last orientation.
@@ -251,6 +336,20 @@ impl Method for TvAdmm {
         let mut v = serde_json::to_value(&self.config).expect("the config is plain data");
         v["iterations_run"] =
             serde_json::json!(self.iterations.load(std::sync::atomic::Ordering::Relaxed));
+        match &*self.chosen.lock().unwrap_or_else(|e| e.into_inner()) {
+            Some((l, found, scan)) => {
+                v["lambda"] = serde_json::json!(l);
+                v["lambda_selection"] = serde_json::json!({
+                    "method": "L-curve corner (maximum curvature of log ‖W(Dχ − f)‖₂ against log ‖∇χ‖₁)",
+                    "corner_found": found,
+                    "scan": scan,
+                });
+            }
+            None if self.config.lambda.value().is_some() => {
+                v["lambda_selection"] = serde_json::json!({ "method": "fixed" });
+            }
+            None => {}
+        }
         v
     }
 }
@@ -305,7 +404,7 @@ mod tests {
         // extended by zero outside the mask) and below the truth's (which pays for noise).
         let op = DipoleOperator::new(dims, [1.0; 3], b0[0]);
         let grad = Gradient::new(dims, [1.0; 3]);
-        let lambda = Config::default().lambda;
+        let lambda = Config::default().lambda.value().unwrap();
         let j_tv = objective(&x, &f[0], &mask, &op, &grad, lambda);
         let j_tkd = objective(&x_tkd, &f[0], &mask, &op, &grad, lambda);
         let j_true = objective(&chi, &f[0], &mask, &op, &grad, lambda);
@@ -356,12 +455,63 @@ mod tests {
         let mask = vec![true; 512];
         let p = problem(dims, &f, &[[0.0, 0.0, 1.0]], &mask);
         let err = TvAdmm::new(Config {
-            lambda: -1.0,
+            lambda: Lambda::Value(-1.0),
             ..Config::default()
         })
         .invert(&p)
         .unwrap_err()
         .to_string();
         assert!(err.contains("inversion.tv"), "{err}");
+    }
+
+    #[test]
+    fn auto_lambda_picks_a_scanned_value_near_the_best_and_records_it() {
+        let dims = [48, 48, 48];
+        let (chi, mask) = brain();
+        let b0 = [[0.0, 0.26, 0.966]];
+        let f = fields(&chi, &mask, dims, &b0, 0.004, 3);
+        let p = problem(dims, &f, &b0, &mask);
+        let cfg = Config {
+            lambda: Lambda::AUTO,
+            ..Config::default()
+        };
+        let tv = TvAdmm::new(cfg.clone());
+        let x = tv.invert(&p).unwrap();
+        let params = tv.parameters();
+        let chosen = params["lambda"].as_f64().unwrap();
+        let scan = cfg.lambda_scan.values();
+        assert!(
+            scan.iter().any(|&l| (l - chosen).abs() < 1e-12 * l),
+            "{chosen}"
+        );
+        assert!(params["lambda_selection"]["scan"].as_array().unwrap().len() == scan.len());
+        // Every scanned λ solved to the end: the chosen one's error must be within 25 % of
+        // the best of the scan.
+        let errors: Vec<f64> = scan
+            .iter()
+            .map(|&l| {
+                let m = TvAdmm::new(Config {
+                    lambda: Lambda::Value(l),
+                    ..Config::default()
+                });
+                nrmse_demeaned(&m.invert(&p).unwrap(), &chi, &mask)
+            })
+            .collect();
+        let best = errors.iter().cloned().fold(f64::INFINITY, f64::min);
+        let e = nrmse_demeaned(&x, &chi, &mask);
+        assert!(
+            e <= 1.25 * best,
+            "auto λ {chosen}: {e}; scan {scan:?}: {errors:?}"
+        );
+        let fixed = TvAdmm::new(Config::default());
+        assert_eq!(fixed.parameters()["lambda_selection"]["method"], "fixed");
+    }
+
+    #[test]
+    fn old_configs_with_a_number_still_parse() {
+        let c: Config = serde_yaml::from_str("lambda: 0.001\nmax_iterations: 50").unwrap();
+        assert_eq!(c.lambda, Lambda::Value(1e-3));
+        let c: Config = serde_yaml::from_str("lambda: auto\nlambda_scan: {count: 5}").unwrap();
+        assert_eq!((c.lambda, c.lambda_scan.count), (Lambda::AUTO, 5));
     }
 }

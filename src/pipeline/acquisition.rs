@@ -44,6 +44,9 @@ pub(super) struct LocalField {
     /// Relative reliability of each voxel's field for the weighted methods (from the echo
     /// fit's noise); `None` when there is none (field-map inputs).
     pub weight: Option<Vec<f32>>,
+    /// Root-sum-of-squares magnitude over the echoes, for MEDI's edge mask; `None` for
+    /// field-map inputs.
+    pub magnitude: Option<Vec<f32>>,
     /// The local-field checks (run before inversion).
     pub checks: Vec<qc::Check>,
 }
@@ -100,6 +103,7 @@ pub fn process(
         }],
         mask: &local.mask,
         weight: local.weight.as_deref(),
+        magnitude: local.magnitude.as_deref(),
     };
     let mut chi = method.invert(&problem)?;
     if let Some(v) = &local.void_chi {
@@ -219,6 +223,7 @@ pub fn process_set(
             .collect(),
         mask: &mask,
         weight: weight.as_deref(),
+        magnitude: None,
     };
     let mut chi = method.invert(&problem)?;
     // Void sources were fitted per orientation; their χ is one tissue property, so average.
@@ -343,6 +348,7 @@ fn local_field(
                         parameters: json!({ "Input": "local field map" }),
                         void_chi: None,
                         weight: None,
+                        magnitude: None,
                         checks: Vec::new(),
                     };
                     (local, None)
@@ -620,6 +626,7 @@ fn raw_local_field(
         outputs,
         void_chi,
         weight,
+        magnitude: Some(rss.data.clone()),
         checks,
         parameters: json!({
             "PhaseScaling": scaling,
@@ -705,6 +712,7 @@ fn background_removal(
         outputs,
         void_chi: None,
         weight: None,
+        magnitude: None,
         checks: Vec::new(),
         parameters: json!({
             "Input": "total field map",

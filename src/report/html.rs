@@ -105,11 +105,15 @@ fn figure_html(label: &str, f: &Figure) -> String {
         String::new()
     };
     format!(
-        "<figure><img src=\"{}\" alt=\"{}\">{scale}<figcaption>{} (axial, coronal, sagittal \
-         through the mask's centre){}</figcaption></figure>\n",
+        "<figure><img src=\"{}\" alt=\"{}\">{scale}<figcaption>{}{}{}</figcaption></figure>\n",
         escape(&src),
         escape(&f.caption),
         escape(&f.caption),
+        if f.projection {
+            " (inferior to superior, left to right)"
+        } else {
+            " (axial, coronal, sagittal through the mask's centre)"
+        },
         if f.diverging {
             format!(
                 "; colour range ± {} {}",
@@ -235,6 +239,7 @@ mod tests {
                 "a & b".into(),
             )],
             figures: vec![Figure {
+                projection: false,
                 file: "sub-1_local.png".into(),
                 caption: "Local field".into(),
                 range: (-0.1, 0.1),

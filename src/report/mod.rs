@@ -127,7 +127,13 @@ pub struct Figure {
     pub range: (f32, f32),
     pub units: String,
     pub diverging: bool,
+    /// Axial minimum-intensity projections over slabs, not the three planes.
+    pub projection: bool,
 }
+
+/// Thickness and number of the axial slabs of the minimum-intensity projections.
+const MIP_SLAB_MM: f64 = 10.0;
+const MIP_SLABS: usize = 4;
 
 /// Renders the figures of one acquisition into `fig_dir`; missing maps are skipped.
 fn figures(found: &Found, bids_root: &Path, fig_dir: &Path) -> Result<Vec<Figure>> {
@@ -203,11 +209,40 @@ fn figures(found: &Found, bids_root: &Path, fig_dir: &Path) -> Result<Vec<Figure
         img.write_png(&fig_dir.join(&file))?;
         out.push(Figure {
             file,
-            caption,
+            caption: caption.clone(),
             range,
             units: units.to_string(),
             diverging: style == Style::Diverging,
+            projection: false,
         });
+        // Minimum-intensity projections of the magnitude (veins as connected dark lines) and
+        // of χ (diamagnetic tissue, negative streaks), over the brain only.
+        if tag == "magnitude" || tag.starts_with("chi-") {
+            let slabs = figure::slabs(
+                v.dims,
+                v.geometry.voxel_size,
+                MIP_SLAB_MM,
+                MIP_SLABS,
+                centre[2],
+            );
+            let img = figure::min_projection_row(&v, style, range, brain.as_deref(), &slabs);
+            let file = format!("{}_{tag}-mip.png", found.prefix);
+            img.write_png(&fig_dir.join(&file))?;
+            let thickness =
+                (slabs.first().map_or(0, |s| s.1 - s.0)) as f64 * v.geometry.voxel_size[2];
+            let what = match tag.strip_prefix("chi-") {
+                Some(method) => format!("χ, {method}"),
+                None => "Magnitude (first echo)".to_string(),
+            };
+            out.push(Figure {
+                file,
+                caption: format!("{what}: minimum-intensity projections over {} axial slabs of {thickness} mm inside the brain mask", slabs.len()),
+                range,
+                units: units.to_string(),
+                diverging: style == Style::Diverging,
+                projection: true,
+            });
+        }
     }
     Ok(out)
 }
