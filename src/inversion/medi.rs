@@ -482,37 +482,3 @@ mod tests {
         }
     }
 }
-
-/// Prints MEDI's error on the test brain for λ (env `L`, comma-separated); run with
-/// `--ignored --nocapture` when tuning.
-#[cfg(test)]
-#[test]
-#[ignore]
-fn sweep() {
-    use crate::inversion::testing::{brain, fields, nrmse_demeaned, problem};
-    let dims = [48, 48, 48];
-    let (chi, mask) = brain();
-    let b0 = [[0.0, 0.26, 0.966]];
-    let f = fields(&chi, &mask, dims, &b0, 0.004, 3);
-    let mut p = problem(dims, &f, &b0, &mask);
-    let magnitude: Vec<f32> = chi.iter().map(|&c| 1.0 - c).collect();
-    if std::env::var("MAG").is_ok() {
-        p.magnitude = Some(&magnitude);
-    }
-    let list = std::env::var("L").unwrap_or("10,100,1000,10000".into());
-    for lambda in list.split(',').map(|v| v.parse::<f64>().unwrap()) {
-        for edge_fraction in [0.0, 0.3] {
-            let m = Medi::new(Config {
-                lambda,
-                edge_fraction,
-                ..Config::default()
-            });
-            let e = nrmse_demeaned(&m.invert(&p).unwrap(), &chi, &mask);
-            let q = m.parameters();
-            println!(
-                "lambda {lambda} edges {edge_fraction}: {e:.3} ({} GN, {} CG)",
-                q["iterations_run"], q["cg_iterations_run"]
-            );
-        }
-    }
-}

@@ -274,6 +274,16 @@ fn draw_noise(cfg: &DataConfig, rng: &mut Rng) -> f64 {
     field_noise_ppm(snr, t, cfg.echo_time)
 }
 
+/// `g(field)` inside the mask, zero outside, voxel by voxel in order (so a noise draw in `g`
+/// follows the voxel order).
+fn inside_mask(field: &[f32], mask: &[bool], mut g: impl FnMut(f32) -> f32) -> Vec<f32> {
+    field
+        .iter()
+        .zip(mask)
+        .map(|(&v, &m)| if m { g(v) } else { 0.0 })
+        .collect()
+}
+
 /// `M · (D_b (M χ) + noise)` for each direction.
 fn fields_of(
     chi: &[f32],
@@ -285,13 +295,8 @@ fn fields_of(
     let sigma = draw_noise(cfg, rng);
     let mut out = Vec::with_capacity(chi.len() * ops.len());
     for op in ops {
-        let f = op.forward(chi);
-        out.extend(f.iter().zip(mask).map(|(&v, &m)| {
-            if m {
-                v + (sigma * rng.normal()) as f32
-            } else {
-                0.0
-            }
+        out.extend(inside_mask(&op.forward(chi), mask, |v| {
+            v + (sigma * rng.normal()) as f32
         }));
     }
     out
@@ -337,18 +342,9 @@ fn fields_after_background_removal(
     let settings = crate::preprocess::background::BackgroundConfig::default();
     let mut out = Vec::with_capacity(chi.len() * ops.len());
     for op in ops {
-        let total: Vec<f32> = op
-            .forward(&total_chi)
-            .iter()
-            .zip(mask)
-            .map(|(&v, &m)| {
-                if m {
-                    v + (sigma * rng.normal()) as f32
-                } else {
-                    0.0
-                }
-            })
-            .collect();
+        let total = inside_mask(&op.forward(&total_chi), mask, |v| {
+            v + (sigma * rng.normal()) as f32
+        });
         let field = crate::Volume::new(
             op.dims(),
             total,
@@ -370,10 +366,7 @@ fn fields_after_background_removal(
                     .zip(mask)
                     .map(|((&v, &k), &m)| if k && m && v.is_finite() { v } else { 0.0 }),
             ),
-            Err(_) => {
-                let f = op.forward(chi);
-                out.extend(f.iter().zip(mask).map(|(&v, &m)| if m { v } else { 0.0 }));
-            }
+            Err(_) => out.extend(inside_mask(&op.forward(chi), mask, |v| v)),
         }
     }
     out
