@@ -108,9 +108,9 @@ ARGS=(/bids /out participant --nthreads 2)
 EXTRA=()
 if [[ $CUDA == 1 ]]; then
     # No GPU here: the no-device driver stub stands in for the host's libcuda.so.1.
-    EXTRA=(-v "$(readlink -f "$LINK/libcuda.so.1"):/usr/local/cuda/lib64/libcuda.so.1:ro"
-           -v "$REPO/weights:/weights:ro")
-    ARGS+=(--method lpcnn --weights /weights/lpcnn-small-cpu.safetensors --device auto)
+    # The shipped LP-CNN weights are inside the binary: no weights file is mounted.
+    EXTRA=(-v "$(readlink -f "$LINK/libcuda.so.1"):/usr/local/cuda/lib64/libcuda.so.1:ro")
+    ARGS+=(--method lpcnn --device auto)
 fi
 # podman runs the image as `docker run` would (through its entry point). Inside some sandboxes
 # the OCI runtime may not set resource limits ("setrlimit ... Operation not permitted"); then
@@ -140,11 +140,11 @@ if [[ $CUDA == 1 ]]; then
     if [[ $RUNNER == podman ]]; then
         podman "${STORE[@]}" run --rm --network none --cgroups disabled "${EXTRA[@]}" \
             -v "$REPO/bids/example:/bids:ro" "$IMAGE" /bids /tmp/o participant --device cuda \
-            --method lpcnn --weights /weights/lpcnn-small-cpu.safetensors 2>"$RUNOUT.err"
+            --method lpcnn 2>"$RUNOUT.err"
     else
         buildah "${STORE[@]}" run --isolation chroot "${EXTRA[@]}" \
             -v "$REPO/bids/example:/bids:ro" "$CTR" -- chimap /bids /tmp/o participant \
-            --device cuda --method lpcnn --weights /weights/lpcnn-small-cpu.safetensors 2>"$RUNOUT.err"
+            --device cuda --method lpcnn 2>"$RUNOUT.err"
     fi
     rc=$?
     set -e

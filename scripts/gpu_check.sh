@@ -50,11 +50,10 @@ step "1. tests: CUDA against CPU, then the CPU tests of nn and the learned metho
 [[ ${PIPESTATUS[0]} == 0 ]] || status=1
 
 step "2. the app on bids/example: LP-CNN on CUDA and on the CPU"
-WEIGHTS=weights/lpcnn-small-cpu.safetensors
 for dev in cuda cpu; do
     rm -rf "out/gpu-example-$dev"
     /usr/bin/time -v "$BUNDLE/chimap" bids/example "out/gpu-example-$dev" participant \
-        --participant-label 1 --method lpcnn --weights "$WEIGHTS" --device "$dev" \
+        --participant-label 1 --method lpcnn --device "$dev" \
         2>"$LOGS/example-$dev.log"
     rc=$?
     grep -E 'device|Elapsed|Maximum resident' "$LOGS/example-$dev.log"

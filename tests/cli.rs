@@ -312,6 +312,34 @@ fn cosmos_inverts_each_orientation_set_jointly() {
     }
 }
 
+/// `--method lpcnn` needs no flag: the shipped weights run on the whole orientation set,
+/// and the sidecar says exactly which weights, which architecture and how they were trained.
+#[test]
+fn learned_methods_run_their_shipped_weights_with_no_flag() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out");
+    let o = chimap(&[
+        example().to_str().unwrap(),
+        out.to_str().unwrap(),
+        "participant",
+        "--participant-label",
+        "1",
+        "--method",
+        "lpcnn",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let chi = out.join("sub-1/anat/sub-1_desc-lpcnn_Chimap.nii.gz");
+    assert!(read(&chi).iter().all(|v| v.is_finite()));
+    let side = io::read_json(&chimap::derivatives::sidecar_path(&chi)).unwrap();
+    let p = &side["MethodParameters"];
+    assert_eq!(p["WeightsName"], "lpcnn-default", "{side}");
+    assert_eq!(p["WeightsShipped"], true);
+    assert_eq!(p["WeightsSha256"].as_str().unwrap().len(), 64);
+    assert!(p["Architecture"]["channels"].as_u64().unwrap() > 0, "{p}");
+    assert!(p["Training"]["CpuHours"].as_f64().unwrap() > 0.0, "{p}");
+    assert_eq!(side["B0Directions"].as_array().unwrap().len(), 2);
+}
+
 #[test]
 fn cosmos_on_a_single_orientation_names_the_fix() {
     let dir = tempfile::tempdir().unwrap();
@@ -364,12 +392,7 @@ fn bad_inputs_fail_with_a_clear_message_and_leave_nothing_half_written() {
         &out,
     );
     assert!(!inside.exists());
-    // A learned method without weights (none ship yet), or with a missing file.
-    assert_clean_failure(
-        &chimap(&[ds_s, out_s, "participant", "--method", "lpcnn"]),
-        "--weights",
-        &out,
-    );
+    // A learned method with a missing weights file.
     assert_clean_failure(
         &chimap(&[
             ds_s,

@@ -213,7 +213,8 @@ pub struct ProcessingArgs {
     #[arg(long, value_enum, value_name = "NAME", help_heading = "Processing")]
     pub method: Option<MethodName>,
 
-    /// Weights (safetensors) for --method lpcnn|loopnet|unet (overrides `inversion.weights`).
+    /// Weights (safetensors) for --method lpcnn|loopnet|unet, instead of the shipped ones
+    /// (overrides `inversion.weights`).
     #[arg(long, value_name = "FILE", help_heading = "Processing")]
     pub weights: Option<PathBuf>,
 

@@ -1,9 +1,9 @@
 //! The learned methods (LP-CNN, LoopNet, U-net) behind the [`Method`] trait.
 //!
-//! They need a weights file (`--weights FILE` or `inversion.weights`): trained weights do not
-//! ship yet, and random weights would produce plausible-looking nonsense, so there is no
-//! default. The published architectures are used; a file for another architecture is an
-//! input error naming the file and the tensor.
+//! Each runs from the weights shipped in the binary for it ([`crate::nn::shipped`]) unless
+//! `--weights FILE` (or `inversion.weights`) names others. The architecture is read from the
+//! weights' metadata (the published one for files without it); weights that do not fit it
+//! are an input error naming the file and the tensor.
 
 use std::path::PathBuf;
 
@@ -14,13 +14,14 @@ use crate::nn::device::{self, DeviceChoice};
 use crate::nn::dipole::DipoleSet;
 use crate::nn::loopnet::{self, LoopNet};
 use crate::nn::lpcnn::{self, LpCnn};
-use crate::nn::{tensor_dims, weights};
+use crate::nn::weights::{self, Provenance, Weights};
+use crate::nn::{shipped, tensor_dims};
 use crate::{Error, Result};
 
 pub struct Learned {
     kind: MethodName,
-    weights: PathBuf,
-    /// Hex SHA-256 of the weights file, so that a Chimap names exactly the model behind it.
+    weights: Weights,
+    /// Hex SHA-256 of the weights, so that a Chimap names exactly the model behind it.
     sha256: String,
     device: Device,
     /// Activation memory allowed for the CNN parts before they run in tiles.
@@ -37,20 +38,26 @@ impl Learned {
         max_memory_gib: f64,
     ) -> Result<Self> {
         let max_memory = device::budget_bytes(max_memory_gib)?;
-        let Some(weights) = weights else {
-            return Err(Error::Usage(format!(
-                "--method {} needs --weights FILE (a safetensors file of trained weights); \
-                 no trained weights ship with chimap yet",
-                kind.as_str()
-            )));
+        let weights = match weights {
+            Some(path) if !path.is_file() => {
+                return Err(Error::input(
+                    &path,
+                    "weights file not found; pass an existing safetensors file to --weights, \
+                     or leave --weights out for the shipped default",
+                ))
+            }
+            Some(path) => Weights::open(&path)?,
+            None => {
+                let s = shipped::default_for(kind.as_str()).ok_or_else(|| {
+                    Error::Usage(format!(
+                        "--method {} has no shipped weights; pass --weights FILE",
+                        kind.as_str()
+                    ))
+                })?;
+                Weights::embedded(s)
+            }
         };
-        if !weights.is_file() {
-            return Err(Error::input(
-                &weights,
-                "weights file not found; pass an existing safetensors file to --weights",
-            ));
-        }
-        let sha256 = weights::sha256_hex(&weights)?;
+        let sha256 = weights.sha256();
         Ok(Learned {
             kind,
             weights,
@@ -66,11 +73,11 @@ impl Learned {
     /// file without it: the published architecture is assumed); a file made for another
     /// method is an input error.
     fn architecture<C: serde::de::DeserializeOwned>(&self) -> Result<Option<C>> {
-        let meta = weights::metadata(&self.weights)?;
+        let meta = self.weights.metadata()?;
         if let Some(model) = meta.get(weights::MODEL_KEY) {
             if model != self.kind.as_str() {
                 return Err(Error::input(
-                    &self.weights,
+                    &self.weights.label,
                     format!(
                         "holds {model} weights, not {}; pass --method {model} or {} weights",
                         self.kind.as_str(),
@@ -83,7 +90,7 @@ impl Learned {
             .map(|json| {
                 serde_json::from_str(json).map_err(|e| {
                     Error::input(
-                        &self.weights,
+                        &self.weights.label,
                         format!("unreadable model configuration in the metadata: {e}"),
                     )
                 })
@@ -118,7 +125,9 @@ impl Method for Learned {
         let chi = match self.kind {
             MethodName::Lpcnn => {
                 let cfg: lpcnn::Config = self.architecture()?.unwrap_or_default();
-                let net = weights::build(&self.weights, "LP-CNN", dev, |vb| LpCnn::new(&cfg, vb))?;
+                let net = self
+                    .weights
+                    .build("LP-CNN", dev, |vb| LpCnn::new(&cfg, vb))?;
                 let b0: Vec<[f64; 3]> = p.orientations.iter().map(|o| o.b0).collect();
                 let ops = DipoleSet::new(p.dims, p.voxel_size, &b0);
                 net.infer(&fields, &ops, &mask, self.max_memory)
@@ -130,8 +139,9 @@ impl Method for Learned {
                     None if self.kind == MethodName::Unet => loopnet::Config::unet(),
                     None => loopnet::Config::default(),
                 };
-                let net =
-                    weights::build(&self.weights, self.name(), dev, |vb| LoopNet::new(&cfg, vb))?;
+                let net = self
+                    .weights
+                    .build(self.name(), dev, |vb| LoopNet::new(&cfg, vb))?;
                 // Single-orientation networks: the mean of the per-orientation estimates.
                 let mut sum: Option<Tensor> = None;
                 for i in 0..n {
@@ -158,10 +168,23 @@ impl Method for Learned {
             .map_err(err)
     }
 
+    /// Which weights, exactly (name, sha256), what architecture, and how they were trained.
     fn parameters(&self) -> serde_json::Value {
+        let meta = self.weights.metadata().unwrap_or_default();
+        let architecture = meta
+            .get(weights::MODEL_CONFIG_KEY)
+            .and_then(|j| serde_json::from_str::<serde_json::Value>(j).ok());
         serde_json::json!({
-            "Weights": self.weights.display().to_string(),
+            "Weights": self.weights.label.display().to_string(),
+            "WeightsName": match self.weights.shipped {
+                Some(s) => s.name.to_string(),
+                None => self.weights.label.file_stem().map_or(String::new(), |n| n.to_string_lossy().into_owned()),
+            },
+            "WeightsShipped": self.weights.shipped.is_some(),
+            "ModelCard": self.weights.shipped.map(|s| s.card()),
             "WeightsSha256": self.sha256,
+            "Architecture": architecture,
+            "Training": Provenance::from_metadata(&meta).to_json(),
         })
     }
 
@@ -193,13 +216,29 @@ mod tests {
         }
     }
 
+    /// With no `--weights`, each learned method runs its shipped default and names it in
+    /// the sidecar; a missing file passed with `--weights` is an error naming it.
     #[test]
-    fn refuses_to_run_without_weights() {
-        let err = Learned::new(MethodName::Lpcnn, None, DeviceChoice::Cpu, 3.0)
-            .err()
-            .unwrap()
-            .to_string();
-        assert!(err.contains("--weights"), "{err}");
+    fn runs_the_shipped_default_without_a_weights_file() {
+        let field = crate::nn::testing::random(512, 3);
+        let mask: Vec<bool> = (0..512).map(|i| i % 5 != 0).collect();
+        let problem = cube(&field, &mask);
+        for kind in [MethodName::Lpcnn, MethodName::Loopnet, MethodName::Unet] {
+            let method = Learned::new(kind, None, DeviceChoice::Cpu, 3.0).unwrap();
+            let chi = method.invert(&problem).unwrap();
+            assert!(chi
+                .iter()
+                .zip(&mask)
+                .all(|(c, &m)| c.is_finite() && (m || *c == 0.0)));
+            assert!(chi.iter().any(|&c| c != 0.0), "{}", kind.as_str());
+            let p = method.parameters();
+            let s = shipped::default_for(kind.as_str()).unwrap();
+            assert_eq!(p["WeightsName"], s.name);
+            assert_eq!(p["WeightsShipped"], true);
+            assert_eq!(p["WeightsSha256"], weights::sha256_of(s.bytes));
+            assert!(p["Architecture"].is_object(), "{p}");
+            assert!(p["Training"]["Steps"].as_u64().unwrap() > 0, "{p}");
+        }
         let err = Learned::new(
             MethodName::Unet,
             Some("/no/such.safetensors".into()),

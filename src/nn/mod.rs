@@ -21,6 +21,7 @@ pub mod layers;
 pub mod loopnet;
 pub mod lpcnn;
 pub mod pool;
+pub mod shipped;
 pub mod tiling;
 pub mod weights;
 

@@ -1,60 +1,157 @@
 //! Model weights from safetensors files, with errors that name the file and the tensor.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device};
 use candle_nn::VarBuilder;
 
+use super::shipped::Shipped;
 use crate::{Error, Result};
 
-/// A `VarBuilder` over the tensors of a safetensors file (read whole; models are small).
-pub fn load(path: &Path, device: &Device) -> Result<VarBuilder<'static>> {
-    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
-    VarBuilder::from_buffered_safetensors(bytes, DType::F32, device).map_err(|e| {
-        Error::input(
-            path,
-            format!(
-                "not a readable safetensors file ({e}); pass the weights file of a chimap model"
-            ),
-        )
-    })
+/// A weights file read into memory (models are small): a user's file or a shipped default.
+pub struct Weights {
+    /// What errors and sidecars call it: the path, or `weights/<name>.safetensors (embedded)`.
+    pub label: PathBuf,
+    bytes: Cow<'static, [u8]>,
+    /// The shipped model these bytes are, when they are one.
+    pub shipped: Option<&'static Shipped>,
 }
 
-/// Builds a model from a weights file, turning a missing or mis-shaped tensor into an input
-/// error naming the file, the model and the tensor.
+impl Weights {
+    pub fn open(path: &Path) -> Result<Self> {
+        Ok(Weights {
+            label: path.to_path_buf(),
+            bytes: Cow::Owned(std::fs::read(path).map_err(|e| Error::io(path, e))?),
+            shipped: None,
+        })
+    }
+
+    pub fn embedded(s: &'static Shipped) -> Self {
+        Weights {
+            label: PathBuf::from(format!("{} (embedded)", s.file())),
+            bytes: Cow::Borrowed(s.bytes),
+            shipped: Some(s),
+        }
+    }
+
+    pub fn sha256(&self) -> String {
+        sha256_of(&self.bytes)
+    }
+
+    pub fn metadata(&self) -> Result<HashMap<String, String>> {
+        metadata_of_bytes(&self.label, &self.bytes)
+    }
+
+    /// Builds a model, turning a missing or mis-shaped tensor into an input error naming the
+    /// file, the model and the tensor.
+    pub fn build<M>(
+        &self,
+        model: &str,
+        device: &Device,
+        new: impl FnOnce(VarBuilder<'static>) -> candle_core::Result<M>,
+    ) -> Result<M> {
+        let vb = VarBuilder::from_buffered_safetensors(self.bytes.to_vec(), DType::F32, device)
+            .map_err(|e| {
+                Error::input(
+                    &self.label,
+                    format!(
+                        "not a readable safetensors file ({e}); pass the weights file of a \
+                         chimap model"
+                    ),
+                )
+            })?;
+        new(vb).map_err(|e| {
+            Error::input(
+                &self.label,
+                format!(
+                    "does not hold {model} weights for this configuration: {e}; use a weights \
+                     file trained for {model} with the same configuration"
+                ),
+            )
+        })
+    }
+}
+
+/// Builds a model from a weights file (see [`Weights::build`]).
 pub fn build<M>(
     path: &Path,
     model: &str,
     device: &Device,
     new: impl FnOnce(VarBuilder<'static>) -> candle_core::Result<M>,
 ) -> Result<M> {
-    let vb = load(path, device)?;
-    new(vb).map_err(|e| {
-        Error::input(
-            path,
-            format!(
-                "does not hold {model} weights for this configuration: {e}; use a weights file \
-                 trained for {model} with the same configuration"
-            ),
-        )
-    })
+    Weights::open(path)?.build(model, device, new)
 }
 
 /// The SHA-256 of a file as lowercase hex (weights files are tens of MB at most).
 pub fn sha256_hex(path: &Path) -> Result<String> {
+    Ok(sha256_of(
+        &std::fs::read(path).map_err(|e| Error::io(path, e))?,
+    ))
+}
+
+pub fn sha256_of(bytes: &[u8]) -> String {
     use sha2::{Digest, Sha256};
-    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
-    Ok(Sha256::digest(&bytes)
+    Sha256::digest(bytes)
         .iter()
         .map(|b| format!("{b:02x}"))
-        .collect())
+        .collect()
+}
+
+/// How a weights file was trained, from the metadata `chimap train` writes (each part is
+/// absent for files from elsewhere or from older versions).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Provenance {
+    pub steps: Option<u64>,
+    pub cpu_hours: Option<f64>,
+    pub wall_hours: Option<f64>,
+    /// The training configuration (YAML), with its data section.
+    pub config: Option<String>,
+    pub chimap_version: Option<String>,
+}
+
+impl Provenance {
+    pub fn from_metadata(meta: &HashMap<String, String>) -> Self {
+        let number = |k: &str| meta.get(k).and_then(|v| v.parse::<f64>().ok());
+        Provenance {
+            steps: meta.get(STEP_KEY).and_then(|v| v.parse().ok()),
+            cpu_hours: number(CPU_SECONDS_KEY).map(|s| s / 3600.0),
+            wall_hours: number(WALL_SECONDS_KEY).map(|s| s / 3600.0),
+            config: meta.get(TRAIN_CONFIG_KEY).cloned(),
+            chimap_version: meta.get(VERSION_KEY).cloned(),
+        }
+    }
+
+    /// For a sidecar: steps, time, and the training data's configuration.
+    pub fn to_json(&self) -> serde_json::Value {
+        let config = self
+            .config
+            .as_deref()
+            .and_then(|y| serde_yaml::from_str::<serde_json::Value>(y).ok());
+        let round = |h: f64| (h * 1000.0).round() / 1000.0;
+        serde_json::json!({
+            "Steps": self.steps,
+            "CpuHours": self.cpu_hours.map(round),
+            "WallHours": self.wall_hours.map(round),
+            "Data": config.as_ref().and_then(|c| c.get("data")).cloned(),
+            "Seed": config.as_ref().and_then(|c| c.get("seed")).cloned(),
+            "ChimapVersion": self.chimap_version,
+        })
+    }
 }
 
 /// Metadata key naming the model a file holds (`lpcnn`, `loopnet`, `unet`).
 pub const MODEL_KEY: &str = "chimap.model";
 /// Metadata key holding the model's architecture configuration (JSON).
 pub const MODEL_CONFIG_KEY: &str = "chimap.model_config";
+/// Keys `chimap train` adds: the step, its configuration, the version, and the training time
+/// so far (wall and CPU seconds, summed over resumed runs).
+pub const STEP_KEY: &str = "chimap.train.step";
+pub const TRAIN_CONFIG_KEY: &str = "chimap.train.config";
+pub const VERSION_KEY: &str = "chimap.version";
+pub const WALL_SECONDS_KEY: &str = "chimap.train.wall_seconds";
+pub const CPU_SECONDS_KEY: &str = "chimap.train.cpu_seconds";
 
 /// Writes named tensors and string metadata as one safetensors file, atomically.
 pub fn save(
@@ -75,7 +172,7 @@ pub fn read(
     HashMap<String, String>,
 )> {
     let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
-    let meta = metadata_of(path, &bytes)?;
+    let meta = metadata_of_bytes(path, &bytes)?;
     let tensors = candle_core::safetensors::load_buffer(&bytes, &Device::Cpu)
         .map_err(|e| Error::input(path, format!("not a readable safetensors file ({e})")))?;
     Ok((tensors, meta))
@@ -84,10 +181,11 @@ pub fn read(
 /// The metadata of a safetensors file (empty when it has none).
 pub fn metadata(path: &Path) -> Result<HashMap<String, String>> {
     let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
-    metadata_of(path, &bytes)
+    metadata_of_bytes(path, &bytes)
 }
 
-fn metadata_of(path: &Path, bytes: &[u8]) -> Result<HashMap<String, String>> {
+/// The metadata of safetensors bytes; `path` names them in errors.
+pub fn metadata_of_bytes(path: &Path, bytes: &[u8]) -> Result<HashMap<String, String>> {
     let (_, meta) = safetensors::SafeTensors::read_metadata(bytes).map_err(|e| {
         Error::input(
             path,

@@ -262,6 +262,7 @@ pub fn run(args: &TrainArgs) -> Result<()> {
             write_log(out, &rows)?;
         }
         if epoch_end || out_of_time || last_checkpoint.elapsed() >= every {
+            t.set_clock(prior + started.elapsed().as_secs_f64(), cpu_now());
             t.save_checkpoint(&out.join(CHECKPOINT))?;
             t.save_weights(&out.join(LATEST))?;
             last_checkpoint = Instant::now();
@@ -281,6 +282,7 @@ pub fn run(args: &TrainArgs) -> Result<()> {
         );
         return Ok(());
     }
+    t.set_clock(prior + started.elapsed().as_secs_f64(), cpu_now());
     t.save_weights(&out.join(FINAL))?;
     write_summary(out, &t, rows.last())?;
     tracing::info!("weights written to {}", out.join(FINAL).display());
@@ -521,5 +523,18 @@ mod tests {
         // A learned method reads the weights with their architecture from the metadata.
         let meta = crate::nn::weights::metadata(&out.join(FINAL)).unwrap();
         assert_eq!(meta[crate::nn::weights::MODEL_KEY], "unet");
+        // ... and how they were made, with the time of both runs summed.
+        let made = crate::nn::weights::Provenance::from_metadata(&meta);
+        assert_eq!(made.steps, Some(4));
+        let wall = made.wall_hours.unwrap() * 3600.0;
+        assert!(
+            (wall - rows[1].seconds).abs() <= 1.0,
+            "{wall} s vs the log's {}",
+            rows[1].seconds
+        );
+        assert!(wall >= rows[0].seconds.floor(), "{wall} s");
+        if rows[1].cpu_seconds.is_finite() {
+            assert!(made.cpu_hours.is_some());
+        }
     }
 }

@@ -23,10 +23,9 @@ use crate::nn::{tensor_dims, weights};
 use crate::simulate::rng::Rng;
 use crate::{Error, Result};
 
-/// Metadata keys of a checkpoint besides the model's.
-const STEP_KEY: &str = "chimap.train.step";
-const CONFIG_KEY: &str = "chimap.train.config";
-const VERSION_KEY: &str = "chimap.version";
+use weights::{
+    CPU_SECONDS_KEY, STEP_KEY, TRAIN_CONFIG_KEY as CONFIG_KEY, VERSION_KEY, WALL_SECONDS_KEY,
+};
 /// State of LP-CNN's dropout generator, so a resumed run draws the same masks.
 const DROPOUT_KEY: &str = "chimap.train.dropout_rng";
 /// Stream of the seed that starts the dropout generator (batches use 1 and 2).
@@ -59,6 +58,8 @@ pub struct Trainer {
     step: u64,
     /// Where the variables live and the batches are computed.
     device: Device,
+    /// Wall and CPU seconds spent training so far, when the caller measured them.
+    clock: Option<(f64, f64)>,
 }
 
 fn nn_err(e: candle_core::Error) -> Error {
@@ -98,6 +99,7 @@ impl Trainer {
             synth,
             step: 0,
             device: device.clone(),
+            clock: None,
         };
         if kind == ModelKind::Lpcnn {
             let (mean, std) = t.target_statistics();
@@ -373,7 +375,13 @@ impl Trainer {
         v
     }
 
-    /// What a weights file says about its model: name and architecture.
+    /// Records the training time so far (wall and CPU seconds, over all resumed runs), so
+    /// that the weights files written next carry it.
+    pub fn set_clock(&mut self, wall_seconds: f64, cpu_seconds: f64) {
+        self.clock = Some((wall_seconds, cpu_seconds));
+    }
+
+    /// What a weights file says about its model: name, architecture and how it was trained.
     fn model_metadata(&self) -> HashMap<String, String> {
         let arch = match self.kind {
             ModelKind::Lpcnn => serde_json::to_string(&self.cfg.model.lpcnn),
@@ -391,6 +399,15 @@ impl Trainer {
             (CONFIG_KEY.to_string(), self.cfg.to_yaml()),
             (STEP_KEY.to_string(), self.step.to_string()),
         ])
+        .into_iter()
+        .chain(self.clock.into_iter().flat_map(|(wall, cpu)| {
+            [
+                (WALL_SECONDS_KEY.to_string(), format!("{wall:.1}")),
+                (CPU_SECONDS_KEY.to_string(), format!("{cpu:.1}")),
+            ]
+        }))
+        .filter(|(_, v)| v != "NaN")
+        .collect()
     }
 
     /// Weights, Adam moments, step and configuration: everything `--resume` needs.
