@@ -9,7 +9,6 @@
 use std::fs::File;
 use std::io::{BufRead, BufReader, BufWriter, ErrorKind, Read, Write};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
 
 use flate2::bufread::MultiGzDecoder;
 use flate2::write::GzEncoder;
@@ -740,8 +739,6 @@ fn write_values(
     Ok(())
 }
 
-static TEMP_COUNTER: AtomicUsize = AtomicUsize::new(0);
-
 /// Whether `path` asks for gzip, from its name; other extensions are refused.
 fn output_kind(path: &Path) -> Result<bool> {
     let name = path
@@ -760,16 +757,10 @@ fn output_kind(path: &Path) -> Result<bool> {
     }
 }
 
-/// A hidden sibling of `path` that keeps its extension, unique within this process.
+/// A hidden sibling of `path` that keeps its extension, unique to this process and host.
 fn temp_path(path: &Path, gzip: bool) -> PathBuf {
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
     let ext = if gzip { ".nii.gz" } else { ".nii" };
-    let stem = name.strip_suffix(ext).unwrap_or(&name);
-    let n = TEMP_COUNTER.fetch_add(1, Ordering::Relaxed);
-    path.with_file_name(format!(".{stem}.partial-{}-{n}{ext}", std::process::id()))
+    super::partial::partial_path(path, ext)
 }
 
 /// Writes through `body` to a temporary file next to `path`, then renames it into place, so
