@@ -67,7 +67,14 @@ pub fn read_image(path: &Path) -> Result<Image> {
     let mut frames = Vec::with_capacity(header.frames);
     for t in 0..header.frames {
         let mut data = Vec::new();
-        data.try_reserve_exact(nvox)
+        // A compressed file's length says nothing about its content: reserve only a bounded
+        // start, so that a header claiming a huge grid costs memory only as data arrives.
+        let reserve = if stream.gzip {
+            nvox.min(GZIP_RESERVE)
+        } else {
+            nvox
+        };
+        data.try_reserve_exact(reserve)
             .map_err(|_| too_big(path, nvox * 4))?;
         let mut left = frame_bytes;
         while left > 0 {
@@ -166,6 +173,8 @@ const HEADER_SIZE: usize = 348;
 const NIFTI2_HEADER_SIZE: i32 = 540;
 /// Read-and-convert block size: a multiple of every data type's size.
 const BLOCK_BYTES: usize = 1 << 18;
+/// Voxels reserved up front for a frame of a compressed file (64 MiB of f32).
+const GZIP_RESERVE: usize = 1 << 24;
 
 struct Stream {
     reader: Box<dyn Read>,
@@ -815,5 +824,7 @@ fn write_file(
     file.sync_all()
 }
 
+#[cfg(test)]
+mod proptests;
 #[cfg(test)]
 mod tests;
