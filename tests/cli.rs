@@ -1145,3 +1145,122 @@ fn files_mode_runs_4d_echoes_with_a_mask_through_the_participant_pipeline() {
         io::read_json(&out.join("sub-x/ses-2/anat/sub-x_ses-2_desc-tkd_Chimap.json")).unwrap();
     assert_eq!(side["Preprocessing"]["Input"], "local field map");
 }
+
+/// The JSON summary record (the last line of a `--log-format json` run).
+fn summary_record(o: &Output) -> serde_json::Value {
+    let err = stderr(o);
+    let last = err.lines().last().unwrap_or_default();
+    let v: serde_json::Value = serde_json::from_str(last).expect("the last line is JSON");
+    assert_eq!(v["event"], "summary", "{last}");
+    v
+}
+
+/// Issue 21: a DataLad-style dataset (images are links into `.git/annex`, one not fetched),
+/// read-only: only the acquisition whose content is missing fails, with a named error; the
+/// rest is processed and nothing is written into the dataset.
+#[test]
+fn datalad_style_dataset_fails_only_where_content_is_missing() {
+    let dir = tempfile::tempdir().unwrap();
+    let ds = dir.path().join("ds");
+    copy_tree(&example(), &ds);
+    std::fs::remove_dir_all(ds.join("derivatives")).unwrap();
+    std::fs::remove_dir_all(ds.join("sub-2")).unwrap();
+    let objects = ds.join(".git/annex/objects");
+    for (n, f) in files(&ds.join("sub-1")).into_iter().enumerate() {
+        if !f.to_string_lossy().ends_with(".nii.gz") {
+            continue;
+        }
+        let key = objects.join(format!("k{n}"));
+        std::fs::create_dir_all(&key).unwrap();
+        let content = key.join(f.file_name().unwrap());
+        std::fs::rename(&f, &content).unwrap();
+        std::os::unix::fs::symlink(
+            Path::new("../../.git/annex/objects")
+                .join(format!("k{n}"))
+                .join(f.file_name().unwrap()),
+            &f,
+        )
+        .unwrap();
+        if f.to_string_lossy().contains("acq-ori2_echo-3_part-phase") {
+            std::fs::remove_file(&content).unwrap();
+        }
+    }
+    let before = files(&ds);
+    let set_read_only = |ro: bool| {
+        for e in walkdir::WalkDir::new(&ds)
+            .into_iter()
+            .filter_map(|e| e.ok())
+        {
+            use std::os::unix::fs::PermissionsExt;
+            if e.file_type().is_symlink() {
+                continue;
+            }
+            let mode = match (e.file_type().is_dir(), ro) {
+                (true, true) => 0o555,
+                (true, false) => 0o755,
+                (false, true) => 0o444,
+                (false, false) => 0o644,
+            };
+            std::fs::set_permissions(e.path(), std::fs::Permissions::from_mode(mode)).unwrap();
+        }
+    };
+    set_read_only(true);
+    let out = dir.path().join("out");
+    let o = chimap(&[
+        ds.to_str().unwrap(),
+        out.to_str().unwrap(),
+        "participant",
+        "--log-format",
+        "json",
+    ]);
+    set_read_only(false);
+    let v = summary_record(&o);
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    assert_eq!(v["exit_status"], 1);
+    assert_eq!(v["processed"], serde_json::json!(["sub-1_acq-ori1"]));
+    let failed = v["failed"].as_array().unwrap();
+    assert_eq!(failed.len(), 1, "{failed:?}");
+    assert_eq!(failed[0]["name"], "sub-1_acq-ori2");
+    let e = failed[0]["error"].as_str().unwrap();
+    assert!(
+        e.contains("acq-ori2_echo-3_part-phase")
+            && e.contains("content not present")
+            && e.contains("datalad get"),
+        "{e}"
+    );
+    assert!(out
+        .join("sub-1/anat/sub-1_acq-ori1_desc-tkd_Chimap.nii.gz")
+        .is_file());
+    assert_eq!(files(&ds), before, "nothing is written into the dataset");
+}
+
+/// Issue 21: exit statuses a scheduler can tell apart: 3 when OUTPUT_DIR cannot be used,
+/// with the reason in the JSON summary record.
+#[test]
+fn an_unusable_output_dir_exits_3_with_a_summary_record() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out");
+    std::fs::create_dir_all(&out).unwrap();
+    std::fs::write(
+        out.join("dataset_description.json"),
+        r#"{"Name": "someone else's", "BIDSVersion": "1.9.0"}"#,
+    )
+    .unwrap();
+    let o = chimap(&[
+        example().to_str().unwrap(),
+        out.to_str().unwrap(),
+        "participant",
+        "--participant-label",
+        "1",
+        "--log-format",
+        "json",
+    ]);
+    assert_eq!(o.status.code(), Some(3), "{}", stderr(&o));
+    let v = summary_record(&o);
+    assert_eq!(v["exit_status"], 3);
+    assert!(
+        v["error"].as_str().unwrap().contains("another dataset"),
+        "{v}"
+    );
+    assert!(!out.join("sub-1").exists());
+}

@@ -80,7 +80,13 @@ pub fn discover_with_masks(
 
     let mut problems: Vec<(String, Error)> = Vec::new();
     let selected = select_subjects(root, &subjects, filter, &mut problems)?;
+    let before_walk = problems.len();
     let files = walk_subjects(root, &selected, &mut problems);
+    // An acquisition with an unreadable file (content not fetched) is given up whole, with
+    // that error only: the pairing errors its gap would cause say nothing more.
+    let walk_problems = problems.split_off(before_walk);
+    let unreadable: std::collections::HashSet<String> =
+        walk_problems.iter().map(|(n, _)| n.clone()).collect();
     let files = select_sessions(files, filter)?;
 
     let mut sidecars = Sidecars::new(root);
@@ -100,6 +106,9 @@ pub fn discover_with_masks(
             &b.suffix,
         ))
     });
+    acquisitions.retain(|a| !unreadable.contains(&a.name()));
+    problems.retain(|(name, _)| !unreadable.contains(name));
+    problems.extend(walk_problems);
     problems.sort_by(|a, b| a.0.cmp(&b.0));
 
     if acquisitions.is_empty() && problems.is_empty() {
@@ -270,6 +279,35 @@ pub(super) fn dataset_walk(dir: &Path) -> impl Iterator<Item = walkdir::Result<w
         })
 }
 
+/// Why a file of the dataset cannot be read. A link whose target is missing is what a
+/// DataLad (git-annex) dataset holds for content that was not fetched: say so, and how to
+/// get it.
+fn unreadable(path: &Path, e: &walkdir::Error) -> Error {
+    let is_link = std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_symlink());
+    if is_link && !path.exists() {
+        let target = std::fs::read_link(path)
+            .map(|t| t.display().to_string())
+            .unwrap_or_default();
+        let how = if target.contains(".git/annex") || target.contains("annex/objects") {
+            format!(
+                "an annexed file whose content was not fetched: run `datalad get {}` (or \
+                 `git annex get`) in the dataset",
+                path.display()
+            )
+        } else {
+            "a broken link: restore its target or remove the link".to_string()
+        };
+        return Error::input(
+            path,
+            format!("content not present (a link to {target}): {how}"),
+        );
+    }
+    Error::input(
+        path,
+        format!("cannot be read ({e}): fix the permissions, or fetch the file's content"),
+    )
+}
+
 /// Every BIDS-named NIfTI file under the selected `sub-<label>/` folders, sorted by path.
 fn walk_subjects(
     root: &Path,
@@ -294,16 +332,13 @@ fn walk_subjects(
                         n.ends_with(".nii") || n.ends_with(".nii.gz") || n.ends_with(".json")
                     }) || e.path().is_none();
                     if relevant {
-                        problems.push((
-                            format!("sub-{label}"),
-                            Error::input(
-                                &path,
-                                format!(
-                                    "cannot be read ({e}): fix the permissions, or for a DataLad \
-                                     dataset run `datalad get` to fetch the file content"
-                                ),
-                            ),
-                        ));
+                        // Named after its acquisition, so that only that one is given up.
+                        let owner = name
+                            .as_deref()
+                            .and_then(Entities::parse)
+                            .map(|(entities, _, _)| entities.prefix())
+                            .unwrap_or_else(|| format!("sub-{label}"));
+                        problems.push((owner, unreadable(&path, &e)));
                     }
                     continue;
                 }

@@ -22,6 +22,8 @@ mod entities;
 pub mod files;
 pub(crate) mod masks;
 mod pairs;
+#[cfg(test)]
+mod proptests;
 mod sidecar;
 #[cfg(test)]
 mod tests;

@@ -16,10 +16,24 @@ use crate::pipeline::{self, Config, Settings};
 use crate::{Error, Result};
 use args::{Cli, Command, FilesArgs, ProcessingArgs, RunArgs};
 
-/// Exit status for runs where some acquisitions failed.
+/// Exit status for runs where some acquisitions failed (the others are done).
 const EXIT_FAILED: u8 = 1;
-/// Exit status for unusable arguments, configuration or dataset.
+/// Exit status for unusable arguments, configuration or output location.
 const EXIT_USAGE: u8 = 2;
+/// Exit status when the dataset or OUTPUT_DIR cannot be read or used (nothing was processed).
+const EXIT_INPUT: u8 = 3;
+/// Exit status when the memory bound (`--mem-gb`) cannot be met (nothing was processed).
+const EXIT_MEMORY: u8 = 4;
+
+/// The exit status a run-level error maps to, so a scheduler can tell a retry with more
+/// memory from a broken dataset.
+fn exit_status(e: &Error) -> u8 {
+    match e {
+        Error::Usage(_) | Error::Config(_) => EXIT_USAGE,
+        Error::Input { .. } | Error::Io { .. } | Error::Numerics(_) => EXIT_INPUT,
+        Error::Memory(_) => EXIT_MEMORY,
+    }
+}
 
 /// Parses the process arguments and runs; returns the exit status.
 pub fn main() -> ExitCode {
@@ -181,16 +195,22 @@ fn run_participants(run: RunArgs) -> ExitCode {
     if let Err(e) = init_threads(run.processing.nthreads) {
         return finish(Err(e));
     }
+    let started = std::time::Instant::now();
     if run.analysis_level == Some(args::AnalysisLevel::Group) {
         return finish(run_group(&run));
     }
-    report_summary(settings(&run).and_then(|s| Ok((pipeline::run(&s)?, s.dry_run))))
+    report_summary(
+        settings(&run).and_then(|s| Ok((pipeline::run(&s)?, s.dry_run))),
+        l.log_format,
+        started,
+    )
 }
 
 /// `chimap files`: the file-mode acquisition through the participant pipeline.
 fn run_files(f: FilesArgs) -> ExitCode {
     let l = &f.logging;
     logging::init(l.log_format, l.verbose, l.quiet);
+    let started = std::time::Instant::now();
     if let Err(e) = init_threads(f.processing.nthreads) {
         return finish(Err(e));
     }
@@ -252,14 +272,32 @@ fn run_files(f: FilesArgs) -> ExitCode {
         };
         Ok((pipeline::run_discovered(&settings, discovery)?, f.dry_run))
     };
-    report_summary(run())
+    report_summary(run(), f.logging.log_format, started)
 }
 
-/// Logs the outcome of a participant-level run and turns it into the exit status.
-fn report_summary(result: Result<(pipeline::Summary, bool)>) -> ExitCode {
-    let summary = match result {
+/// Logs the outcome of a participant-level run and turns it into the exit status. With
+/// `--log-format json` the last line on stderr is one summary record
+/// (`"event": "summary"`) holding the exit status and every acquisition's outcome.
+fn report_summary(
+    result: Result<(pipeline::Summary, bool)>,
+    format: args::LogFormat,
+    started: std::time::Instant,
+) -> ExitCode {
+    let (summary, dry_run, status, error) = match result {
         Ok((summary, dry_run)) => {
-            if !dry_run {
+            let status = if summary.success() { 0 } else { EXIT_FAILED };
+            (summary, dry_run, status, None)
+        }
+        Err(e) => {
+            let status = exit_status(&e);
+            (pipeline::Summary::default(), false, status, Some(e))
+        }
+    };
+    match format {
+        args::LogFormat::Text => {
+            if let Some(e) = &error {
+                eprintln!("chimap: error: {e}");
+            } else if !dry_run {
                 tracing::info!(
                     "processed {}, skipped {} (already done), failed {}",
                     summary.processed.len(),
@@ -270,13 +308,46 @@ fn report_summary(result: Result<(pipeline::Summary, bool)>) -> ExitCode {
                     eprintln!("chimap: failed: {name}: {e}");
                 }
             }
-            summary
         }
-        Err(e) => return finish(Err(e)),
-    };
-    if summary.success() {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::from(EXIT_FAILED)
+        args::LogFormat::Json => {
+            let record = summary_record(&summary, error.as_ref(), status, started);
+            eprintln!("{record}");
+        }
     }
+    ExitCode::from(status)
+}
+
+/// The final JSON-lines record of a run.
+fn summary_record(
+    summary: &pipeline::Summary,
+    error: Option<&Error>,
+    status: u8,
+    started: std::time::Instant,
+) -> serde_json::Value {
+    let message = match error {
+        Some(e) => format!("error: {e}"),
+        None => format!(
+            "processed {}, skipped {} (already done), failed {}",
+            summary.processed.len(),
+            summary.skipped.len(),
+            summary.failed.len()
+        ),
+    };
+    serde_json::json!({
+        "level": if status == 0 { "INFO" } else { "ERROR" },
+        "event": "summary",
+        "message": message,
+        "exit_status": status,
+        "processed": summary.processed,
+        "skipped": summary.skipped,
+        "failed": summary
+            .failed
+            .iter()
+            .map(|(name, e)| serde_json::json!({ "name": name, "error": e.to_string() }))
+            .collect::<Vec<_>>(),
+        "error": error.map(|e| e.to_string()),
+        "elapsed_seconds": (started.elapsed().as_secs_f64() * 10.0).round() / 10.0,
+        "pid": std::process::id(),
+        "host": crate::io::partial::host_name(),
+    })
 }

@@ -8,7 +8,8 @@
 
 mod json;
 mod nifti_io;
+pub mod partial;
 mod xform;
 
-pub use json::{partial_path, read_json, write_atomic, write_json};
+pub use json::{read_json, write_atomic, write_json};
 pub use nifti_io::{read_header, read_image, write_volume, write_volume_i16, Header, Image};

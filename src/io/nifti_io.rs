@@ -9,7 +9,6 @@
 use std::fs::File;
 use std::io::{BufRead, BufReader, BufWriter, ErrorKind, Read, Write};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
 
 use flate2::bufread::MultiGzDecoder;
 use flate2::write::GzEncoder;
@@ -68,7 +67,14 @@ pub fn read_image(path: &Path) -> Result<Image> {
     let mut frames = Vec::with_capacity(header.frames);
     for t in 0..header.frames {
         let mut data = Vec::new();
-        data.try_reserve_exact(nvox)
+        // A compressed file's length says nothing about its content: reserve only a bounded
+        // start, so that a header claiming a huge grid costs memory only as data arrives.
+        let reserve = if stream.gzip {
+            nvox.min(GZIP_RESERVE)
+        } else {
+            nvox
+        };
+        data.try_reserve_exact(reserve)
             .map_err(|_| too_big(path, nvox * 4))?;
         let mut left = frame_bytes;
         while left > 0 {
@@ -167,6 +173,8 @@ const HEADER_SIZE: usize = 348;
 const NIFTI2_HEADER_SIZE: i32 = 540;
 /// Read-and-convert block size: a multiple of every data type's size.
 const BLOCK_BYTES: usize = 1 << 18;
+/// Voxels reserved up front for a frame of a compressed file (64 MiB of f32).
+const GZIP_RESERVE: usize = 1 << 24;
 
 struct Stream {
     reader: Box<dyn Read>,
@@ -740,8 +748,6 @@ fn write_values(
     Ok(())
 }
 
-static TEMP_COUNTER: AtomicUsize = AtomicUsize::new(0);
-
 /// Whether `path` asks for gzip, from its name; other extensions are refused.
 fn output_kind(path: &Path) -> Result<bool> {
     let name = path
@@ -760,16 +766,10 @@ fn output_kind(path: &Path) -> Result<bool> {
     }
 }
 
-/// A hidden sibling of `path` that keeps its extension, unique within this process.
+/// A hidden sibling of `path` that keeps its extension, unique to this process and host.
 fn temp_path(path: &Path, gzip: bool) -> PathBuf {
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
     let ext = if gzip { ".nii.gz" } else { ".nii" };
-    let stem = name.strip_suffix(ext).unwrap_or(&name);
-    let n = TEMP_COUNTER.fetch_add(1, Ordering::Relaxed);
-    path.with_file_name(format!(".{stem}.partial-{}-{n}{ext}", std::process::id()))
+    super::partial::partial_path(path, ext)
 }
 
 /// Writes through `body` to a temporary file next to `path`, then renames it into place, so
@@ -824,5 +824,7 @@ fn write_file(
     file.sync_all()
 }
 
+#[cfg(test)]
+mod proptests;
 #[cfg(test)]
 mod tests;

@@ -8,7 +8,7 @@ use super::fields;
 use super::progress::Stages;
 use super::Config;
 use crate::bids::{Acquisition, FieldKind, OrientationSet, Source};
-use crate::derivatives::{mask_volume, source_uri, Derivatives};
+use crate::derivatives::{mask_volume, source_uri, Derivatives, Wait};
 use crate::inversion::{self, Orientation, Problem};
 use crate::{preprocess, qc, Error, Mask, Result, Volume};
 
@@ -81,6 +81,11 @@ pub fn process(
     if !overwrite && Derivatives::exists(&chimap_path) {
         return Ok(Outcome::AlreadyDone);
     }
+    // One run at a time per acquisition; one that waited finds the work done.
+    let (_lock, wait) = deriv.lock(&acq.entities)?;
+    if wait == Wait::Waited && Derivatives::exists(&chimap_path) {
+        return Ok(Outcome::AlreadyDone);
+    }
     let mut stages = Stages::new(&acq.name());
     let b0_tesla = acq.field_strength.or(config.field_strength);
     let common = common_sidecar(acq, b0_tesla);
@@ -150,6 +155,14 @@ pub fn process_set(
     let method = config.inversion.method()?;
     let chimap_path = deriv.path(&set.entities, Some(method.name()), "Chimap");
     if !overwrite && Derivatives::exists(&chimap_path) {
+        return Ok(Outcome::AlreadyDone);
+    }
+    // The set's lock, then its members' (in order), as runs of other methods take those.
+    let mut locks = vec![deriv.lock(&set.entities)?];
+    for &i in &set.members {
+        locks.push(deriv.lock(&acquisitions[i].entities)?);
+    }
+    if locks.iter().any(|(_, w)| *w == Wait::Waited) && Derivatives::exists(&chimap_path) {
         return Ok(Outcome::AlreadyDone);
     }
     let members: Vec<&Acquisition> = set.members.iter().map(|&i| &acquisitions[i]).collect();

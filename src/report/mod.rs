@@ -253,6 +253,7 @@ pub fn subject(output_dir: &Path, bids_root: &Path, label: &str) -> Result<PathB
     let sub_dir = output_dir.join(format!("sub-{label}"));
     let fig_dir = sub_dir.join("figures");
     std::fs::create_dir_all(&fig_dir).map_err(|e| Error::io(&fig_dir, e))?;
+    crate::io::partial::remove_stale_in(&fig_dir);
     let mut sections = Vec::new();
     for found in find_outputs(&sub_dir) {
         let checks = match &found.qc {
