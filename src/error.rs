@@ -26,9 +26,6 @@ pub enum Error {
     /// A numerical stage could not produce a meaningful result (e.g. an empty mask).
     #[error("{0}")]
     Numerics(String),
-    /// The memory bound asked for (`--mem-gb`) cannot be met.
-    #[error("{0}")]
-    Memory(String),
 }
 
 impl Error {

@@ -176,10 +176,7 @@ impl Method for Learned {
             .and_then(|j| serde_json::from_str::<serde_json::Value>(j).ok());
         serde_json::json!({
             "Weights": self.weights.label.display().to_string(),
-            "WeightsName": match self.weights.shipped {
-                Some(s) => s.name.to_string(),
-                None => self.weights.label.file_stem().map_or(String::new(), |n| n.to_string_lossy().into_owned()),
-            },
+            "WeightsName": self.weights.name(),
             "WeightsShipped": self.weights.shipped.is_some(),
             "ModelCard": self.weights.shipped.map(|s| s.card()),
             "WeightsSha256": self.sha256,

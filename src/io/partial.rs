@@ -20,8 +20,13 @@ pub const STALE_AFTER: Duration = Duration::from_secs(3600);
 static COUNTER: AtomicUsize = AtomicUsize::new(0);
 
 /// This machine's name (`/proc/sys/kernel/hostname`, else `$HOSTNAME`), reduced to letters,
-/// digits and dots so that it fits in a file name.
+/// digits and dots so that it fits in a file name. Read once: every atomic write names it.
 pub fn host_name() -> String {
+    static HOST: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    HOST.get_or_init(read_host_name).clone()
+}
+
+fn read_host_name() -> String {
     let raw = std::fs::read_to_string("/proc/sys/kernel/hostname")
         .ok()
         .or_else(|| std::env::var("HOSTNAME").ok())

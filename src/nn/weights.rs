@@ -36,6 +36,17 @@ impl Weights {
         }
     }
 
+    /// The shipped model's name, or the file's stem.
+    pub fn name(&self) -> String {
+        match self.shipped {
+            Some(s) => s.name.to_string(),
+            None => self
+                .label
+                .file_stem()
+                .map_or(String::new(), |n| n.to_string_lossy().into_owned()),
+        }
+    }
+
     pub fn sha256(&self) -> String {
         sha256_of(&self.bytes)
     }

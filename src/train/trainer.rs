@@ -23,9 +23,7 @@ use crate::nn::{tensor_dims, weights};
 use crate::simulate::rng::Rng;
 use crate::{Error, Result};
 
-use weights::{
-    CPU_SECONDS_KEY, STEP_KEY, TRAIN_CONFIG_KEY as CONFIG_KEY, VERSION_KEY, WALL_SECONDS_KEY,
-};
+use weights::{CPU_SECONDS_KEY, STEP_KEY, TRAIN_CONFIG_KEY, VERSION_KEY, WALL_SECONDS_KEY};
 /// State of LP-CNN's dropout generator, so a resumed run draws the same masks.
 const DROPOUT_KEY: &str = "chimap.train.dropout_rng";
 /// Stream of the seed that starts the dropout generator (batches use 1 and 2).
@@ -122,7 +120,7 @@ impl Trainer {
         let (Some(model), Some(step), Some(saved)) = (
             meta.get(weights::MODEL_KEY),
             meta.get(STEP_KEY),
-            meta.get(CONFIG_KEY),
+            meta.get(TRAIN_CONFIG_KEY),
         ) else {
             return Err(bad(
                 "not a chimap training checkpoint (no model, step or config in its metadata); \
@@ -396,17 +394,17 @@ impl Trainer {
             ),
             (weights::MODEL_CONFIG_KEY.to_string(), arch),
             (VERSION_KEY.to_string(), crate::VERSION.to_string()),
-            (CONFIG_KEY.to_string(), self.cfg.to_yaml()),
+            (TRAIN_CONFIG_KEY.to_string(), self.cfg.to_yaml()),
             (STEP_KEY.to_string(), self.step.to_string()),
         ])
         .into_iter()
         .chain(self.clock.into_iter().flat_map(|(wall, cpu)| {
-            [
-                (WALL_SECONDS_KEY.to_string(), format!("{wall:.1}")),
-                (CPU_SECONDS_KEY.to_string(), format!("{cpu:.1}")),
-            ]
+            // CPU time is NaN where the system does not report it: then it is left out.
+            [(WALL_SECONDS_KEY, wall), (CPU_SECONDS_KEY, cpu)]
+                .into_iter()
+                .filter(|(_, v)| v.is_finite())
+                .map(|(k, v)| (k.to_string(), format!("{v:.1}")))
         }))
-        .filter(|(_, v)| v != "NaN")
         .collect()
     }
 
