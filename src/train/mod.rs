@@ -5,6 +5,7 @@ pub mod adam;
 mod command;
 pub mod config;
 pub mod init;
+pub mod labels;
 pub mod plot;
 pub mod synth;
 pub mod trainer;

@@ -12,6 +12,7 @@ use std::path::{Path, PathBuf};
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
+use super::labels::{LabelSource, LabelsConfig};
 use super::userdata::{DerivativesConfig, UserData};
 use crate::physics::units::GAMMA_BAR_HZ_PER_T;
 use crate::physics::DipoleOperator;
@@ -62,6 +63,9 @@ pub struct DataConfig {
     /// A BIDS derivative dataset of local fields with reference χ maps to train on (mixed
     /// with synthetic batches by its `fraction`); its held-out subjects validate.
     pub derivatives: Option<DerivativesConfig>,
+    /// A tissue segmentation to make brain-like patches from, with per-label χ redrawn and
+    /// the anatomy deformed for every sample (see [`LabelsConfig`]).
+    pub labels: Option<LabelsConfig>,
 }
 
 impl Default for DataConfig {
@@ -84,6 +88,7 @@ impl Default for DataConfig {
             mask_nifti: None,
             nifti_fraction: 0.5,
             derivatives: None,
+            labels: None,
         }
     }
 }
@@ -134,6 +139,7 @@ pub struct Synth {
     seed: u64,
     source: Option<Source>,
     user: Option<UserData>,
+    labels: Option<LabelSource>,
 }
 
 impl Synth {
@@ -148,11 +154,16 @@ impl Synth {
             Some(d) => Some(UserData::load(d, cfg.patch)?),
             None => None,
         };
+        let labels = match &cfg.labels {
+            Some(l) => Some(LabelSource::load(l)?),
+            None => None,
+        };
         Ok(Synth {
             cfg: cfg.clone(),
             seed,
             source,
             user,
+            labels,
         })
     }
 
@@ -174,7 +185,11 @@ impl Synth {
                 return user.batch(stream == Stream::Validation, &mut rng, n, cfg.orientations);
             }
         }
-        let from_file = self.source.is_some() && rng.uniform() < cfg.nifti_fraction;
+        let from_labels = self
+            .labels
+            .as_ref()
+            .is_some_and(|l| rng.uniform() < l.fraction());
+        let from_file = !from_labels && self.source.is_some() && rng.uniform() < cfg.nifti_fraction;
         let voxel_size = match (&self.source, from_file) {
             (Some(s), true) => s.voxel_size,
             _ => cfg.voxel_size,
@@ -194,13 +209,26 @@ impl Synth {
             .par_iter()
             .map(|&s| {
                 let mut r = Rng::new(s);
-                let (chi, mask) = match (&self.source, from_file) {
-                    (Some(src), true) => cut_patch(src, p, &mut r),
-                    _ => synthetic_patch(cfg, &mut r),
+                // The head around the brain: from the segmentation where there is one,
+                // else head-like shapes drawn when needed.
+                let (chi, mask, head) = match (&self.labels, &self.source) {
+                    (Some(l), _) if from_labels => {
+                        let patch = l.patch(p, voxel_size, cfg.chi_range, &mut r);
+                        (patch.chi, patch.mask, Some(patch.outside))
+                    }
+                    (_, Some(src)) if from_file => {
+                        let (c, m) = cut_patch(src, p, &mut r);
+                        (c, m, None)
+                    }
+                    _ => {
+                        let (c, m) = synthetic_patch(cfg, &mut r);
+                        (c, m, None)
+                    }
                 };
                 let partial = mask.iter().any(|&m| !m);
                 let fields = if partial && r.uniform() < cfg.background_probability {
-                    fields_after_background_removal(&chi, &mask, &ops, cfg, &mut r)
+                    let outside = head.unwrap_or_else(|| background_sources(&mask, p, &mut r));
+                    fields_after_background_removal(&chi, &mask, &outside, &ops, cfg, &mut r)
                 } else {
                     fields_of(&chi, &mask, &ops, cfg, &mut r)
                 };
@@ -326,18 +354,17 @@ fn background_sources(mask: &[bool], p: usize, rng: &mut Rng) -> Vec<f32> {
 }
 
 /// Local fields made as the pipeline makes them: the total field of the brain's χ and of
-/// [`background_sources`], with noise, measured inside the mask, then chimap's background
+/// the head around it (`outside`, zero in the mask), with noise, measured inside the mask, then chimap's background
 /// removal. Falls back to the exact local field if removal fails (e.g. a sliver of mask).
 fn fields_after_background_removal(
     chi: &[f32],
     mask: &[bool],
+    outside: &[f32],
     ops: &[DipoleOperator],
     cfg: &DataConfig,
     rng: &mut Rng,
 ) -> Vec<f32> {
-    let p = ops[0].dims()[0];
-    let outside = background_sources(mask, p, rng);
-    let total_chi: Vec<f32> = chi.iter().zip(&outside).map(|(a, b)| a + b).collect();
+    let total_chi: Vec<f32> = chi.iter().zip(outside).map(|(a, b)| a + b).collect();
     let sigma = draw_noise(cfg, rng);
     let settings = crate::preprocess::background::BackgroundConfig::default();
     let mut out = Vec::with_capacity(chi.len() * ops.len());
@@ -519,7 +546,7 @@ fn dot(a: &[f64; 3], b: &[f64; 3]) -> f64 {
 }
 
 /// Rows of a random rotation (Gram–Schmidt on Gaussian vectors).
-fn random_rotation(rng: &mut Rng) -> [[f64; 3]; 3] {
+pub(super) fn random_rotation(rng: &mut Rng) -> [[f64; 3]; 3] {
     let g = |rng: &mut Rng| [rng.normal(), rng.normal(), rng.normal()];
     let norm = |v: [f64; 3]| {
         let n = dot(&v, &v).sqrt().max(1e-12);
@@ -643,10 +670,9 @@ mod tests {
             assert!(mask.iter().any(|&m| !m) && mask.iter().any(|&m| m));
             let local = ops[0].forward(&chi);
             let mut r = Rng::new(100 + seed);
-            let removed = fields_after_background_removal(&chi, &mask, &ops, &cfg, &mut r);
-            // The same draws again give the background's sources, hence the total field.
-            let mut r = Rng::new(100 + seed);
             let outside = background_sources(&mask, 32, &mut r);
+            let removed =
+                fields_after_background_removal(&chi, &mask, &outside, &ops, &cfg, &mut r);
             let background = ops[0].forward(&outside);
             let inside = |f: &dyn Fn(usize) -> f32| -> f64 {
                 (0..chi.len())
@@ -662,6 +688,48 @@ mod tests {
         let ratio = (removed_err / total_err).sqrt();
         eprintln!("background left after removal: {ratio:.3}");
         assert!(ratio < 0.2, "background left after removal: {ratio}");
+    }
+
+    /// The same through a segmented head: its bone and air put a background field into the
+    /// brain several times the brain's own, and removal takes most of it away.
+    #[test]
+    fn label_batches_carry_the_head_through_background_removal() {
+        let dir = tempfile::tempdir().unwrap();
+        let labels = super::super::labels::LabelsConfig {
+            nifti: super::super::labels::tests::head(dir.path()),
+            fraction: 1.0,
+            ..Default::default()
+        };
+        let source = LabelSource::load(&labels).unwrap();
+        let cfg = DataConfig {
+            patch: 32,
+            snr: [1e6, 1e6],
+            labels: Some(labels),
+            ..DataConfig::default()
+        };
+        let ops = [DipoleOperator::new(
+            [32; 3],
+            [1.0; 3],
+            [0.0, 0.2588, 0.9659],
+        )];
+        let (mut removed_err, mut total_err) = (0.0, 0.0);
+        for seed in 0..3 {
+            let mut rng = Rng::new(seed);
+            let patch = source.patch(32, [1.0; 3], cfg.chi_range, &mut rng);
+            let (chi, mask) = (&patch.chi, &patch.mask);
+            assert!(mask.iter().any(|&m| !m) && mask.iter().any(|&m| m));
+            let local = ops[0].forward(chi);
+            let background = ops[0].forward(&patch.outside);
+            let removed =
+                fields_after_background_removal(chi, mask, &patch.outside, &ops, &cfg, &mut rng);
+            for v in (0..chi.len()).filter(|&v| mask[v]) {
+                removed_err += ((removed[v] - local[v]) as f64).powi(2);
+                total_err += (background[v] as f64).powi(2);
+            }
+        }
+        let ratio = (removed_err / total_err).sqrt();
+        eprintln!("head's field left after removal: {ratio:.3}");
+        assert!(ratio < 0.3, "head's field left after removal: {ratio}");
     }
 
     #[test]
