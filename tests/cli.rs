@@ -1264,3 +1264,31 @@ fn an_unusable_output_dir_exits_3_with_a_summary_record() {
     );
     assert!(!out.join("sub-1").exists());
 }
+
+/// Issue 21: the group level says which participants are missing, in `group_status.tsv`,
+/// the JSON summary record and the exit status.
+#[test]
+fn group_level_reports_missing_participants() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out");
+    let (ex, o) = (example(), out.to_str().unwrap().to_string());
+    let ex = ex.to_str().unwrap();
+    let p = chimap(&[ex, &o, "participant", "--participant-label", "2", "-q"]);
+    assert!(p.status.success(), "{}", stderr(&p));
+    let g = chimap(&[ex, &o, "group", "--log-format", "json"]);
+    assert_eq!(g.status.code(), Some(1), "{}", stderr(&g));
+    let v = summary_record(&g);
+    assert_eq!(v["participants_missing"], serde_json::json!(["sub-1"]));
+    assert_eq!(
+        v["done"],
+        serde_json::json!(["sub-2_acq-ori1", "sub-2_acq-ori2"])
+    );
+    let tsv = std::fs::read_to_string(out.join("group_status.tsv")).unwrap();
+    assert!(tsv.contains("sub-1\tsub-1_acq-ori1\tmissing\t"), "{tsv}");
+    assert!(out.join("group_qc.tsv").is_file());
+    // Once every participant is done, the group level exits 0.
+    let p = chimap(&[ex, &o, "participant", "--participant-label", "1", "-q"]);
+    assert!(p.status.success(), "{}", stderr(&p));
+    let g = chimap(&[ex, &o, "group"]);
+    assert!(g.status.success(), "{}", stderr(&g));
+}

@@ -13,6 +13,7 @@ use clap::Parser;
 
 use crate::bids::{self, Filter};
 use crate::pipeline::{self, Config, Settings};
+use crate::report::status::{State, Status};
 use crate::{Error, Result};
 use args::{Cli, Command, FilesArgs, ProcessingArgs, RunArgs};
 
@@ -83,20 +84,111 @@ fn print_config(c: &args::ConfigArgs) -> Result<()> {
     Ok(())
 }
 
-/// The group level: reads OUTPUT_DIR, writes `group_qc.tsv` and `group.html`.
-fn run_group(run: &RunArgs) -> Result<()> {
-    let s = settings(run)?;
-    if let Some(dir) = &run.seg_dir {
-        if !dir.is_dir() {
+/// The group level: which acquisitions of BIDS_DIR are done in OUTPUT_DIR
+/// (`group_status.tsv`), then `group_qc.tsv` and `group.html` from what is there. Exits 1
+/// when some acquisition is not done, naming each.
+fn run_group(run: &RunArgs, format: args::LogFormat, started: std::time::Instant) -> ExitCode {
+    let result = (|| -> Result<Vec<Status>> {
+        let s = settings(run)?;
+        if let Some(dir) = &run.seg_dir {
+            if !dir.is_dir() {
+                return Err(Error::Usage(format!(
+                    "--seg-dir {} is not a folder",
+                    dir.display()
+                )));
+            }
+        }
+        if !s.output_dir.is_dir() {
             return Err(Error::Usage(format!(
-                "--seg-dir {} is not a folder",
-                dir.display()
+                "OUTPUT_DIR {} does not exist: run the participant level first",
+                s.output_dir.display()
             )));
         }
+        let discovery = bids::discover(&s.bids_dir, &s.filter)?;
+        let rows = crate::report::status::of_dataset(&discovery, &s.output_dir);
+        let tsv = s.output_dir.join("group_status.tsv");
+        crate::report::status::write_tsv(&rows, &tsv)?;
+        for r in rows.iter().filter(|r| r.state != State::Done) {
+            tracing::warn!("{}: {}: {}", r.acquisition, r.state.as_str(), r.detail);
+        }
+        tracing::info!(
+            "group level: {} of {} acquisitions done ({})",
+            rows.iter().filter(|r| r.state == State::Done).count(),
+            rows.len(),
+            tsv.display()
+        );
+        if rows.iter().any(|r| r.state == State::Done) {
+            let (tsv, html) = crate::report::group::run(&s.output_dir, run.seg_dir.as_deref())?;
+            tracing::info!("group level: {} and {}", tsv.display(), html.display());
+        }
+        Ok(rows)
+    })();
+    let (rows, error) = match result {
+        Ok(rows) => (rows, None),
+        Err(e) => (Vec::new(), Some(e)),
+    };
+    let status = match &error {
+        Some(e) => exit_status(e),
+        None if rows.iter().all(|r| r.state == State::Done) => 0,
+        None => EXIT_FAILED,
+    };
+    match format {
+        args::LogFormat::Text => {
+            if let Some(e) = &error {
+                eprintln!("chimap: error: {e}");
+            }
+            for r in rows.iter().filter(|r| r.state != State::Done) {
+                eprintln!(
+                    "chimap: {}: {}: {}",
+                    r.state.as_str(),
+                    r.acquisition,
+                    r.detail
+                );
+            }
+            if error.is_none() && !rows.iter().any(|r| r.state == State::Done) {
+                eprintln!(
+                    "chimap: error: no acquisition is done in OUTPUT_DIR: run the participant level first"
+                );
+            }
+        }
+        args::LogFormat::Json => {
+            let names = |state: State| -> Vec<&str> {
+                rows.iter()
+                    .filter(|r| r.state == state)
+                    .map(|r| r.acquisition.as_str())
+                    .collect()
+            };
+            let participants = |states: &[State]| -> Vec<&str> {
+                let mut p: Vec<&str> = rows
+                    .iter()
+                    .filter(|r| states.contains(&r.state))
+                    .map(|r| r.participant.as_str())
+                    .collect();
+                p.dedup();
+                p
+            };
+            let record = serde_json::json!({
+                "level": if status == 0 { "INFO" } else { "ERROR" },
+                "event": "summary",
+                "analysis_level": "group",
+                "exit_status": status,
+                "done": names(State::Done),
+                "running": names(State::Running),
+                "missing": names(State::Missing),
+                "failed": rows
+                    .iter()
+                    .filter(|r| matches!(r.state, State::Failed | State::Unusable))
+                    .map(|r| serde_json::json!({ "name": r.acquisition, "error": r.detail }))
+                    .collect::<Vec<_>>(),
+                "participants_missing": participants(&[State::Missing]),
+                "participants_failed": participants(&[State::Failed, State::Unusable]),
+                "error": error.as_ref().map(|e| e.to_string()),
+                "elapsed_seconds": (started.elapsed().as_secs_f64() * 10.0).round() / 10.0,
+            });
+            eprintln!("{record}");
+        }
     }
-    let (tsv, html) = crate::report::group::run(&s.output_dir, run.seg_dir.as_deref())?;
-    tracing::info!("group level: {} and {}", tsv.display(), html.display());
-    Ok(())
+    ExitCode::from(status)
 }
 
 /// The configuration file merged with the options that override it, validated.
@@ -194,7 +286,7 @@ fn run_participants(run: RunArgs) -> ExitCode {
     }
     let started = std::time::Instant::now();
     if run.analysis_level == Some(args::AnalysisLevel::Group) {
-        return finish(run_group(&run));
+        return run_group(&run, l.log_format, started);
     }
     report_summary(
         settings(&run).and_then(|s| Ok((pipeline::run(&s)?, s.dry_run))),

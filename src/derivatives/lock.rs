@@ -110,6 +110,43 @@ impl Lock {
     }
 }
 
+impl Lock {
+    /// Whether some process holds the lock at `path` now (false when there is no file).
+    pub fn is_held(path: &Path) -> bool {
+        let Ok(file) = File::open(path) else {
+            return false;
+        };
+        matches!(file.try_lock_shared(), Err(TryLockError::WouldBlock))
+    }
+
+    /// Removes the file of a lock nobody holds: what a run killed while holding it leaves.
+    pub fn remove_if_stale(path: &Path) {
+        if !path.exists() {
+            return;
+        }
+        if let Ok((lock, _)) = Self::try_acquire(path) {
+            drop(lock);
+        }
+    }
+
+    /// [`Lock::acquire`] without waiting: `Err` when another process holds it.
+    fn try_acquire(path: &Path) -> std::io::Result<(Lock, Wait)> {
+        let file = OpenOptions::new().read(true).write(true).open(path)?;
+        match file.try_lock() {
+            Ok(()) if same_file(&file, path) => Ok((
+                Lock {
+                    path: path.to_path_buf(),
+                    file: Some(file),
+                },
+                Wait::None,
+            )),
+            Ok(()) => Err(std::io::Error::other("replaced")),
+            Err(TryLockError::WouldBlock) => Err(std::io::Error::other("held")),
+            Err(TryLockError::Error(e)) => Err(e),
+        }
+    }
+}
+
 impl Drop for Lock {
     fn drop(&mut self) {
         // Remove while still holding, so nobody can lock the path's file in between.
@@ -177,6 +214,23 @@ mod tests {
         assert_eq!(waiter.join().unwrap(), Wait::Waited);
         assert_eq!(*order.lock().unwrap(), ["first released", "second"]);
         assert!(!path.exists(), "the lock file is removed on release");
+    }
+
+    #[test]
+    fn a_lock_left_by_a_dead_holder_is_not_held_and_is_removed() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(".z.lock");
+        // What `kill -9` leaves: the file, with the kernel's lock gone.
+        std::fs::write(&path, "pid 1 on host h since 0\n").unwrap();
+        assert!(!Lock::is_held(&path));
+        let (held, _) = Lock::acquire(&path, "z").unwrap();
+        assert!(Lock::is_held(&path));
+        Lock::remove_if_stale(&path);
+        assert!(path.exists(), "a held lock stays");
+        drop(held);
+        std::fs::write(&path, "").unwrap();
+        Lock::remove_if_stale(&path);
+        assert!(!path.exists());
     }
 
     #[test]

@@ -21,7 +21,8 @@ use crate::{io, Error, Result, Volume};
 /// The lock that guards `dataset_description.json` and `.bidsignore`.
 const DATASET_LOCK: &str = ".chimap-dataset.lock";
 
-const BIDSIGNORE: &[u8] = b"*.html\nlogs/\nfigures/\n*_desc-qc.json\ngroup_qc.tsv\n";
+const BIDSIGNORE: &[u8] =
+    b"*.html\nlogs/\nfigures/\n*_desc-qc.json\ngroup_qc.tsv\ngroup_status.tsv\n";
 
 /// Name of the source dataset in BIDS URIs (`bids:raw:sub-01/anat/…`).
 pub const SOURCE_LINK: &str = "raw";
@@ -126,6 +127,14 @@ impl Derivatives {
         let got = Lock::acquire(&dir.join(format!(".{name}.lock")), &name)?;
         partial::remove_stale_in(&dir);
         Ok(got)
+    }
+
+    /// Removes the lock file of an acquisition that a killed run left (nobody holds it).
+    pub fn clear_stale_lock(&self, entities: &Entities) {
+        let path = self
+            .folder(entities)
+            .join(format!(".{}.lock", entities.prefix()));
+        Lock::remove_if_stale(&path);
     }
 
     /// True when the output and its sidecar both exist (a finished earlier run).

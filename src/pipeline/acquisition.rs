@@ -79,6 +79,7 @@ pub fn process(
     let method = config.inversion.method()?;
     let chimap_path = deriv.path(&acq.entities, Some(method.name()), "Chimap");
     if !overwrite && Derivatives::exists(&chimap_path) {
+        deriv.clear_stale_lock(&acq.entities);
         return Ok(Outcome::AlreadyDone);
     }
     // One run at a time per acquisition; one that waited finds the work done.
@@ -155,6 +156,7 @@ pub fn process_set(
     let method = config.inversion.method()?;
     let chimap_path = deriv.path(&set.entities, Some(method.name()), "Chimap");
     if !overwrite && Derivatives::exists(&chimap_path) {
+        deriv.clear_stale_lock(&set.entities);
         return Ok(Outcome::AlreadyDone);
     }
     // The set's lock, then its members' (in order), as runs of other methods take those.

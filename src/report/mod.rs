@@ -13,6 +13,7 @@
 pub mod figure;
 pub mod group;
 pub mod html;
+pub mod status;
 
 use std::path::{Path, PathBuf};
 
