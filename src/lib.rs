@@ -30,6 +30,7 @@ pub mod physics;
 pub mod pipeline;
 pub mod preprocess;
 pub mod qc;
+pub mod register;
 pub mod report;
 pub mod simulate;
 pub mod train;
