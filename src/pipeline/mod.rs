@@ -8,6 +8,7 @@ mod acquisition;
 mod config;
 pub(crate) mod fields;
 mod progress;
+mod register;
 pub use progress::STAGE_ORDER;
 
 pub use acquisition::{process, Outcome};
