@@ -129,13 +129,16 @@ pub fn discover_with_masks(
         )));
     }
 
-    let orientation_sets = orientation_sets(&acquisitions);
+    let (scanned_sets, orientation_sets) = orientation_sets(&acquisitions)
+        .into_iter()
+        .partition(|s| s.as_scanned);
     Ok(Discovery {
         root: root.to_path_buf(),
         dataset_type,
         name,
         acquisitions,
         orientation_sets,
+        scanned_sets,
         problems,
     })
 }

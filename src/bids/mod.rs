@@ -159,6 +159,10 @@ pub struct Discovery {
     pub name: Option<String>,
     pub acquisitions: Vec<Acquisition>,
     pub orientation_sets: Vec<OrientationSet>,
+    /// Raw series of a session that differ only in `acq-`/`run-` and share one B0 direction:
+    /// candidate head-rotation sets as scanned (`as_scanned`), which a joint method registers.
+    /// Kept apart so that everything else sees the sets it always saw.
+    pub scanned_sets: Vec<OrientationSet>,
     /// Series that were found but cannot be processed, each with the reason (the file and
     /// the fix). They make the run fail without stopping the other acquisitions.
     pub problems: Vec<(String, crate::Error)>,
