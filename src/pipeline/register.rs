@@ -65,7 +65,19 @@ pub(super) fn to_reference(
         let sidecar = transform_sidecar(members[0], acq, &t, &record);
         crate::io::write_json(&path.with_extension("json"), &sidecar)?;
         resample_local(local, &grid, &ref_grid, reference, &t);
-        b0.push(register::b0_in_reference(&t, &reference.field.geometry));
+        let b = register::b0_in_reference(&t, &reference.field.geometry);
+        tracing::info!(
+            "{}: head rotated {:.2}° from {} (B0 {:.1}° apart), NCC after {}",
+            acq.name(),
+            t.angle_degrees(),
+            members[0].name(),
+            rigid::angle_between_degrees(b, members[0].b0_direction),
+            record["NCCAfter"]
+                .as_f64()
+                .map(|v| format!("{v:.3}"))
+                .unwrap_or_else(|| "not recomputed (transform reused)".into())
+        );
+        b0.push(b);
         records.push(sidecar);
     }
     Ok((b0, records))
