@@ -9,6 +9,9 @@
 //!             write   background
 //! ```
 //!
+//! `register` moves the members of a multi-orientation set imaged as scanned (head turned
+//! inside one grid) onto one head frame before a joint inversion.
+//!
 //! `physics` (dipole kernel, FFT, units, B0 direction) is shared by `preprocess`,
 //! `inversion` and `simulate`; `pipeline` is the only module that knows the order of the
 //! stages; `cli` turns arguments and the YAML config into `pipeline` settings.
@@ -30,6 +33,7 @@ pub mod physics;
 pub mod pipeline;
 pub mod preprocess;
 pub mod qc;
+pub mod register;
 pub mod report;
 pub mod simulate;
 pub mod train;

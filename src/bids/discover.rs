@@ -129,13 +129,16 @@ pub fn discover_with_masks(
         )));
     }
 
-    let orientation_sets = orientation_sets(&acquisitions);
+    let (scanned_sets, orientation_sets) = orientation_sets(&acquisitions)
+        .into_iter()
+        .partition(|s| s.as_scanned);
     Ok(Discovery {
         root: root.to_path_buf(),
         dataset_type,
         name,
         acquisitions,
         orientation_sets,
+        scanned_sets,
         problems,
     })
 }
@@ -1039,15 +1042,20 @@ fn orientation_sets(acquisitions: &[Acquisition]) -> Vec<OrientationSet> {
     }
     let min_cos = SAME_ORIENTATION_DEG.to_radians().cos();
     let mut sets = Vec::new();
-    for ((key, _, _), members) in groups {
+    for ((key, _, class), members) in groups {
         let rotated = members.iter().enumerate().any(|(n, &i)| {
             members[n + 1..].iter().any(|&j| {
                 let (a, b) = (acquisitions[i].b0_direction, acquisitions[j].b0_direction);
                 a[0] * b[0] + a[1] * b[1] + a[2] * b[2] < min_cos
             })
         });
-        if members.len() >= 2 && rotated {
+        // Raw series with one B0 direction may be a head-rotation study as scanned: their
+        // magnitudes let registration find the rotations. Field maps bring no magnitude, so
+        // they form a set only when their affines already carry distinct B0 directions.
+        let as_scanned = !rotated && class == 0;
+        if members.len() >= 2 && (rotated || as_scanned) {
             sets.push(OrientationSet {
+                as_scanned,
                 subject: key.sub.clone(),
                 session: key.ses.clone(),
                 entities: key,

@@ -159,6 +159,7 @@ pub fn from_files(inputs: &FileInputs) -> Result<Discovery> {
         name: None,
         acquisitions: vec![acquisition],
         orientation_sets: Vec::new(),
+        scanned_sets: Vec::new(),
         problems: Vec::new(),
     })
 }

@@ -126,9 +126,15 @@ impl Acquisition {
     }
 }
 
-/// Series of one session that differ only in `acq-`/`run-` and whose B0 directions differ.
+/// Series of one session that differ only in `acq-`/`run-`: either registered to one grid
+/// already, with B0 directions that differ (each carried by its affine), or raw series as
+/// they come off the scanner, whose affines agree and whose head rotations registration
+/// finds (`as_scanned`).
 #[derive(Clone, Debug)]
 pub struct OrientationSet {
+    /// The members' affines give (nearly) one B0 direction: the head turned inside the image,
+    /// so the members must be registered before a joint inversion.
+    pub as_scanned: bool,
     pub subject: String,
     pub session: Option<String>,
     /// The members' shared entities (theirs without `acq` and `run`): the set's outputs are
@@ -153,6 +159,10 @@ pub struct Discovery {
     pub name: Option<String>,
     pub acquisitions: Vec<Acquisition>,
     pub orientation_sets: Vec<OrientationSet>,
+    /// Raw series of a session that differ only in `acq-`/`run-` and share one B0 direction:
+    /// candidate head-rotation sets as scanned (`as_scanned`), which a joint method registers.
+    /// Kept apart so that everything else sees the sets it always saw.
+    pub scanned_sets: Vec<OrientationSet>,
     /// Series that were found but cannot be processed, each with the reason (the file and
     /// the fix). They make the run fail without stopping the other acquisitions.
     pub problems: Vec<(String, crate::Error)>,

@@ -499,6 +499,12 @@ fn rotated_runs_form_an_orientation_set() {
         (b0[1] - s).abs() < 1e-6 && (b0[2] - c).abs() < 1e-6,
         "{b0:?}"
     );
+    // Session "b" is a candidate set as scanned: one B0 direction, registration decides.
+    assert_eq!(d.scanned_sets.len(), 1, "{:?}", d.scanned_sets);
+    let scanned = &d.scanned_sets[0];
+    assert!(scanned.as_scanned && !set.as_scanned);
+    assert_eq!(scanned.session.as_deref(), Some("b"));
+    assert_eq!(scanned.members.len(), 2);
 }
 
 fn derivative() -> Ds {

@@ -51,7 +51,7 @@ pub fn geometry_with_b0(dims: [usize; 3], voxel_size: [f64; 3], b0: [f64; 3]) ->
 
 /// A proper rotation matrix whose third row is the unit vector `b`: the rotation closest
 /// to the identity that does so (Rodrigues' rotation taking `b` to z).
-fn rotation_with_last_row(b: [f64; 3]) -> [[f64; 3]; 3] {
+pub fn rotation_with_last_row(b: [f64; 3]) -> [[f64; 3]; 3] {
     let n: f64 = (b[0] * b[0] + b[1] * b[1] + b[2] * b[2]).sqrt();
     let b = if n > 0.0 {
         b.map(|v| v / n)

@@ -169,7 +169,8 @@ pub fn process_set(
     }
     let members: Vec<&Acquisition> = set.members.iter().map(|&i| &acquisitions[i]).collect();
     let first = members[0];
-    for m in &members[1..] {
+    // As-scanned members are resampled onto the first one's grid, so any grids will do.
+    for m in members[1..].iter().filter(|_| !set.as_scanned) {
         if m.dims != first.dims
             || m.voxel_size
                 .iter()
@@ -204,6 +205,15 @@ pub fn process_set(
         locals.push(local);
     }
 
+    // B0 of each orientation in the voxel frame of the (first member's) grid.
+    let mut b0: Vec<[f64; 3]> = members.iter().map(|a| a.b0_direction).collect();
+    let mut registrations = Vec::new();
+    if set.as_scanned {
+        stages.start("registration");
+        (b0, registrations) =
+            super::register::to_reference(&members, &mut locals, deriv, overwrite)?;
+    }
+
     stages.start("inversion");
     // χ is defined where every orientation's field is.
     let mut mask = locals[0].mask.clone();
@@ -230,10 +240,10 @@ pub fn process_set(
         voxel_size: locals[0].field.geometry.voxel_size,
         orientations: locals
             .iter()
-            .zip(&members)
-            .map(|(l, a)| Orientation {
+            .zip(&b0)
+            .map(|(l, &b0)| Orientation {
                 field: &l.field.data,
-                b0: a.b0_direction,
+                b0,
             })
             .collect(),
         mask: &mask,
@@ -261,8 +271,13 @@ pub fn process_set(
         "Description": "Magnetic susceptibility (QSM) from several head orientations inverted jointly",
         "Sources": sources,
         "Orientations": members.iter().map(|a| a.name()).collect::<Vec<_>>(),
-        "B0Directions": members.iter().map(|a| a.b0_direction).collect::<Vec<_>>(),
-        "B0DirectionFrame": "voxel axes (i, j, k) of the shared grid, from each series' affine",
+        "B0Directions": b0,
+        "B0DirectionFrame": if set.as_scanned {
+            "voxel axes (i, j, k) of the first orientation's grid, after rigid registration of each orientation to it"
+        } else {
+            "voxel axes (i, j, k) of the shared grid, from each series' affine"
+        },
+        "B0AnglesDegrees": super::register::pairwise_angles(&b0),
         "ChimapVersion": crate::VERSION,
         "Method": method.name(),
         "MethodParameters": method.parameters(),
@@ -273,6 +288,9 @@ pub fn process_set(
     });
     if let Some(t) = first.field_strength.or(config.field_strength) {
         sidecar["MagneticFieldStrength"] = json!(t);
+    }
+    if set.as_scanned {
+        sidecar["Registration"] = json!(registrations);
     }
     let chimap = locals[0].field.with_data(chi);
     deriv.write(&chimap_path, &chimap.cropped(locals[0].dims), &sidecar)?;

@@ -8,6 +8,7 @@ mod acquisition;
 mod config;
 pub(crate) mod fields;
 mod progress;
+mod register;
 pub use progress::STAGE_ORDER;
 
 pub use acquisition::{process, Outcome};
@@ -224,13 +225,20 @@ pub fn run_discovered(settings: &Settings, discovery: Discovery) -> Result<Summa
     let joint = settings.config.inversion.method()?.joint_orientations();
     let mut units: Vec<Unit> = Vec::new();
     if joint {
-        units.extend(discovery.orientation_sets.iter().map(Unit::Set));
+        units.extend(
+            discovery
+                .orientation_sets
+                .iter()
+                .chain(&discovery.scanned_sets)
+                .map(Unit::Set),
+        );
     }
     let in_set = |i: usize| {
         joint
             && discovery
                 .orientation_sets
                 .iter()
+                .chain(&discovery.scanned_sets)
                 .any(|s| s.members.contains(&i))
     };
     units.extend(
@@ -359,7 +367,7 @@ pub fn describe(d: &Discovery) -> String {
             let _ = writeln!(s, "    brain mask: {}", m.path.display());
         }
     }
-    for set in &d.orientation_sets {
+    for set in d.orientation_sets.iter().chain(&d.scanned_sets) {
         let names: Vec<_> = set
             .members
             .iter()
@@ -367,7 +375,12 @@ pub fn describe(d: &Discovery) -> String {
             .collect();
         let _ = writeln!(
             s,
-            "  orientation set ({} orientations): {}",
+            "  orientation set{} ({} orientations): {}",
+            if set.as_scanned {
+                " as scanned, registered by joint methods"
+            } else {
+                ""
+            },
             names.len(),
             names.join(", ")
         );
@@ -437,6 +450,7 @@ mod tests {
             name: None,
             acquisitions: vec![acq],
             orientation_sets: Vec::new(),
+            scanned_sets: Vec::new(),
             problems: Vec::new(),
         };
         // The mask lies in OUTPUT_DIR/sub-x/: refused; elsewhere, the inputs' folder is fine.

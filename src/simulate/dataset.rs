@@ -26,6 +26,7 @@ use super::rng::Rng;
 use super::signal::{simulate_series, Series, SimParams};
 use crate::io::{write_atomic, write_json, write_volume, write_volume_i16};
 use crate::physics::{b0_direction, geometry_with_b0};
+use crate::simulate::phantom::Pose;
 use crate::{Error, Result, Volume};
 
 const BIDS_VERSION: &str = "1.10.0";
@@ -85,6 +86,12 @@ pub struct SimulateArgs {
     /// Seed of every random choice (heads, noise, phase offsets).
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// Simulate the orientations as a scanner images them: the head turned inside one axial
+    /// grid (B0 along its z for every series), each --b0-direction being B0 in the head's
+    /// frame; the true head rotations go to the ground truth (`*_pose.json`). Procedural
+    /// head only.
+    #[arg(long)]
+    pub as_scanned: bool,
     /// Write into an existing non-empty OUTPUT (a dataset made by chimap simulate is
     /// cleared of its subjects and truth first).
     #[arg(long)]
@@ -144,6 +151,11 @@ pub fn run(args: &SimulateArgs) -> Result<()> {
         ));
     }
     let (dims, voxel) = procedural_grid(args)?;
+    if args.as_scanned && args.phantom.chi.is_some() {
+        return Err(Error::Usage(
+            "--as-scanned turns the procedural head inside the grid; it does not take --chi".into(),
+        ));
+    }
     prepare_output(&args.output, args.overwrite)?;
 
     // A file phantom is read once and shared by every subject.
@@ -190,6 +202,25 @@ pub fn run(args: &SimulateArgs) -> Result<()> {
                         (geometry_with_b0(phantom.dims(), voxel_of(&phantom), b), b)
                     }
                 };
+                // As scanned: the head turns by Q (with Qᵀ·ẑ = b, B0 in the head's frame)
+                // inside an axial grid, and B0 is the grid's z.
+                let (geometry, b0, pose) = if args.as_scanned {
+                    let q = crate::physics::b0::rotation_with_last_row(b0);
+                    let pose = Pose {
+                        rotation: q,
+                        shift: [0.0; 3],
+                    };
+                    phantom = Phantom::procedural_posed(
+                        dims,
+                        voxel,
+                        Rng::derived(args.seed, &[subject as u64]).next_u64(),
+                        &pose,
+                    )?;
+                    let z = [0.0, 0.0, 1.0];
+                    (geometry_with_b0(dims, voxel, z), z, Some((pose, b0)))
+                } else {
+                    (geometry, b0, None)
+                };
                 phantom.set_geometry(geometry);
                 let mut p = params.clone();
                 p.seed =
@@ -204,6 +235,18 @@ pub fn run(args: &SimulateArgs) -> Result<()> {
                 };
                 write_raw(&root.join(&rel), &stem, &series, &p, args.dtype)?;
                 write_truth(&truth_root.join(&rel), &stem, &series, &p)?;
+                if let Some((pose, head_b0)) = pose {
+                    let path = truth_root.join(&rel).join(format!("{stem}_pose.json"));
+                    write_json(
+                        &path,
+                        &json!({
+                            "Description": "Head rotation inside the grid: tissue at grid point p (mm from the grid centre) is the upright head's at Rᵀ·p",
+                            "Rotation": pose.rotation,
+                            "RotationDegrees": crate::register::rigid::rotation_angle(&pose.rotation).to_degrees(),
+                            "B0InHeadFrame": head_b0,
+                        }),
+                    )?;
+                }
                 tracing::info!(
                     series = %stem,
                     seconds = format!("{:.1}", start.elapsed().as_secs_f64()),

@@ -19,6 +19,36 @@ use super::rng::Rng;
 use crate::volume::voxel_count;
 use crate::{Error, Geometry, Result, Volume};
 
+/// A rigid head motion inside the grid: rotation `Q` about the grid centre, then a shift
+/// (mm). The default leaves the head upright and centred.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Pose {
+    pub rotation: [[f64; 3]; 3],
+    pub shift: [f64; 3],
+}
+
+impl Default for Pose {
+    fn default() -> Self {
+        Pose {
+            rotation: [[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]],
+            shift: [0.0; 3],
+        }
+    }
+}
+
+impl Pose {
+    /// Where grid point `p` lies in the upright head: `Qᵀ·(p − s)`.
+    fn to_head(&self, p: [f64; 3]) -> [f64; 3] {
+        let d = [
+            p[0] - self.shift[0],
+            p[1] - self.shift[1],
+            p[2] - self.shift[2],
+        ];
+        let q = &self.rotation;
+        [0, 1, 2].map(|c| q[0][c] * d[0] + q[1][c] * d[1] + q[2][c] * d[2])
+    }
+}
+
 /// Susceptibilities (ppm, relative to water) of the non-brain compartments.
 pub const CHI_BONE: f32 = -2.1;
 pub const CHI_AIR: f32 = 9.2;
@@ -61,6 +91,18 @@ impl Phantom {
     /// x = left→right, y = posterior→anterior, z = inferior→superior; the head is scaled down
     /// (never up) to fit the field of view with a margin of air.
     pub fn procedural(dims: [usize; 3], voxel_size: [f64; 3], seed: u64) -> Result<Phantom> {
+        Phantom::procedural_posed(dims, voxel_size, seed, &Pose::default())
+    }
+
+    /// The built-in head moved inside the grid by `pose` (as a subject tilts the head in the
+    /// scanner): tissue at grid point `p` (mm from the grid centre) is that of the upright
+    /// head at `Qᵀ·(p − s)`. Evaluated analytically, so no interpolation blurs it.
+    pub fn procedural_posed(
+        dims: [usize; 3],
+        voxel_size: [f64; 3],
+        seed: u64,
+        pose: &Pose,
+    ) -> Result<Phantom> {
         if dims.contains(&0) {
             return Err(Error::Usage(format!(
                 "phantom dims must be positive, got {dims:?}"
@@ -95,7 +137,7 @@ impl Phantom {
                             (j as f64 - (dims[1] as f64 - 1.0) / 2.0) * voxel_size[1],
                             (k as f64 - (dims[2] as f64 - 1.0) / 2.0) * voxel_size[2],
                         ];
-                        let t = head.tissue(p);
+                        let t = head.tissue(pose.to_head(p));
                         let v = i + dims[0] * j;
                         ct[v] = t.chi;
                         if t.brain {
