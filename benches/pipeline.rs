@@ -140,6 +140,7 @@ fn inversions(work: [usize; 3], t_work: f64, quick: bool) {
         mask: &mask,
         weight: None,
         magnitude: None,
+        total: None,
     };
     println!("\ninversions on the work grid (ratio to one FFT pair there)");
     let report = |name: &str, t: f64, goal: &str| {
@@ -285,6 +286,7 @@ fn main() {
         mask: &mask,
         weight: None,
         magnitude: None,
+        total: None,
     };
     let t_tkd = time(3, || tkd.invert(&problem).expect("TKD runs"));
     println!(
@@ -435,6 +437,7 @@ fn background_methods(dims: [usize; 3]) {
         mask: &mask,
         weight: None,
         magnitude: None,
+        total: None,
     };
     let t_tkd = time(3, || tkd.invert(&problem).expect("TKD runs"));
     let t_pair = fft_pair(dims);

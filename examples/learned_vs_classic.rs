@@ -113,6 +113,7 @@ fn main() {
                     mask: &mask,
                     weight: None,
                     magnitude: None,
+                    total: None,
                 };
                 let chi = m.invert(&problem).expect("inversion");
                 let s = scores(&chi, &b.chi, &mask, b.dims);
@@ -224,6 +225,7 @@ fn main() {
                 mask: &mask,
                 weight: None,
                 magnitude: None,
+                total: None,
             };
             let t0 = std::time::Instant::now();
             let chi = m.invert(&problem).expect("inversion");

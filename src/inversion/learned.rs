@@ -161,7 +161,8 @@ impl Method for Learned {
             | MethodName::Tv
             | MethodName::Cosmos
             | MethodName::Rts
-            | MethodName::Medi => unreachable!("not a learned method"),
+            | MethodName::Medi
+            | MethodName::Tfi => unreachable!("not a learned method"),
         };
         chi.flatten_all()
             .and_then(|t| t.to_vec1::<f32>())
@@ -210,6 +211,7 @@ mod tests {
             mask,
             weight: None,
             magnitude: None,
+            total: None,
         }
     }
 

@@ -13,6 +13,7 @@ pub mod medi;
 pub mod rts;
 #[cfg(test)]
 mod testing;
+pub mod tfi;
 pub mod tkd;
 pub mod tv;
 
@@ -35,6 +36,17 @@ pub struct Orientation<'a> {
     pub b0: [f64; 3],
 }
 
+/// The total field of one orientation, background included, for the one-step methods (TFI).
+pub struct TotalField<'a> {
+    /// Total field in ppm on the grid of the problem, valid on `support`.
+    pub field: &'a [f32],
+    /// Where the total field is trusted (the brain, signal voids excluded from `weight`).
+    pub support: &'a Mask,
+    /// Relative reliability of each voxel's total field (0 where it is not measured, e.g.
+    /// in-painted voids); `None` = uniform on `support`.
+    pub weight: Option<&'a [f32]>,
+}
+
 /// What every inversion method receives.
 pub struct Problem<'a> {
     pub dims: [usize; 3],
@@ -49,6 +61,9 @@ pub struct Problem<'a> {
     /// Magnitude image on the same grid, for methods with anatomical priors (MEDI's edge
     /// mask); `None` when the input had none.
     pub magnitude: Option<&'a [f32]>,
+    /// The total field, given to the one-step methods ([`Method::one_step`]) by pipelines
+    /// that have it (raw phase, total field maps); `None` otherwise.
+    pub total: Option<TotalField<'a>>,
 }
 
 impl Problem<'_> {
@@ -135,6 +150,12 @@ pub trait Method {
     fn joint_orientations(&self) -> bool {
         false
     }
+    /// Whether the method inverts the total field (background and tissue as one χ) and so
+    /// wants [`Problem::total`] and χ over the whole brain mask, not the background-removed
+    /// field's mask.
+    fn one_step(&self) -> bool {
+        false
+    }
 }
 
 /// The methods that `--method` accepts.
@@ -155,6 +176,9 @@ pub enum MethodName {
     Rts,
     /// Nonlinear data term with magnitude-edge-weighted TV, Gauss-Newton (Liu et al. 2011).
     Medi,
+    /// Total field inversion (Liu et al. 2018): one step from the total field, background
+    /// sources and tissue χ together, preconditioned; needs raw phase or a total field map.
+    Tfi,
     /// Learned proximal gradient descent (Lai et al. 2020); needs `--weights`.
     Lpcnn,
     /// Looped U-net with GHPA (Chen et al. 2024); needs `--weights`.
@@ -174,6 +198,7 @@ impl MethodName {
             MethodName::Cosmos => "cosmos",
             MethodName::Rts => "rts",
             MethodName::Medi => "medi",
+            MethodName::Tfi => "tfi",
             MethodName::Lpcnn => "lpcnn",
             MethodName::Loopnet => "loopnet",
             MethodName::Unet => "unet",
@@ -201,6 +226,8 @@ pub struct Config {
     pub rts: rts::Config,
     /// Parameters of MEDI.
     pub medi: medi::Config,
+    /// Parameters of TFI.
+    pub tfi: tfi::Config,
     /// Weights (safetensors) of the learned methods; required by them, no default.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub weights: Option<PathBuf>,
@@ -222,6 +249,7 @@ impl Default for Config {
             cosmos: cosmos::Config::default(),
             rts: rts::Config::default(),
             medi: medi::Config::default(),
+            tfi: tfi::Config::default(),
             weights: None,
             device: Default::default(),
             max_memory_gib: 3.0,
@@ -240,6 +268,7 @@ impl Config {
             MethodName::Cosmos => Box::new(cosmos::Cosmos::new(self.cosmos.clone())),
             MethodName::Rts => Box::new(rts::Rts::new(self.rts.clone())),
             MethodName::Medi => Box::new(medi::Medi::new(self.medi.clone())),
+            MethodName::Tfi => Box::new(tfi::Tfi::new(self.tfi.clone())),
             m => Box::new(learned::Learned::new(
                 m,
                 self.weights.clone(),

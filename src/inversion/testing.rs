@@ -116,6 +116,7 @@ pub fn problem<'a>(
         mask,
         weight: None,
         magnitude: None,
+        total: None,
     }
 }
 

@@ -84,6 +84,7 @@ mod tests {
             mask: &mask,
             weight: None,
             magnitude: None,
+            total: None,
         };
         let low = Tkd::new(Config { threshold: 0.05 })
             .invert(&problem)
@@ -115,6 +116,7 @@ mod tests {
             mask: &mask,
             weight: None,
             magnitude: None,
+            total: None,
         };
         let two = Problem {
             dims,
@@ -126,6 +128,7 @@ mod tests {
             mask: &mask,
             weight: None,
             magnitude: None,
+            total: None,
         };
         let tkd = Tkd::new(Config { threshold: 0.2 });
         let e1 = nrmse(&tkd.invert(&one).unwrap(), &chi, &mask);
@@ -148,6 +151,7 @@ mod tests {
             mask: &mask,
             weight: None,
             magnitude: None,
+            total: None,
         };
         let err = Tkd::new(Config { threshold: 0.9 })
             .invert(&p)

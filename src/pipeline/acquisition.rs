@@ -49,6 +49,18 @@ pub(super) struct LocalField {
     pub magnitude: Option<Vec<f32>>,
     /// The local-field checks (run before inversion).
     pub checks: Vec<qc::Check>,
+    /// The total field, kept only for the one-step methods (TFI).
+    pub total: Option<Total>,
+}
+
+/// The total field (ppm) on the work grid where it was measured (`support`: the brain and
+/// the tissue around it), with its reliability (zero in signal voids, whose field was
+/// in-painted, not measured), and the brain mask, where χ is wanted.
+pub(super) struct Total {
+    pub field: Vec<f32>,
+    pub support: Mask,
+    pub weight: Option<Vec<f32>>,
+    pub brain: Mask,
 }
 
 /// Data weight from the field's noise: `median(σ)/σ` in the mask, capped at 4 so that a few
@@ -90,7 +102,8 @@ pub fn process(
     let mut stages = Stages::new(&acq.name());
     let b0_tesla = acq.field_strength.or(config.field_strength);
     let common = common_sidecar(acq, b0_tesla);
-    let mut local = local_field(acq, root, config, deriv, b0_tesla, &mut stages)?;
+    let keep_total = method.one_step();
+    let mut local = local_field(acq, root, config, deriv, b0_tesla, keep_total, &mut stages)?;
     if let Err(e) = gate_on_checks(deriv, acq, &local, config) {
         // Keep what preprocessing made, so the report can show why it failed.
         let mut outputs = std::mem::take(&mut local.outputs);
@@ -100,6 +113,10 @@ pub fn process(
     }
 
     stages.start("inversion");
+    // A one-step method inverts the total field and gives χ on the whole brain mask; its
+    // voids are sources it fits itself (their weight is zero), so no void χ is added.
+    let total = local.total.take();
+    let chi_mask = total.as_ref().map_or(&local.mask, |t| &t.brain);
     let problem = Problem {
         dims: local.field.dims,
         voxel_size: local.field.geometry.voxel_size,
@@ -107,15 +124,25 @@ pub fn process(
             field: &local.field.data,
             b0: acq.b0_direction,
         }],
-        mask: &local.mask,
+        mask: chi_mask,
         weight: local.weight.as_deref(),
         magnitude: local.magnitude.as_deref(),
+        total: total.as_ref().map(|t| inversion::TotalField {
+            field: &t.field,
+            support: &t.support,
+            weight: t.weight.as_deref(),
+        }),
     };
     let mut chi = method.invert(&problem)?;
-    if let Some(v) = &local.void_chi {
+    if let (Some(v), None) = (&local.void_chi, &total) {
         chi.iter_mut().zip(v).for_each(|(c, &s)| *c += s);
     }
-    let reference = inversion::reference_to_mean(&mut chi, &local.mask, &local.mask);
+    let reference = inversion::reference_to_mean(&mut chi, chi_mask, chi_mask);
+    let reference_region = if total.is_some() {
+        "mean over the brain mask (desc-brain_mask), where the total field was inverted"
+    } else {
+        "mean over the mask of the local field (desc-local_fieldmap, non-zero voxels of its mask)"
+    };
     stages.finish();
 
     let mut outputs = std::mem::take(&mut local.outputs);
@@ -130,7 +157,7 @@ pub fn process(
             "Method": method.name(),
             "MethodParameters": method.parameters(),
             "Preprocessing": local.parameters,
-            "ReferenceRegion": "mean over the mask of the local field (desc-local_fieldmap, non-zero voxels of its mask)",
+            "ReferenceRegion": reference_region,
             "ReferenceValueRemoved": reference,
             "ProcessingTimeSeconds": stages.to_json(),
         }),
@@ -197,7 +224,7 @@ pub fn process_set(
     let mut locals = Vec::with_capacity(members.len());
     for acq in &members {
         let b0_tesla = acq.field_strength.or(config.field_strength);
-        let mut local = local_field(acq, root, config, deriv, b0_tesla, &mut stages)?;
+        let mut local = local_field(acq, root, config, deriv, b0_tesla, false, &mut stages)?;
         let mut outputs = std::mem::take(&mut local.outputs);
         outputs.push(local_field_output(deriv, acq, &local));
         write_outputs(deriv, outputs, &common_sidecar(acq, b0_tesla), local.dims)?;
@@ -249,6 +276,7 @@ pub fn process_set(
         mask: &mask,
         weight: weight.as_deref(),
         magnitude: None,
+        total: None,
     };
     let mut chi = method.invert(&problem)?;
     // Void sources were fitted per orientation; their χ is one tissue property, so average.
@@ -343,6 +371,7 @@ fn local_field(
     config: &Config,
     deriv: &Derivatives,
     b0_tesla: Option<f64>,
+    keep_total: bool,
     stages: &mut Stages,
 ) -> Result<LocalField> {
     Ok(match &acq.source {
@@ -350,7 +379,7 @@ fn local_field(
             let b0_tesla = b0_tesla.ok_or_else(|| missing_field_strength(acq, root))?;
             stages.start("load");
             let echoes = fields::load_echoes(echoes)?;
-            raw_local_field(echoes, b0_tesla, config, deriv, acq, stages)?
+            raw_local_field(echoes, b0_tesla, config, deriv, acq, keep_total, stages)?
         }
         Source::FieldMap {
             kind,
@@ -383,13 +412,21 @@ fn local_field(
                         weight: None,
                         magnitude: None,
                         checks: Vec::new(),
+                        total: None,
                     };
                     (local, None)
                 }
                 FieldKind::Total => {
                     stages.start("background removal");
-                    let local =
+                    let total = keep_total.then(|| Total {
+                        field: field_w.data.clone(),
+                        support: mask_w.clone(),
+                        weight: None,
+                        brain: mask_w.clone(),
+                    });
+                    let mut local =
                         background_removal(dims, field_w, mask_w.clone(), config, deriv, acq)?;
+                    local.total = total;
                     (local, Some(mask_w))
                 }
             };
@@ -490,6 +527,7 @@ fn raw_local_field(
     config: &Config,
     deriv: &Derivatives,
     acq: &Acquisition,
+    keep_total: bool,
     stages: &mut Stages,
 ) -> Result<LocalField> {
     let pre = &config.preprocess;
@@ -648,11 +686,35 @@ fn raw_local_field(
             sidecar: json!({ "Type": "Brain", "Description": pre.background.mask_description() }),
         },
     ];
+    let total = keep_total.then(|| {
+        let support = preprocess::mask::field_support(
+            &mask,
+            &rss,
+            &fit.residual_rad,
+            pre.mask.max_residual_rad,
+            config.inversion.tfi.support_mm,
+        );
+        // The in-painted voids carry no measurement: weight 0 there.
+        let weight = fit.noise_hz.as_ref().map(|noise| {
+            let mut w = weight_from_noise(&noise.data, &support);
+            w.iter_mut()
+                .zip(&filled.voids)
+                .for_each(|(w, &v)| *w = if v { 0.0 } else { *w });
+            w
+        });
+        Total {
+            field: total_ppm.data.clone(),
+            support,
+            weight,
+            brain: mask.clone(),
+        }
+    });
     let weight = fit
         .noise_hz
         .as_ref()
         .map(|noise| weight_from_noise(&noise.data, &local.mask));
     Ok(LocalField {
+        total,
         dims,
         field: local.field,
         mask: local.mask,
@@ -747,6 +809,7 @@ fn background_removal(
         weight: None,
         magnitude: None,
         checks: Vec::new(),
+        total: None,
         parameters: json!({
             "Input": "total field map",
             "BackgroundRemoval": background_parameters(bg, local.details),

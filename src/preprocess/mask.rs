@@ -188,6 +188,40 @@ pub fn refine_mask(
     Ok(mask)
 }
 
+/// Where a total field is measured well enough for a one-step inversion: the brain mask,
+/// plus the voxels within `extend_mm` of it that have signal (magnitude above half the
+/// volume's Otsu threshold, which separates tissue from the noise of air) and a reliable
+/// echo fit (residual at most `max_residual_rad`; ≤ 0 disables that test).
+pub fn field_support(
+    brain: &[bool],
+    magnitude: &Volume,
+    residual_rad: &Volume,
+    max_residual_rad: f64,
+    extend_mm: f64,
+) -> Mask {
+    if extend_mm <= 0.0 {
+        return brain.to_vec();
+    }
+    let dims = magnitude.dims;
+    let near = dilate(brain, dims, magnitude.geometry.voxel_size, extend_mm);
+    let signal = otsu(&magnitude.data).map_or(f32::INFINITY, |t| 0.5 * t);
+    let limit = if max_residual_rad > 0.0 {
+        max_residual_rad as f32
+    } else {
+        f32::INFINITY
+    };
+    (0..brain.len())
+        .into_par_iter()
+        .map(|i| {
+            brain[i]
+                || (near[i]
+                    && magnitude.data[i] > signal
+                    && residual_rad.data[i].is_finite()
+                    && residual_rad.data[i] <= limit)
+        })
+        .collect()
+}
+
 /// Otsu's threshold of a sample (256-bin histogram); `None` for an empty sample.
 pub fn otsu(values: &[f32]) -> Option<f32> {
     let (lo, hi) = values
