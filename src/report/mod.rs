@@ -287,7 +287,8 @@ fn registered_magnitudes(found: &Found) -> Vec<(PathBuf, String, String)> {
 /// `fig_dir`; none for anything but an as-scanned set.
 fn registration_figures(found: &Found, fig_dir: &Path) -> Result<Vec<Figure>> {
     let mags = registered_magnitudes(found);
-    let Some(((ref_path, ref_name, _), members)) = mags.split_first() else {
+    let Some(((ref_path, ref_name, _), members)) = mags.split_first().filter(|(r, _)| r.1 == r.2)
+    else {
         return Ok(Vec::new());
     };
     let Some(reference) = read_map(ref_path) else {
