@@ -125,9 +125,9 @@ pub fn conditioning(b0: &[[f64; 3]], floor: f64, config: &Config) -> Check {
         config.b0_ill_conditioned_fraction,
         format!(
             "{:.1} % of k-space directions have Σ D² below {floor} with these {} B0 directions \
-             (largest angle between two: {largest:.1}°; one orientation alone leaves 17.5 %); \
-             COSMOS cannot resolve χ there: acquire three or more orientations with the head \
-             tilted 15–25° about different axes",
+             (largest angle between two: {largest:.1}°; one orientation alone leaves 17.5 %), \
+             where COSMOS cannot resolve χ; to shrink that, acquire three or more orientations \
+             with the head tilted 15–25° about different axes",
             100.0 * value,
             b0.len()
         ),
