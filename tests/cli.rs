@@ -4,6 +4,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 use chimap::io;
+use chimap::qc::Verdict;
 
 fn chimap(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_chimap"))
@@ -1376,6 +1377,47 @@ fn as_scanned_orientations_are_registered_before_cosmos() {
     assert!(text.starts_with("#Insight Transform File V1.0"), "{text}");
     assert!(xfm.with_extension("json").is_file());
 
+    // The set's own qc json: each moved member's registration, and the B0 directions'
+    // conditioning of COSMOS (measured: NCC 0.981 and 0.984, rotations 13.7° and 14.4°,
+    // nothing of k-space below the floor).
+    let set_qc = out.join(anat).join("sub-1_desc-qc.json");
+    let checks = set_checks(&set_qc);
+    for member in ["acq-ori2", "acq-ori3"] {
+        let ncc = &checks[&format!("registration_ncc_{member}")];
+        assert!(ncc.0 > 0.95 && ncc.1 == Verdict::Pass, "{member}: {ncc:?}");
+        let rot = &checks[&format!("head_rotation_degrees_{member}")];
+        assert!(
+            (rot.0 - 15.0).abs() < 2.0 && rot.1 == Verdict::Pass,
+            "{member}: {rot:?}"
+        );
+        // Its magnitude in the reference's grid, which the report's overlay is drawn from.
+        let mag = out.join(anat).join(format!(
+            "sub-1_{member}_space-ref_desc-rss_magnitude.nii.gz"
+        ));
+        assert_eq!(read(&mag).len(), 56 * 56 * 44, "{}", mag.display());
+    }
+    let cond = &checks["b0_ill_conditioned_fraction"];
+    assert!(cond.0 < 1e-3 && cond.1 == Verdict::Pass, "{cond:?}");
+    // The report shows them with an overlay of each moved member on the reference.
+    let page = std::fs::read_to_string(out.join("sub-1.html")).unwrap();
+    let section = page
+        .find("<h2 id=\"sub-1\">")
+        .expect("a section for the set");
+    let registration = page.find("Registration to the reference").unwrap();
+    assert!(
+        section < registration,
+        "the registration part is in the set's section"
+    );
+    assert!(page[section..].contains("<td>b0_ill_conditioned_fraction</td>"));
+    for member in ["acq-ori2", "acq-ori3"] {
+        let fig = format!("sub-1/figures/sub-1_registration-{member}.png");
+        assert!(
+            page.contains(&format!("src=\"{fig}\"")),
+            "{fig} not on the page"
+        );
+        assert!(out.join(&fig).is_file(), "{fig} missing");
+    }
+
     // COSMOS on the registered set beats TKD of the reference orientation alone.
     let truth_chi = read(&truth.join(anat).join("sub-1_acq-ori1_Chimap.nii.gz"));
     let mask: Vec<bool> = read(
@@ -1411,4 +1453,22 @@ fn as_scanned_orientations_are_registered_before_cosmos() {
     assert!(o.status.success(), "{}", stderr(&o));
     let side = io::read_json(&chimap::derivatives::sidecar_path(&set_chi)).unwrap();
     assert_eq!(side["Registration"][0]["Reused"], true, "{side}");
+    // A reused transform still gets its similarity check, recomputed: the same value.
+    let again = set_checks(&set_qc);
+    for member in ["acq-ori2", "acq-ori3"] {
+        let name = format!("registration_ncc_{member}");
+        assert!(
+            (again[&name].0 - checks[&name].0).abs() < 1e-3,
+            "{name}: {again:?}"
+        );
+    }
+}
+
+/// `name → (value, verdict)` of the checks in a qc json.
+fn set_checks(path: &Path) -> std::collections::BTreeMap<String, (f64, Verdict)> {
+    let (_, checks) = chimap::qc::read_json(path).unwrap();
+    checks
+        .into_iter()
+        .map(|c| (c.name, (c.value, c.verdict)))
+        .collect()
 }

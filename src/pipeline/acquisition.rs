@@ -7,7 +7,7 @@ use serde_json::{json, Value};
 use super::fields;
 use super::progress::Stages;
 use super::Config;
-use crate::bids::{Acquisition, FieldKind, OrientationSet, Source};
+use crate::bids::{Acquisition, Entities, FieldKind, OrientationSet, Source};
 use crate::derivatives::{mask_volume, source_uri, Derivatives, Wait};
 use crate::inversion::{self, Orientation, Problem};
 use crate::{preprocess, qc, Error, Mask, Result, Volume};
@@ -104,7 +104,7 @@ pub fn process(
     let common = common_sidecar(acq, b0_tesla);
     let keep_total = method.one_step();
     let mut local = local_field(acq, root, config, deriv, b0_tesla, keep_total, &mut stages)?;
-    if let Err(e) = gate_on_checks(deriv, acq, &local, config) {
+    if let Err(e) = gate_on_checks(deriv, &acq.entities, &local.checks, config) {
         // Keep what preprocessing made, so the report can show why it failed.
         let mut outputs = std::mem::take(&mut local.outputs);
         outputs.push(local_field_output(deriv, acq, &local));
@@ -228,18 +228,33 @@ pub fn process_set(
         let mut outputs = std::mem::take(&mut local.outputs);
         outputs.push(local_field_output(deriv, acq, &local));
         write_outputs(deriv, outputs, &common_sidecar(acq, b0_tesla), local.dims)?;
-        gate_on_checks(deriv, acq, &local, config)?;
+        gate_on_checks(deriv, &acq.entities, &local.checks, config)?;
         locals.push(local);
     }
 
     // B0 of each orientation in the voxel frame of the (first member's) grid.
     let mut b0: Vec<[f64; 3]> = members.iter().map(|a| a.b0_direction).collect();
     let mut registrations = Vec::new();
+    let mut checks = Vec::new();
     if set.as_scanned {
         stages.start("registration");
-        (b0, registrations) =
-            super::register::to_reference(&members, &mut locals, deriv, overwrite)?;
+        let r = super::register::to_reference(
+            &set.entities.prefix(),
+            &members,
+            &mut locals,
+            deriv,
+            overwrite,
+            &config.qc,
+        )?;
+        (b0, registrations, checks) = (r.b0, r.records, r.checks);
     }
+    // The set's own checks (registration, conditioning of the B0 directions), in its qc json.
+    checks.push(qc::orientations::conditioning(
+        &b0,
+        config.inversion.cosmos.threshold,
+        &config.qc,
+    ));
+    gate_on_checks(deriv, &set.entities, &checks, config)?;
 
     stages.start("inversion");
     // χ is defined where every orientation's field is.
@@ -325,37 +340,34 @@ pub fn process_set(
     Ok(Outcome::Done)
 }
 
-/// Writes the acquisition's qc json and logs its warnings; a failed check is an error naming
-/// the check and `--ignore-qc-failures`, unless `qc.ignore_failures` is set.
+/// Writes the qc json of an acquisition or set (`entities` name it) and logs its warnings; a
+/// failed check is an error naming the check and `--ignore-qc-failures`, unless
+/// `qc.ignore_failures` is set.
 fn gate_on_checks(
     deriv: &Derivatives,
-    acq: &Acquisition,
-    local: &LocalField,
+    entities: &Entities,
+    checks: &[qc::Check],
     config: &Config,
 ) -> Result<()> {
-    let folder = deriv.folder(&acq.entities);
+    let name = entities.prefix();
+    let folder = deriv.folder(entities);
     std::fs::create_dir_all(&folder).map_err(|e| Error::io(&folder, e))?;
-    let path = qc::json_path(&folder, &acq.name());
+    let path = qc::json_path(&folder, &name);
     let ignore = config.qc.ignore_failures;
-    qc::write_json(&path, &acq.name(), &local.checks, ignore)?;
-    for c in local
-        .checks
-        .iter()
-        .filter(|c| c.verdict != qc::Verdict::Pass)
-    {
+    qc::write_json(&path, &name, checks, ignore)?;
+    for c in checks.iter().filter(|c| c.verdict != qc::Verdict::Pass) {
         tracing::warn!(
-            "{}: QC {} {} = {}: {}",
-            acq.name(),
+            "{name}: QC {} {} = {}: {}",
             c.verdict.as_str(),
             c.name,
             qc::format_value(c.value),
             c.message
         );
     }
-    match qc::failure_message(&local.checks) {
+    match qc::failure_message(checks) {
         Some(msg) if !ignore => Err(Error::input(path, msg)),
         Some(_) => {
-            tracing::warn!("{}: QC failures ignored (--ignore-qc-failures)", acq.name());
+            tracing::warn!("{name}: QC failures ignored (--ignore-qc-failures)");
             Ok(())
         }
         None => Ok(()),

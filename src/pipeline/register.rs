@@ -1,15 +1,15 @@
 //! The registration step of an as-scanned orientation set: each member's local field (never
 //! wrapped phase) moved onto the first member's grid, and its B0 direction in that frame.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use serde_json::{json, Value};
 
 use super::acquisition::LocalField;
 use crate::bids::Acquisition;
-use crate::derivatives::Derivatives;
+use crate::derivatives::{source_uri, Derivatives};
 use crate::register::{self, itk, rigid, Grid, Options, Rigid};
-use crate::{Error, Result};
+use crate::{qc, Error, Result};
 
 /// Where a member's transform to the reference lives (ITK text, LPS) beside its outputs.
 pub fn transform_path(deriv: &Derivatives, acq: &Acquisition) -> PathBuf {
@@ -19,28 +19,38 @@ pub fn transform_path(deriv: &Derivatives, acq: &Acquisition) -> PathBuf {
     ))
 }
 
+/// What registering an as-scanned set gives: every member's B0 direction in the reference
+/// grid's voxel frame, a sidecar record per moved member, and their registration checks.
+pub(super) struct SetRegistration {
+    pub b0: Vec<[f64; 3]>,
+    pub records: Vec<Value>,
+    pub checks: Vec<qc::Check>,
+}
+
 /// Registers members 1.. to member 0 on their echo-combined magnitudes (reusing a transform
 /// written by an earlier run unless `overwrite`), resamples their fields, masks and weights
-/// onto member 0's work grid in place, and returns every member's B0 direction in that grid's
-/// voxel frame with a QC record per member.
+/// onto member 0's work grid in place, and writes every member's magnitude in that grid
+/// ([`registered_magnitude_path`]) for the report's overlays. `set_prefix` names the set.
 pub(super) fn to_reference(
+    set_prefix: &str,
     members: &[&Acquisition],
     locals: &mut [LocalField],
     deriv: &Derivatives,
     overwrite: bool,
-) -> Result<(Vec<[f64; 3]>, Vec<Value>)> {
+    qc_config: &qc::Config,
+) -> Result<SetRegistration> {
     let (reference, rest) = locals.split_first_mut().expect("a set has two members");
     let ref_grid = Grid::new(reference.field.dims, &reference.field.geometry)?;
     let ref_mag = magnitude_of(reference, members[0])?;
+    write_registered_magnitude(deriv, set_prefix, members[0], members[0], reference, None)?;
     let mut b0 = vec![members[0].b0_direction];
-    let mut records = Vec::new();
+    let (mut records, mut checks) = (Vec::new(), Vec::new());
     for (local, acq) in rest.iter_mut().zip(&members[1..]) {
         let path = transform_path(deriv, acq);
+        let mag = magnitude_of(local, acq)?;
         let (t, record) = if !overwrite && path.is_file() {
-            let t = itk::read(&path)?;
-            (t, json!({ "Reused": true }))
+            reuse(&path, &ref_mag, &reference.mask, &mag)?
         } else {
-            let mag = magnitude_of(local, acq)?;
             let r = register::register(
                 &ref_mag,
                 &reference.mask,
@@ -65,22 +75,99 @@ pub(super) fn to_reference(
         let sidecar = transform_sidecar(members[0], acq, &t, &record);
         crate::io::write_json(&path.with_extension("json"), &sidecar)?;
         resample_local(local, &grid, &ref_grid, reference, &t);
+        write_registered_magnitude(deriv, set_prefix, members[0], acq, local, Some(&path))?;
         let b = register::b0_in_reference(&t, &reference.field.geometry);
+        let ncc_after = record["NCCAfter"].as_f64().unwrap_or(f64::NAN);
         tracing::info!(
-            "{}: head rotated {:.2}° from {} (B0 {:.1}° apart), NCC after {}",
+            "{}: head rotated {:.2}° from {} (B0 {:.1}° apart), NCC after {ncc_after:.3}{}",
             acq.name(),
             t.angle_degrees(),
             members[0].name(),
             rigid::angle_between_degrees(b, members[0].b0_direction),
-            record["NCCAfter"]
-                .as_f64()
-                .map(|v| format!("{v:.3}"))
-                .unwrap_or_else(|| "not recomputed (transform reused)".into())
+            if record["Reused"] == true {
+                " (transform reused)"
+            } else {
+                ""
+            }
         );
+        checks.extend(qc::orientations::registration(
+            &qc::orientations::Registered {
+                label: qc::orientations::member_label(set_prefix, &acq.name()),
+                ncc_after,
+                rotation_degrees: t.angle_degrees(),
+            },
+            &members[0].name(),
+            qc_config,
+        ));
         b0.push(b);
         records.push(sidecar);
     }
-    Ok((b0, records))
+    Ok(SetRegistration {
+        b0,
+        records,
+        checks,
+    })
+}
+
+/// A transform written by an earlier run, with the similarity it gives now recomputed (a
+/// reused transform has no registration record, but its check still needs the value).
+fn reuse(
+    path: &Path,
+    ref_mag: &crate::Volume,
+    ref_mask: &[bool],
+    mag: &crate::Volume,
+) -> Result<(Rigid, Value)> {
+    let t = itk::read(path)?;
+    let ncc = register::similarity(ref_mag, ref_mask, mag, &t, Options::default().max_samples)?
+        .ok_or_else(|| {
+            Error::input(
+                path,
+                "moves this orientation off the reference's brain (no overlap left): remove \
+                 it, or rerun with --overwrite, to register again",
+            )
+        })?;
+    Ok((t, json!({ "Reused": true, "NCCAfter": ncc })))
+}
+
+/// Where a member's echo-combined magnitude in the reference's grid is written:
+/// `<member>_space-ref_desc-rss_magnitude.nii.gz` (`space-ref` as in the transform's `to-ref`).
+pub fn registered_magnitude_path(deriv: &Derivatives, acq: &Acquisition) -> PathBuf {
+    let mut e = acq.entities.clone();
+    e.other.insert("space".into(), "ref".into());
+    deriv.path(&e, Some("rss"), "magnitude")
+}
+
+/// Writes `local`'s magnitude (already on the reference's work grid) cropped to the
+/// reference's grid, with a sidecar naming the set, the reference and the transform
+/// (`None` for the reference itself).
+fn write_registered_magnitude(
+    deriv: &Derivatives,
+    set_prefix: &str,
+    reference: &Acquisition,
+    acq: &Acquisition,
+    local: &LocalField,
+    transform: Option<&Path>,
+) -> Result<()> {
+    let Some(mag) = &local.magnitude else {
+        return Ok(());
+    };
+    let how = match transform {
+        Some(_) => "moved into the reference orientation's grid by the rigid transform (trilinear)",
+        None => "of the reference orientation itself, on its own grid",
+    };
+    let mut sidecar = json!({
+        "Description": format!("Root-sum-of-squares magnitude over the echoes, {how}: the image registration matched, for checking it by eye"),
+        "Orientation": acq.name(),
+        "Reference": reference.name(),
+        "OrientationSet": set_prefix,
+        "Sources": acq.inputs.iter().map(|p| source_uri(p)).collect::<Vec<_>>(),
+        "ChimapVersion": crate::VERSION,
+    });
+    if let Some(t) = transform.and_then(|p| p.file_name()) {
+        sidecar["Transform"] = json!(t.to_string_lossy());
+    }
+    let volume = local.field.with_data(mag.clone()).cropped(local.dims);
+    deriv.write(&registered_magnitude_path(deriv, acq), &volume, &sidecar)
 }
 
 /// The member's magnitude as a volume on its work grid.
@@ -136,14 +223,8 @@ fn resample_local(
 
 /// Angles (degrees) between every pair of B0 directions: how well the set conditions COSMOS.
 pub fn pairwise_angles(b0: &[[f64; 3]]) -> Vec<Value> {
-    let mut out = Vec::new();
-    for i in 0..b0.len() {
-        for j in i + 1..b0.len() {
-            out.push(json!({
-                "Pair": [i, j],
-                "Degrees": rigid::angle_between_degrees(b0[i], b0[j]),
-            }));
-        }
-    }
-    out
+    rigid::pairwise_degrees(b0)
+        .into_iter()
+        .map(|(pair, degrees)| json!({ "Pair": pair, "Degrees": degrees }))
+        .collect()
 }

@@ -11,10 +11,14 @@
 //! - [`echoes`]: whether every echo follows its neighbours in time (a corrupted echo).
 //! - [`protocol`]: echo count and spacing, grids of the echoes, B0 tilt, mask coverage and
 //!   erosion.
+//! - [`orientations`]: a multi-orientation set's own checks, in the set's qc json: each
+//!   as-scanned member's registration (similarity, rotation) and how well the set's B0
+//!   directions condition the joint inversion.
 
 pub mod background;
 pub mod echoes;
 pub mod field;
+pub mod orientations;
 pub mod protocol;
 
 use std::path::{Path, PathBuf};
@@ -138,6 +142,19 @@ pub struct Config {
     /// Median local coherence of the phase difference of the least coherent pair of
     /// consecutive echoes (about 1 when sound, about 0.3 when one is noise).
     pub echo_consistency: Limits,
+    /// NCC of each as-scanned member's echo-combined magnitude with the reference's over the
+    /// reference's brain after registration (`registration_ncc_<member>`). Simulated sets
+    /// reach 0.98 (0.86–0.94 with the heads 15° apart and only their centres aligned), so
+    /// these limits catch a registration that failed outright or series that do not belong
+    /// together, not errors of a few degrees.
+    pub registration_ncc: Limits,
+    /// Head rotation registration found for each as-scanned member (degrees; tested up to
+    /// 30°). A large rotation helps COSMOS, so it only warns.
+    pub head_rotation_degrees: Limits,
+    /// Share of k-space directions where an orientation set's `Σᵢ Dᵢ²` is below
+    /// `inversion.cosmos.threshold` (one orientation: 0.175; two: 0.014–0.12; three tilted
+    /// 15° about two axes: 0).
+    pub b0_ill_conditioned_fraction: Limits,
 }
 
 impl Default for Config {
@@ -188,6 +205,12 @@ impl Default for Config {
             },
             echo_grid_mismatch_mm: Limits::above(0.5, Some(2.0)),
             echo_consistency: Limits::below(0.7, Some(0.55)),
+            registration_ncc: Limits::below(0.9, Some(0.7)),
+            head_rotation_degrees: Limits::above(30.0, None),
+            // Every pair of orientations warns (their cones cross); a set that removes less
+            // than 60 % of one orientation's share (B0 within ≈ 5° for three, ≈ 9° for two)
+            // fails: it adds little over a single orientation.
+            b0_ill_conditioned_fraction: Limits::above(0.01, Some(0.07)),
         }
     }
 }

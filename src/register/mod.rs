@@ -18,7 +18,7 @@ pub mod rigid;
 #[cfg(test)]
 mod tests;
 
-pub use ncc::{register, Options, Registration};
+pub use ncc::{register, similarity, Options, Registration};
 pub use resample::{resample, resample_masked, Grid};
 pub use rigid::Rigid;
 

@@ -69,15 +69,8 @@ pub fn register(
     let start = Instant::now();
     let fgrid = Grid::new(fixed.dims, &fixed.geometry)?;
     let mgrid = Grid::new(moving.dims, &moving.geometry)?;
-    // Non-finite voxels (a damaged file) would poison every sum.
-    let finite = |v: &Volume| -> Vec<f32> {
-        v.data
-            .iter()
-            .map(|&x| if x.is_finite() { x } else { 0.0 })
-            .collect()
-    };
-    let fdata = finite(fixed);
-    let mdata = finite(moving);
+    let fdata = finite(&fixed.data);
+    let mdata = finite(&moving.data);
     let fc = centroid(fixed_mask, &fgrid).ok_or_else(|| {
         Error::Numerics("the reference brain mask is empty: nothing to register to".into())
     })?;
@@ -88,10 +81,7 @@ pub fn register(
         translation: sub(mc, fc),
         ..Rigid::identity(fc)
     });
-    // The fixed brain mask, widened by a few voxels so that its edge, where much of the
-    // contrast is, takes part; the moving image is used whole, so no hard mask edge enters.
-    let fmask_f: Vec<f32> = fixed_mask.iter().map(|&b| b as u8 as f32).collect();
-    let fmask_f = pyramid::smooth(&fmask_f, fixed.dims, DOMAIN_WIDENING);
+    let fmask_f = domain(fixed_mask, fixed.dims);
     let fixed_levels = pyramid::build(&fdata, &fgrid, options.levels);
     let domain_levels = pyramid::build(&fmask_f, &fgrid, options.levels);
     let moving_levels = pyramid::build(&mdata, &mgrid, options.levels);
@@ -121,6 +111,40 @@ pub fn register(
         iterations,
         seconds: start.elapsed().as_secs_f64(),
     })
+}
+
+/// The NCC that [`register`] reports as `ncc_after`, for a transform found earlier (a
+/// reused transform file): the same samples of the fixed image, the moving image warped by
+/// `t`. `None` when the transform leaves too little overlap to define it.
+pub fn similarity(
+    fixed: &Volume,
+    fixed_mask: &[bool],
+    moving: &Volume,
+    t: &Rigid,
+    max_samples: usize,
+) -> Result<Option<f64>> {
+    let fgrid = Grid::new(fixed.dims, &fixed.geometry)?;
+    let mgrid = Grid::new(moving.dims, &moving.geometry)?;
+    let fixed_level = pyramid::build(&finite(&fixed.data), &fgrid, 1).swap_remove(0);
+    let domain_level = pyramid::build(&domain(fixed_mask, fixed.dims), &fgrid, 1).swap_remove(0);
+    let moving_level = pyramid::build(&finite(&moving.data), &mgrid, 1).swap_remove(0);
+    let s = samples(&fixed_level, &domain_level, max_samples);
+    let r = ncc(&evaluate(&s, &moving_level, t));
+    Ok(r.is_finite().then_some(r))
+}
+
+/// Non-finite voxels (a damaged file) set to 0: they would poison every sum.
+fn finite(data: &[f32]) -> Vec<f32> {
+    data.iter()
+        .map(|&x| if x.is_finite() { x } else { 0.0 })
+        .collect()
+}
+
+/// The fixed brain mask, widened by a few voxels so that its edge, where much of the
+/// contrast is, takes part; the moving image is used whole, so no hard mask edge enters.
+fn domain(fixed_mask: &[bool], dims: [usize; 3]) -> Vec<f32> {
+    let m: Vec<f32> = fixed_mask.iter().map(|&b| b as u8 as f32).collect();
+    pyramid::smooth(&m, dims, DOMAIN_WIDENING)
 }
 
 /// Centre of a mask in world coordinates.

@@ -168,6 +168,17 @@ pub fn angle_between_degrees(a: [f64; 3], b: [f64; 3]) -> f64 {
         .to_degrees()
 }
 
+/// The angle (degrees) between every pair `[i, j]`, `i < j`, of `directions`.
+pub fn pairwise_degrees(directions: &[[f64; 3]]) -> Vec<([usize; 2], f64)> {
+    let mut out = Vec::new();
+    for i in 0..directions.len() {
+        for j in i + 1..directions.len() {
+            out.push(([i, j], angle_between_degrees(directions[i], directions[j])));
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -144,7 +144,36 @@ fn known_rotations_and_shifts_are_recovered() {
             "{omega:?}: centre off by {centre_err:.3} mm"
         );
         assert!(r.ncc_after > r.ncc_before);
+        // A reused transform's similarity, recomputed, is what registration reported.
+        let again = similarity(
+            f,
+            fmask,
+            &moving.magnitude,
+            &r.transform,
+            Options::default().max_samples,
+        )
+        .unwrap()
+        .unwrap();
+        assert!(
+            (again - r.ncc_after).abs() < 1e-6,
+            "{again} vs {}",
+            r.ncc_after
+        );
     }
+    // A transform that moves the head off the image leaves no similarity to measure.
+    let away = Rigid {
+        translation: [1e4, 0.0, 0.0],
+        ..Rigid::identity([0.0; 3])
+    };
+    let off = similarity(
+        f,
+        fmask,
+        &fixed.magnitude,
+        &away,
+        Options::default().max_samples,
+    )
+    .unwrap();
+    assert!(off.is_none(), "{off:?}");
 }
 
 #[test]

@@ -132,8 +132,46 @@ pub fn montage(
     centre: [usize; 3],
     outline: Option<&[bool]>,
 ) -> Image {
-    let dims = v.dims;
-    let vox = v.geometry.voxel_size;
+    let colour = |c: usize| {
+        let t = (v.data[c] - range.0) / (range.1 - range.0);
+        match style {
+            Style::Grey => grey(t),
+            Style::Diverging => diverging(t),
+        }
+    };
+    let bar = style == Style::Diverging;
+    planes(v.dims, v.geometry.voxel_size, centre, outline, bar, colour)
+}
+
+/// Two volumes on one grid in one montage (no colour bar): `a` in magenta and `b` in green,
+/// each black to full over its range. Where they agree the result is grey; an edge of one
+/// that lies off the other's shows as a magenta or green fringe, which is how a
+/// registration is judged by eye. `b` must have `a`'s dimensions.
+pub fn fusion_montage(
+    a: &Volume,
+    b: &Volume,
+    range_a: (f32, f32),
+    range_b: (f32, f32),
+    centre: [usize; 3],
+) -> Image {
+    let level = |x: f32, r: (f32, f32)| grey((x - r.0) / (r.1 - r.0))[0];
+    let colour = |c: usize| {
+        let (m, g) = (level(a.data[c], range_a), level(b.data[c], range_b));
+        [m, g, m]
+    };
+    planes(a.dims, a.geometry.voxel_size, centre, None, false, colour)
+}
+
+/// The three planes through `centre` with each voxel `c` drawn in `colour(c)`, the edge of
+/// `outline` drawn over, and for `bar` the diverging colour bar strip beneath.
+fn planes(
+    dims: [usize; 3],
+    vox: [f64; 3],
+    centre: [usize; 3],
+    outline: Option<&[bool]>,
+    bar: bool,
+    colour: impl Fn(usize) -> [u8; 3],
+) -> Image {
     let extent = (0..3).map(|a| dims[a] as f64 * vox[a]).fold(0.0, f64::max);
     let px_per_mm = TARGET_PX / extent.max(1e-6);
     let size = |a: usize| ((dims[a] as f64 * vox[a] * px_per_mm).round() as usize).max(1);
@@ -141,16 +179,8 @@ pub fn montage(
     let heights: Vec<usize> = PLANES.iter().map(|&(_, w, _)| size(w)).collect();
     let plane_h = *heights.iter().max().unwrap_or(&1);
     let width = widths.iter().sum::<usize>() + GAP * 2;
-    let bar = style == Style::Diverging;
     let height = plane_h + if bar { GAP + BAR_HEIGHT } else { 0 };
     let mut img = Image::new(width, height);
-    let colour = |x: f32| {
-        let t = (x - range.0) / (range.1 - range.0);
-        match style {
-            Style::Grey => grey(t),
-            Style::Diverging => diverging(t),
-        }
-    };
     let mut x0 = 0;
     for (p, &(u, w, fixed)) in PLANES.iter().enumerate() {
         let (pw, ph) = (widths[p], heights[p]);
@@ -172,7 +202,7 @@ pub fn montage(
         for y in 0..ph {
             for x in 0..pw {
                 let c = index(x, y);
-                let mut rgb = colour(v.data[c]);
+                let mut rgb = colour(c);
                 if let Some(m) = outline {
                     let inside = m[c];
                     let edge = inside
@@ -356,6 +386,22 @@ mod tests {
             (img.width, img.height)
         );
         assert_eq!(&buf[..info.buffer_size()], &img.rgb[..]);
+    }
+
+    #[test]
+    fn fusion_is_grey_where_the_images_agree_and_coloured_where_they_do_not() {
+        let dims = [20, 20, 20];
+        let g = Geometry::from_voxel_size([1.0; 3]);
+        // A bright slab x < 10 in `a`, x < 12 in `b`: they disagree on 10 ≤ x < 12.
+        let slab = |edge: usize| (0..8000).map(|c| ((c % 20) < edge) as u8 as f32).collect();
+        let a = Volume::new(dims, slab(10), g.clone());
+        let b = Volume::new(dims, slab(12), g);
+        let img = fusion_montage(&a, &b, (0.0, 1.0), (0.0, 1.0), [10, 10, 10]);
+        assert_eq!(img.height, 220, "no colour bar");
+        // Axial plane at 11 px per mm: x = 5 both bright, x = 11 only b, x = 15 neither.
+        assert_eq!(img.get(5 * 11, 100), [255, 255, 255]);
+        assert_eq!(img.get(11 * 11 + 5, 100), [0, 255, 0]);
+        assert_eq!(img.get(15 * 11, 100), [0, 0, 0]);
     }
 
     #[test]

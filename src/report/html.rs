@@ -13,6 +13,8 @@ pub struct Section {
     pub name: String,
     pub checks: Vec<Check>,
     pub figures: Vec<Figure>,
+    /// Overlays of an as-scanned set's registered members on its reference.
+    pub registration: Vec<Figure>,
     /// `(method, sidecar)` of every Chimap.
     pub chimaps: Vec<(String, Value)>,
 }
@@ -178,6 +180,15 @@ fn chimap_html(method: &str, sidecar: &Value) -> String {
     s
 }
 
+/// The heading of an as-scanned set's registration figures.
+const REGISTRATION_INTRO: &str = "<h3 class=\"registration\">Registration to the reference \
+orientation</h3>\n<p>Each orientation's magnitude (green) moved into the reference's grid and laid \
+over the reference's (magenta): grey where they agree; green or magenta fringes along edges mean \
+a poor registration. The <code>registration_ncc_*</code> and \
+<code>head_rotation_degrees_*</code> checks above grade it; \
+<code>b0_ill_conditioned_fraction</code> says whether the orientations are far enough apart \
+for the joint inversion.</p>\n";
+
 /// The whole subject page.
 pub fn subject_page(label: &str, sections: &[Section]) -> String {
     let mut s = head(&format!("chimap report: sub-{label}"));
@@ -207,6 +218,12 @@ pub fn subject_page(label: &str, sections: &[Section]) -> String {
         }
         if sec.chimaps.is_empty() && verdict == Verdict::Fail {
             s.push_str("<p>No χ map: a check failed, so the inversion did not run.</p>\n");
+        }
+        if !sec.registration.is_empty() {
+            s.push_str(REGISTRATION_INTRO);
+            for f in &sec.registration {
+                s.push_str(&figure_html(label, f));
+            }
         }
         for f in &sec.figures {
             s.push_str(&figure_html(label, f));
@@ -246,6 +263,14 @@ mod tests {
                 units: "ppm".into(),
                 diverging: true,
             }],
+            registration: vec![Figure {
+                projection: false,
+                file: "sub-1_registration-acq-ori2.png".into(),
+                caption: "acq-ori2 registered onto acq-ori1".into(),
+                range: (0.0, 1.0),
+                units: String::new(),
+                diverging: false,
+            }],
             chimaps: vec![(
                 "tkd".into(),
                 serde_json::json!({"ProcessingTimeSeconds": {"load": 0.5, "total": 1.0},
@@ -259,6 +284,14 @@ mod tests {
         assert!(page.contains("src=\"sub-1/figures/sub-1_local.png\""));
         assert!(page.contains("<td>load</td><td>0.5</td>"));
         assert!(page.contains("fail &gt; 0.7"));
+        let reg = page.find("Registration to the reference").unwrap();
+        let fig = page
+            .find("src=\"sub-1/figures/sub-1_registration-acq-ori2.png\"")
+            .unwrap();
+        assert!(
+            reg < fig,
+            "the registration heading comes before its figure"
+        );
         assert!(!page.contains("http"), "no external resources");
     }
 }

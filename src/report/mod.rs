@@ -7,6 +7,10 @@
 //! magnitude comes from the source dataset, found through the `bids:raw:` URIs in `Sources`.
 //!
 //! - [`figure`]: montages (three planes) and colour maps, written as PNG.
+//! - Registration of an as-scanned orientation set: a colour overlay per member of its
+//!   magnitude in the reference grid (`*_space-ref_desc-rss_magnitude`, written by the
+//!   pipeline for this) on the reference's. The pipeline writes the image, not the
+//!   figure, so that this page, like the rest, is drawn from the derivative files alone.
 //! - [`html`]: the subject page.
 //! - [`group`]: the group table and page.
 
@@ -248,6 +252,91 @@ fn figures(found: &Found, bids_root: &Path, fig_dir: &Path) -> Result<Vec<Figure
     Ok(out)
 }
 
+/// The file-name tail of a member's magnitude in its set's reference grid (written by the
+/// registration of an as-scanned set, `pipeline::register::registered_magnitude_path`).
+const REGISTERED_MAGNITUDE: &str = "_space-ref_desc-rss_magnitude.nii.gz";
+
+/// The registered magnitudes of the set `found` in its folder, each with its sidecar's
+/// `Orientation` and `Reference`, reference first; empty for anything but an as-scanned set.
+fn registered_magnitudes(found: &Found) -> Vec<(PathBuf, String, String)> {
+    let Ok(dir) = std::fs::read_dir(&found.folder) else {
+        return Vec::new();
+    };
+    let mut out: Vec<(PathBuf, String, String)> = dir
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| {
+            p.file_name()
+                .is_some_and(|n| n.to_string_lossy().ends_with(REGISTERED_MAGNITUDE))
+        })
+        .filter_map(|p| {
+            let side = read_sidecar(&p);
+            (side["OrientationSet"].as_str()? == found.prefix).then(|| {
+                let text = |k: &str| side[k].as_str().unwrap_or_default().to_string();
+                (p.clone(), text("Orientation"), text("Reference"))
+            })
+        })
+        .collect();
+    // The reference first, then the members by name.
+    out.sort_by_key(|(_, o, r)| (o != r, o.clone()));
+    out
+}
+
+/// A colour overlay of every registered member of the set `found` on the reference (the
+/// reference in magenta, the member in green: grey where they agree), written into
+/// `fig_dir`; none for anything but an as-scanned set.
+fn registration_figures(found: &Found, fig_dir: &Path) -> Result<Vec<Figure>> {
+    let mags = registered_magnitudes(found);
+    let Some(((ref_path, ref_name, _), members)) = mags.split_first().filter(|(r, _)| r.1 == r.2)
+    else {
+        return Ok(Vec::new());
+    };
+    let Some(reference) = read_map(ref_path) else {
+        return Ok(Vec::new());
+    };
+    let brain = read_map(
+        &found
+            .folder
+            .join(format!("{ref_name}_desc-brain_mask.nii.gz")),
+    )
+    .filter(|m| m.len() == reference.len())
+    .map(|m| m.data.iter().map(|&x| x > 0.5).collect::<Vec<bool>>());
+    let centre = figure::centre_of(brain.as_deref().unwrap_or(&[]), reference.dims);
+    let mut out = Vec::new();
+    for (path, name, _) in members {
+        let Some(moving) = read_map(path).filter(|m| m.dims == reference.dims) else {
+            tracing::warn!(
+                "report: {} is missing or not on {ref_name}'s grid; rerun the set with                  --overwrite to rewrite it",
+                path.display()
+            );
+            continue;
+        };
+        let label = qc::orientations::member_label(&found.prefix, name);
+        let range = |v: &Volume| figure::display_range(v, figure::Style::Grey, None);
+        let img = figure::fusion_montage(
+            &reference,
+            &moving,
+            range(&reference),
+            range(&moving),
+            centre,
+        );
+        let file = format!("{}_registration-{label}.png", found.prefix);
+        img.write_png(&fig_dir.join(&file))?;
+        out.push(Figure {
+            file,
+            caption: format!(
+                "{name} (green) registered onto {ref_name} (magenta), echo-combined \
+                 magnitudes: grey where they agree, coloured fringes where edges are apart"
+            ),
+            range: (0.0, 1.0),
+            units: String::new(),
+            diverging: false,
+            projection: false,
+        });
+    }
+    Ok(out)
+}
+
 /// Writes `OUTPUT_DIR/sub-<label>.html` and its figures from what is on disk; returns the
 /// page's path.
 pub fn subject(output_dir: &Path, bids_root: &Path, label: &str) -> Result<PathBuf> {
@@ -262,6 +351,7 @@ pub fn subject(output_dir: &Path, bids_root: &Path, label: &str) -> Result<PathB
             None => Vec::new(),
         };
         let figs = figures(&found, bids_root, &fig_dir)?;
+        let registration = registration_figures(&found, &fig_dir)?;
         let chimaps: Vec<(String, Value)> = found
             .chimaps
             .iter()
@@ -271,6 +361,7 @@ pub fn subject(output_dir: &Path, bids_root: &Path, label: &str) -> Result<PathB
             name: found.prefix.clone(),
             checks,
             figures: figs,
+            registration,
             chimaps,
         });
     }

@@ -101,25 +101,32 @@ fn state<'a>(
     if let Some(found) = chimap_of(&prefix) {
         return (State::Done, found.replace(".json", ".nii.gz"));
     }
-    for set in sets {
-        if let Some(found) = chimap_of(&set.prefix()) {
+    let sets: Vec<String> = sets.map(Entities::prefix).collect();
+    for set in &sets {
+        if let Some(found) = chimap_of(set) {
             return (State::Done, found.replace(".json", ".nii.gz"));
         }
     }
     if crate::derivatives::Lock::is_held(&folder.join(format!(".{prefix}.lock"))) {
         return (State::Running, "a run holds its lock now".into());
     }
+    // A set's own checks (registration, B0 conditioning) stop all its members.
+    for set in &sets {
+        let set_qc = folder.join(format!("{set}_desc-qc.json"));
+        let failed = failed_checks(&set_qc);
+        if !failed.is_empty() {
+            let why = format!(
+                "QC of orientation set {set} failed: {} (see {}; --ignore-qc-failures inverts \
+                 anyway)",
+                failed.join(", "),
+                set_qc.display()
+            );
+            return (State::Failed, why);
+        }
+    }
     let qc_path = folder.join(format!("{prefix}_desc-qc.json"));
     if qc_path.is_file() {
-        let failed: Vec<String> = qc::read_json(&qc_path)
-            .map(|(_, checks)| {
-                checks
-                    .into_iter()
-                    .filter(|c| c.verdict == Verdict::Fail)
-                    .map(|c| c.name)
-                    .collect()
-            })
-            .unwrap_or_default();
+        let failed = failed_checks(&qc_path);
         let why = if failed.is_empty() {
             "no Chimap: a stage after the checks failed; see that run's log".to_string()
         } else {
@@ -146,6 +153,19 @@ fn state<'a>(
     )
 }
 
+/// Names of the failed checks in a qc json (none when it is missing or unreadable).
+fn failed_checks(path: &Path) -> Vec<String> {
+    qc::read_json(path)
+        .map(|(_, checks)| {
+            checks
+                .into_iter()
+                .filter(|c| c.verdict == Verdict::Fail)
+                .map(|c| c.name)
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
 /// Writes `group_status.tsv` (atomically).
 pub fn write_tsv(rows: &[Status], path: &Path) -> Result<()> {
     let clean = |s: &str| s.replace(['\t', '\n'], " ");
@@ -160,4 +180,51 @@ pub fn write_tsv(rows: &[Status], path: &Path) -> Result<()> {
         ));
     }
     crate::io::write_atomic(path, text.as_bytes())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::qc::{Check, Limits};
+
+    fn entities(name: &str) -> Entities {
+        Entities::parse(name).expect("a BIDS name").0
+    }
+
+    #[test]
+    fn a_member_of_a_set_whose_own_checks_failed_names_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let anat = dir.path().join("sub-1/anat");
+        std::fs::create_dir_all(&anat).unwrap();
+        let member = entities("sub-1_acq-ori2_MEGRE.json");
+        let set = entities("sub-1_MEGRE.json");
+        // The member's own checks passed; the set's registration check failed.
+        let pass = Check::new("echo_count", 3.0, Limits::default(), "ok".into());
+        qc::write_json(
+            &anat.join("sub-1_acq-ori2_desc-qc.json"),
+            "m",
+            &[pass],
+            false,
+        )
+        .unwrap();
+        let (state_now, why) = state(dir.path(), &member, [&set].into_iter());
+        assert_eq!(state_now, State::Failed);
+        assert!(!why.contains("registration"), "{why}");
+        let fail = Check::new(
+            "registration_ncc_acq-ori2",
+            0.3,
+            Limits {
+                fail_below: Some(0.7),
+                ..Limits::default()
+            },
+            "low".into(),
+        );
+        qc::write_json(&anat.join("sub-1_desc-qc.json"), "sub-1", &[fail], false).unwrap();
+        let (state_now, why) = state(dir.path(), &member, [&set].into_iter());
+        assert_eq!(state_now, State::Failed);
+        assert!(
+            why.contains("orientation set sub-1") && why.contains("registration_ncc_acq-ori2"),
+            "{why}"
+        );
+    }
 }
