@@ -24,6 +24,13 @@
 //!
 //! Without a total field (a local field map) TFI inverts the local field the same way, with
 //! sources allowed outside the mask.
+//!
+//! **Experimental.** On the simulated MNI head from raw phase (background ±2 ppm in the
+//! brain, against ±0.5 on the test head) the solve fits the field (relative residual 0.02)
+//! with the background partly inside the brain: slow offsets of ±0.9 ppm between slabs and
+//! χ of 1–8 ppm in the signal voids, NRMSE 43 % outside the voids and thousands of percent
+//! with them, where MEDI gets 35 %. What is missing is what the paper's preconditioner
+//! provides: a reason for the solver to put ppm-sized sources outside the brain first.
 
 use serde::{Deserialize, Serialize};
 
@@ -44,6 +51,9 @@ pub struct Config {
     pub support_mm: f64,
     /// Zero padding (mm) added along every axis before the dipole convolutions.
     pub pad_mm: f64,
+    /// Fail when `‖W(Dχ − f)‖ / ‖W f‖` over the support exceeds this: the solve has not
+    /// explained the field, and its χ is not to be trusted.
+    pub max_relative_residual: f64,
     /// The TV-ADMM solve over the padded grid (λ in ppm·mm, or `auto`; penalties; limits).
     pub admm: tv::Config,
 }
@@ -53,6 +63,7 @@ impl Default for Config {
         Config {
             support_mm: 10.0,
             pad_mm: 20.0,
+            max_relative_residual: 0.5,
             // Tuned on the test head (χ in the brain within ±0.3 ppm, a −9 ppm sinus, noise
             // 0.004 ppm): λ = 10⁻³ with ρ₁ = 10λ, ρ₂ = 0.1 reached 0.15 NRMSE in 100
             // iterations; TV's own penalties (100λ, 1) needed 1000 for 0.14. The total field
@@ -73,8 +84,8 @@ impl Default for Config {
 pub struct Tfi {
     config: Config,
     solver: TvAdmm,
-    /// What the last solve inverted and on how many voxels of data.
-    last: std::sync::Mutex<(&'static str, usize)>,
+    /// What the last solve inverted, on how many voxels of data, and its relative residual.
+    last: std::sync::Mutex<(&'static str, usize, f64)>,
 }
 
 impl Tfi {
@@ -82,15 +93,14 @@ impl Tfi {
         Tfi {
             solver: TvAdmm::new(config.admm.clone()),
             config,
-            last: std::sync::Mutex::new(("", 0)),
+            last: std::sync::Mutex::new(("", 0, f64::NAN)),
         }
     }
 
     /// The padded grid of a problem on `dims`.
     fn padded_dims(&self, dims: [usize; 3], voxel_size: [f64; 3]) -> [usize; 3] {
-        [0, 1, 2].map(|a| {
-            fast_len(dims[a] + (2.0 * self.config.pad_mm / voxel_size[a]).ceil() as usize)
-        })
+        [0, 1, 2]
+            .map(|a| fast_len(dims[a] + (2.0 * self.config.pad_mm / voxel_size[a]).ceil() as usize))
     }
 }
 
@@ -107,6 +117,10 @@ impl Method for Tfi {
             )));
         }
         problem.check("TFI")?;
+        tracing::warn!(
+            "TFI is experimental: on the simulated MNI head from raw phase it leaves the \
+             background in χ (see README, Dipole inversion); prefer medi or tv for results"
+        );
         if problem.orientations.len() != 1 {
             return Err(Error::Numerics(format!(
                 "TFI inverts one orientation at a time, got {}: use cosmos or lpcnn for a \
@@ -148,17 +162,31 @@ impl Method for Tfi {
             magnitude: None,
             total: None,
         };
-        let chi = self.solver.invert(&padded)?;
+        let chi = self.solver.invert_unrestricted(&padded)?;
+        let residual = relative_residual(&padded, &chi);
         *self.last.lock().unwrap_or_else(|e| e.into_inner()) =
-            (input, support.iter().filter(|&&m| m).count());
+            (input, support.iter().filter(|&&m| m).count(), residual);
+        // A solve that leaves most of the field unexplained has put the background into the
+        // brain (measured on a realistic head from raw phase: residual ≈ 1, NRMSE > 1000 %);
+        // a wrong map must not pass for a result.
+        if residual.is_nan() || residual > self.config.max_relative_residual {
+            return Err(Error::Numerics(format!(
+                "TFI did not fit the total field (relative residual {residual:.2} > \
+                 inversion.tfi.max_relative_residual = {}): the background field is too strong \
+                 for this solve; use a two-step method (--method medi, tv or rts)",
+                self.config.max_relative_residual
+            )));
+        }
         Ok(restrict(crop(&chi, pdims, dims), problem.mask))
     }
 
     fn parameters(&self) -> serde_json::Value {
-        let (input, voxels) = *self.last.lock().unwrap_or_else(|e| e.into_inner());
+        let (input, voxels, residual) = *self.last.lock().unwrap_or_else(|e| e.into_inner());
         serde_json::json!({
             "support_mm": self.config.support_mm,
             "pad_mm": self.config.pad_mm,
+            "max_relative_residual": self.config.max_relative_residual,
+            "relative_residual": residual,
             "admm": self.solver.parameters(),
             "input": input,
             "data_voxels": voxels,
@@ -167,6 +195,24 @@ impl Method for Tfi {
 
     fn one_step(&self) -> bool {
         true
+    }
+}
+
+/// `‖W(Dχ − f)‖ / ‖W f‖` over the problem's mask, W its data weight.
+fn relative_residual(problem: &Problem, chi: &[f32]) -> f64 {
+    let w = problem.data_weight();
+    let d = problem.operator(0).forward(chi);
+    let f = problem.orientations[0].field;
+    let (mut r, mut n) = (0.0f64, 0.0f64);
+    for i in 0..w.len() {
+        let w2 = (w[i] as f64).powi(2);
+        r += w2 * (d[i] as f64 - f[i] as f64).powi(2);
+        n += w2 * (f[i] as f64).powi(2);
+    }
+    if n > 0.0 {
+        (r / n).sqrt()
+    } else {
+        0.0
     }
 }
 
@@ -225,9 +271,16 @@ mod tests {
         let (chi, mask, head) = head_with_sinus();
         let mut total = field_of(&chi, dims, b0);
         let noise = random(total.len(), 11);
-        total.iter_mut().zip(&noise).for_each(|(f, e)| *f += 0.004 * e);
+        total
+            .iter_mut()
+            .zip(&noise)
+            .for_each(|(f, e)| *f += 0.004 * e);
         let on = |m: &[bool]| -> Vec<f32> {
-            total.iter().zip(m).map(|(&f, &m)| if m { f } else { 0.0 }).collect()
+            total
+                .iter()
+                .zip(m)
+                .map(|(&f, &m)| if m { f } else { 0.0 })
+                .collect()
         };
         let (in_brain, in_head) = (on(&mask), on(&head));
         let truth: Vec<f32> = chi
@@ -258,7 +311,9 @@ mod tests {
             magnitude: Some(&magnitude),
             total: None,
         };
-        let medi = Medi::new(medi::Config::default()).invert(&two_step).unwrap();
+        let medi = Medi::new(medi::Config::default())
+            .invert(&two_step)
+            .unwrap();
         let one_step = |field: &[f32], support: &crate::Mask| {
             let p = Problem {
                 mask: &mask,
@@ -286,7 +341,10 @@ mod tests {
             "TFI {e_head} against background removal + MEDI {e_medi}"
         );
         // The surrounding tissue's field is what separates background from brain.
-        assert!(e_head < 0.5 * e_brain, "head {e_head}, brain only {e_brain}");
+        assert!(
+            e_head < 0.5 * e_brain,
+            "head {e_head}, brain only {e_brain}"
+        );
     }
 
     #[test]
@@ -334,7 +392,10 @@ mod tests {
         };
         let (unpadded, padded) = (err(0.0), err(20.0));
         // Measured: 0.087 padded, 0.155 unpadded.
-        assert!(padded < 0.7 * unpadded, "padded {padded}, unpadded {unpadded}");
+        assert!(
+            padded < 0.7 * unpadded,
+            "padded {padded}, unpadded {unpadded}"
+        );
     }
 
     #[test]

@@ -97,6 +97,16 @@ impl TvAdmm {
 
     /// Runs ADMM (after the L-curve scan for `auto`) and returns χ (whole grid) and the
     /// number of iterations used.
+    /// χ over the whole grid, outside the mask too (TFI's background sources), with the
+    /// iterations recorded for the sidecar.
+    pub(super) fn invert_unrestricted(&self, problem: &Problem) -> Result<Vec<f32>> {
+        let (chi, iterations) = self.solve(problem)?;
+        tracing::debug!(iterations, "TV-ADMM finished");
+        self.iterations
+            .store(iterations, std::sync::atomic::Ordering::Relaxed);
+        Ok(chi)
+    }
+
     fn solve(&self, problem: &Problem) -> Result<(Vec<f32>, usize)> {
         self.validate()?;
         problem.check("TV-ADMM")?;
@@ -325,11 +335,7 @@ impl Method for TvAdmm {
     }
 
     fn invert(&self, problem: &Problem) -> Result<Vec<f32>> {
-        let (chi, iterations) = self.solve(problem)?;
-        tracing::debug!(iterations, "TV-ADMM finished");
-        self.iterations
-            .store(iterations, std::sync::atomic::Ordering::Relaxed);
-        Ok(restrict(chi, problem.mask))
+        Ok(restrict(self.invert_unrestricted(problem)?, problem.mask))
     }
 
     fn parameters(&self) -> serde_json::Value {

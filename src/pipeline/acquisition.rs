@@ -53,9 +53,9 @@ pub(super) struct LocalField {
     pub total: Option<Total>,
 }
 
-/// The total field (ppm) on the work grid where it was measured (`support`: the brain and
-/// the tissue around it), with its reliability (zero in signal voids, whose field was
-/// in-painted, not measured), and the brain mask, where χ is wanted.
+/// The total field (ppm, signal voids in-painted) on the work grid where it was measured
+/// (`support`: the brain and the tissue around it), with its reliability, and the brain
+/// mask, where χ is wanted.
 pub(super) struct Total {
     pub field: Vec<f32>,
     pub support: Mask,
@@ -113,8 +113,7 @@ pub fn process(
     }
 
     stages.start("inversion");
-    // A one-step method inverts the total field and gives χ on the whole brain mask; its
-    // voids are sources it fits itself (their weight is zero), so no void χ is added.
+    // A one-step method inverts the total field and gives χ on the whole brain mask.
     let total = local.total.take();
     let chi_mask = total.as_ref().map_or(&local.mask, |t| &t.brain);
     let problem = Problem {
@@ -134,7 +133,7 @@ pub fn process(
         }),
     };
     let mut chi = method.invert(&problem)?;
-    if let (Some(v), None) = (&local.void_chi, &total) {
+    if let Some(v) = &local.void_chi {
         chi.iter_mut().zip(v).for_each(|(c, &s)| *c += s);
     }
     let reference = inversion::reference_to_mean(&mut chi, chi_mask, chi_mask);
@@ -706,14 +705,13 @@ fn raw_local_field(
             pre.mask.max_residual_rad,
             config.inversion.tfi.support_mm,
         );
-        // The in-painted voids carry no measurement: weight 0 there.
-        let weight = fit.noise_hz.as_ref().map(|noise| {
-            let mut w = weight_from_noise(&noise.data, &support);
-            w.iter_mut()
-                .zip(&filled.voids)
-                .for_each(|(w, &v)| *w = if v { 0.0 } else { *w });
-            w
-        });
+        // Voids keep their in-painted field (as for the two-step methods) and their sources
+        // are added afterwards: left without data (weight 0) they took the background in,
+        // at tens of ppm, on the MNI head.
+        let weight = fit
+            .noise_hz
+            .as_ref()
+            .map(|noise| weight_from_noise(&noise.data, &support));
         Total {
             field: total_ppm.data.clone(),
             support,
