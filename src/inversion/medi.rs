@@ -19,6 +19,7 @@
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
+use super::lambda::{self, Lambda, Point, Scan};
 use super::{restrict, Method, Problem};
 use crate::physics::gradient::Gradient;
 use crate::physics::DipoleOperator;
@@ -29,8 +30,11 @@ use crate::{Error, Result};
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Config {
-    /// Weight λ of the data term against ‖M_G∇x‖₁ (x in radians), MEDI's convention.
-    pub lambda: f64,
+    /// Weight λ of the data term against ‖M_G∇x‖₁ (x in radians), MEDI's convention, or
+    /// `auto`: the L-curve corner over `lambda_scan`.
+    pub lambda: Lambda,
+    /// The λ values that `lambda: auto` tries; `max_iterations` are Gauss-Newton steps.
+    pub lambda_scan: Scan,
     /// s: radians of phase per ppm of field (2π·γ̄·B0·TE).
     pub radians_per_ppm: f64,
     /// Fraction of mask voxels, those of largest magnitude gradient, left unregularised.
@@ -53,7 +57,15 @@ impl Default for Config {
             // MEDI's toolbox uses 1000 with its own weight scaling; with W normalised to
             // mean 1 that under-regularises (test brain, σ = 0.004 ppm: 0.38 NRMSE at 1000,
             // 0.13 at 100, 0.16 at 300), so 100 here.
-            lambda: 100.0,
+            lambda: Lambda::Value(100.0),
+            // Half-decade steps around the default; two Gauss-Newton steps give the curve's
+            // shape at a fifth of a full solve's cost.
+            lambda_scan: Scan {
+                min: 10.0,
+                max: 1e4,
+                count: 7,
+                max_iterations: 2,
+            },
             // 2π × 42.577 MHz/T × 3 T × 20 ms per ppm.
             radians_per_ppm: 2.0 * std::f64::consts::PI * 42.577478 * 3.0 * 0.020,
             edge_fraction: 0.3,
@@ -68,6 +80,8 @@ impl Default for Config {
 
 pub struct Medi {
     config: Config,
+    /// How `auto` chose λ in the last solve (λ, corner found, the scan), for the sidecar.
+    chosen: std::sync::Mutex<Option<(f64, bool, Vec<Point>)>>,
     /// Gauss-Newton and total CG iterations of the last solve, and whether M_G came from a
     /// magnitude.
     last: std::sync::Mutex<(usize, usize, bool)>,
@@ -115,6 +129,29 @@ impl Setup {
             })
             .sum();
         0.5 * self.lambda as f64 * data + tv
+    }
+
+    /// The L-curve's two terms at x: `√Σ W²(2 − 2cos(Dx − ψ))` and `Σ M_G|∇x|`.
+    fn terms(&self, x: &[f32]) -> (f64, f64) {
+        let mut data = 0.0f64;
+        for (op, psi) in self.ops.iter().zip(&self.psi) {
+            let d = op.forward(x);
+            data += d
+                .par_iter()
+                .zip(psi)
+                .zip(&self.w2)
+                .map(|((&d, &p), &w)| w as f64 * (2.0 - 2.0 * ((d - p) as f64).cos()))
+                .sum::<f64>();
+        }
+        let g = self.grad.forward(x);
+        let tv: f64 = (0..x.len())
+            .into_par_iter()
+            .map(|i| {
+                let m = g[0][i].powi(2) + g[1][i].powi(2) + g[2][i].powi(2);
+                self.edges[i] as f64 * (m as f64).sqrt()
+            })
+            .sum();
+        (data.sqrt(), tv)
     }
 
     /// The lagged-diffusivity weight `M_G/√(|∇x|² + ε)` at x.
@@ -234,6 +271,7 @@ impl Medi {
     pub fn new(config: Config) -> Self {
         Medi {
             config,
+            chosen: Default::default(),
             last: Default::default(),
         }
     }
@@ -241,16 +279,24 @@ impl Medi {
     fn validate(&self) -> Result<()> {
         let c = &self.config;
         let positive = |v: f64| v > 0.0 && v.is_finite();
-        if !(positive(c.lambda)
-            && positive(c.radians_per_ppm)
+        match c.lambda.value() {
+            Some(l) if !positive(l) => {
+                return Err(Error::Config(format!(
+                    "inversion.medi.lambda must be positive or auto, got {l}"
+                )))
+            }
+            Some(_) => {}
+            None => c.lambda_scan.validate("inversion.medi")?,
+        }
+        if !(positive(c.radians_per_ppm)
             && positive(c.smoothing)
             && positive(c.tolerance)
             && positive(c.cg_tolerance))
         {
             return Err(Error::Config(format!(
-                "inversion.medi: lambda ({}), radians_per_ppm ({}), smoothing ({}), tolerance ({}) \
-                 and cg_tolerance ({}) must be positive",
-                c.lambda, c.radians_per_ppm, c.smoothing, c.tolerance, c.cg_tolerance
+                "inversion.medi: radians_per_ppm ({}), smoothing ({}), tolerance ({}) and \
+                 cg_tolerance ({}) must be positive",
+                c.radians_per_ppm, c.smoothing, c.tolerance, c.cg_tolerance
             )));
         }
         if !(0.0..1.0).contains(&c.edge_fraction) {
@@ -267,7 +313,7 @@ impl Medi {
         Ok(())
     }
 
-    fn setup(&self, problem: &Problem) -> Result<Setup> {
+    fn setup(&self, problem: &Problem, lambda: f64) -> Result<Setup> {
         self.validate()?;
         problem.check("MEDI")?;
         let c = &self.config;
@@ -303,17 +349,18 @@ impl Medi {
             w2,
             edges,
             grad,
-            lambda: c.lambda as f32,
+            lambda: lambda as f32,
             eps: c.smoothing as f32,
         })
     }
 
-    /// Gauss-Newton; returns x (radians), Gauss-Newton and CG iterations.
-    fn solve(&self, setup: &Setup, n: usize) -> (Vec<f32>, usize, usize) {
+    /// Gauss-Newton with at most `max_iterations` steps; returns x (radians), Gauss-Newton
+    /// and CG iterations.
+    fn solve(&self, setup: &Setup, n: usize, max_iterations: usize) -> (Vec<f32>, usize, usize) {
         let c = &self.config;
         let mut x = vec![0.0f32; n];
         let (mut outer, mut inner) = (0, 0);
-        for it in 1..=c.max_iterations {
+        for it in 1..=max_iterations {
             outer = it;
             let p = setup.diffusivity(&x);
             let mut g = setup.gradient(&x, &p);
@@ -335,15 +382,54 @@ impl Medi {
     }
 }
 
+impl Medi {
+    /// `auto`: a short solve per scanned λ, then the L-curve's corner. MEDI's λ weighs the
+    /// data, so the points go in descending λ (rising regularisation), the order the corner
+    /// test expects (as TV's ascending λ).
+    fn lambda_from_l_curve(&self, problem: &Problem) -> Result<f64> {
+        let scan = &self.config.lambda_scan;
+        let n = problem.mask.len();
+        let mut points = Vec::new();
+        for l in scan.values().into_iter().rev() {
+            let setup = self.setup(problem, l)?;
+            let (x, _, _) = self.solve(&setup, n, scan.max_iterations);
+            let (residual, regulariser) = setup.terms(&x);
+            points.push(Point {
+                lambda: l,
+                residual,
+                regulariser,
+            });
+        }
+        let (i, found) = lambda::corner(&points);
+        let l = points[i].lambda;
+        if found {
+            tracing::info!(lambda = l, "MEDI: λ from the L-curve corner");
+        } else {
+            tracing::warn!(
+                lambda = l,
+                "MEDI: the L-curve has no corner inside inversion.medi.lambda_scan; using its \
+                 least bent point (widen the scan or give λ)"
+            );
+        }
+        *self.chosen.lock().unwrap_or_else(|e| e.into_inner()) = Some((l, found, points));
+        Ok(l)
+    }
+}
+
 impl Method for Medi {
     fn name(&self) -> &'static str {
         "medi"
     }
 
     fn invert(&self, problem: &Problem) -> Result<Vec<f32>> {
-        let setup = self.setup(problem)?;
+        self.validate()?;
+        let lambda = match self.config.lambda.value() {
+            Some(l) => l,
+            None => self.lambda_from_l_curve(problem)?,
+        };
+        let setup = self.setup(problem, lambda)?;
         let n = problem.mask.len();
-        let (x, outer, inner) = self.solve(&setup, n);
+        let (x, outer, inner) = self.solve(&setup, n, self.config.max_iterations);
         tracing::debug!(outer, inner, "MEDI finished");
         *self.last.lock().unwrap_or_else(|e| e.into_inner()) =
             (outer, inner, problem.magnitude.is_some());
@@ -356,6 +442,20 @@ impl Method for Medi {
         let (outer, inner, edges) = *self.last.lock().unwrap_or_else(|e| e.into_inner());
         v["iterations_run"] = serde_json::json!(outer);
         v["cg_iterations_run"] = serde_json::json!(inner);
+        match &*self.chosen.lock().unwrap_or_else(|e| e.into_inner()) {
+            Some((l, found, scan)) => {
+                v["lambda"] = serde_json::json!(l);
+                v["lambda_selection"] = serde_json::json!({
+                    "method": "L-curve corner (maximum curvature of log data misfit against log ‖M_G∇x‖₁, λ descending)",
+                    "corner_found": found,
+                    "scan": scan,
+                });
+            }
+            None if self.config.lambda.value().is_some() => {
+                v["lambda_selection"] = serde_json::json!({ "method": "fixed" });
+            }
+            None => {}
+        }
         v["edge_mask"] = serde_json::json!(if edges {
             "from the magnitude gradient"
         } else {
@@ -385,10 +485,10 @@ mod tests {
         p.magnitude = Some(&magnitude);
         let medi = Medi::new(Config {
             smoothing: 1e-2,
-            lambda: 3.0,
+            lambda: Lambda::Value(3.0),
             ..Config::default()
         });
-        let setup = medi.setup(&p).unwrap();
+        let setup = medi.setup(&p, 3.0).unwrap();
         assert!(setup.edges.contains(&0.0));
         let x: Vec<f32> = random(n, 4).iter().map(|v| 0.5 * v).collect();
         let v = random(n, 5);
@@ -463,13 +563,61 @@ mod tests {
     }
 
     #[test]
+    fn auto_lambda_picks_a_scanned_value_near_the_best_and_records_it() {
+        let dims = [48, 48, 48];
+        let (chi, mask) = brain();
+        let b0 = [[0.0, 0.26, 0.966]];
+        let f = fields(&chi, &mask, dims, &b0, 0.004, 3);
+        let mut p = problem(dims, &f, &b0, &mask);
+        let magnitude: Vec<f32> = chi.iter().map(|&c| 1.0 - c).collect();
+        p.magnitude = Some(&magnitude);
+        let cfg = Config {
+            lambda: Lambda::AUTO,
+            ..Config::default()
+        };
+        let medi = Medi::new(cfg.clone());
+        let x = medi.invert(&p).unwrap();
+        let params = medi.parameters();
+        let chosen = params["lambda"].as_f64().unwrap();
+        let scan = cfg.lambda_scan.values();
+        assert!(
+            scan.iter().any(|&l| (l - chosen).abs() < 1e-9 * l),
+            "{chosen}"
+        );
+        assert_eq!(
+            params["lambda_selection"]["scan"].as_array().unwrap().len(),
+            scan.len()
+        );
+        // Every scanned λ solved to the end: the pick must be within 25 % of the best.
+        let errors: Vec<f64> = scan
+            .iter()
+            .map(|&l| {
+                let m = Medi::new(Config {
+                    lambda: Lambda::Value(l),
+                    ..Config::default()
+                });
+                nrmse_demeaned(&m.invert(&p).unwrap(), &chi, &mask)
+            })
+            .collect();
+        let best = errors.iter().cloned().fold(f64::INFINITY, f64::min);
+        let e = nrmse_demeaned(&x, &chi, &mask);
+        // Measured: auto picks 100, the best of the scan (0.125; 0.17 and 0.16 beside it).
+        assert!(
+            e <= 1.25 * best,
+            "auto λ {chosen}: {e}; scan {scan:?}: {errors:?}"
+        );
+        let fixed = Medi::new(Config::default());
+        assert_eq!(fixed.parameters()["lambda_selection"]["method"], "fixed");
+    }
+
+    #[test]
     fn invalid_parameters_are_config_errors() {
         let f = vec![vec![0.0f32; 512]];
         let mask = vec![true; 512];
         let p = problem([8, 8, 8], &f, &[[0.0, 0.0, 1.0]], &mask);
         for cfg in [
             Config {
-                lambda: 0.0,
+                lambda: Lambda::Value(0.0),
                 ..Config::default()
             },
             Config {
