@@ -110,29 +110,13 @@ impl Setup {
     /// the gradient and the steps against it.
     #[cfg(test)]
     fn objective(&self, x: &[f32]) -> f64 {
-        let mut data = 0.0f64;
-        for (op, psi) in self.ops.iter().zip(&self.psi) {
-            let d = op.forward(x);
-            data += d
-                .par_iter()
-                .zip(psi)
-                .zip(&self.w2)
-                .map(|((&d, &p), &w)| w as f64 * (2.0 - 2.0 * ((d - p) as f64).cos()))
-                .sum::<f64>();
-        }
-        let g = self.grad.forward(x);
-        let tv: f64 = (0..x.len())
-            .into_par_iter()
-            .map(|i| {
-                let m = g[0][i].powi(2) + g[1][i].powi(2) + g[2][i].powi(2);
-                self.edges[i] as f64 * ((m + self.eps) as f64).sqrt()
-            })
-            .sum();
+        let (data, tv) = self.terms(x, self.eps);
         0.5 * self.lambda as f64 * data + tv
     }
 
-    /// The L-curve's two terms at x: `√Σ W²(2 − 2cos(Dx − ψ))` and `Σ M_G|∇x|`.
-    fn terms(&self, x: &[f32]) -> (f64, f64) {
+    /// J's two terms at x: the data misfit `Σ W²(2 − 2cos(Dx − ψ))` and `Σ M_G √(|∇x|² + ε)`
+    /// with the given ε (0 for the L-curve, the solver's for J).
+    fn terms(&self, x: &[f32], eps: f32) -> (f64, f64) {
         let mut data = 0.0f64;
         for (op, psi) in self.ops.iter().zip(&self.psi) {
             let d = op.forward(x);
@@ -148,10 +132,10 @@ impl Setup {
             .into_par_iter()
             .map(|i| {
                 let m = g[0][i].powi(2) + g[1][i].powi(2) + g[2][i].powi(2);
-                self.edges[i] as f64 * (m as f64).sqrt()
+                self.edges[i] as f64 * ((m + eps) as f64).sqrt()
             })
             .sum();
-        (data.sqrt(), tv)
+        (data, tv)
     }
 
     /// The lagged-diffusivity weight `M_G/√(|∇x|² + ε)` at x.
@@ -393,10 +377,10 @@ impl Medi {
         for l in scan.values().into_iter().rev() {
             let setup = self.setup(problem, l)?;
             let (x, _, _) = self.solve(&setup, n, scan.max_iterations);
-            let (residual, regulariser) = setup.terms(&x);
+            let (misfit, regulariser) = setup.terms(&x, 0.0);
             points.push(Point {
                 lambda: l,
-                residual,
+                residual: misfit.sqrt(),
                 regulariser,
             });
         }
