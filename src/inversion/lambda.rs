@@ -4,6 +4,8 @@
 
 use serde::{Deserialize, Serialize};
 
+use serde_json::{json, Value};
+
 use crate::{Error, Result};
 
 /// A configured λ: a number, or the word `auto`.
@@ -196,5 +198,56 @@ mod tests {
             err.to_string().contains("inversion.tv.lambda_scan"),
             "{err}"
         );
+    }
+}
+
+/// How `auto` chose λ in a solve: the value, whether the scan held a corner, and the scan.
+#[derive(Clone, Debug)]
+pub struct Choice {
+    pub lambda: f64,
+    pub corner_found: bool,
+    pub scan: Vec<Point>,
+}
+
+impl Choice {
+    /// The corner of `scan` (in order of rising regularisation), logged for `method`; the
+    /// warning when the scan holds no corner names the config `section` to widen.
+    pub fn from_scan(scan: Vec<Point>, method: &str, section: &str) -> Choice {
+        let (i, corner_found) = corner(&scan);
+        let lambda = scan[i].lambda;
+        if corner_found {
+            tracing::info!(lambda, "{method}: λ from the L-curve corner");
+        } else {
+            tracing::warn!(
+                lambda,
+                "{method}: the L-curve has no corner inside {section}.lambda_scan; using its \
+                 least bent point (widen the scan or give λ)"
+            );
+        }
+        Choice {
+            lambda,
+            corner_found,
+            scan,
+        }
+    }
+}
+
+/// Adds how λ was chosen to a method's sidecar parameters `v`: `lambda` and
+/// `lambda_selection` (the L-curve, described by `curve`, and its scan) for `auto`, or
+/// `{method: fixed}` when `configured` is a number.
+pub fn record(v: &mut Value, configured: Lambda, choice: Option<&Choice>, curve: &str) {
+    match choice {
+        Some(c) => {
+            v["lambda"] = json!(c.lambda);
+            v["lambda_selection"] = json!({
+                "method": curve,
+                "corner_found": c.corner_found,
+                "scan": c.scan,
+            });
+        }
+        None if configured.value().is_some() => {
+            v["lambda_selection"] = json!({ "method": "fixed" });
+        }
+        None => {}
     }
 }

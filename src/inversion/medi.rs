@@ -19,7 +19,7 @@
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
-use super::lambda::{self, Lambda, Point, Scan};
+use super::lambda::{self, Choice, Lambda, Point, Scan};
 use super::{restrict, Method, Problem};
 use crate::physics::gradient::Gradient;
 use crate::physics::DipoleOperator;
@@ -81,7 +81,7 @@ impl Default for Config {
 pub struct Medi {
     config: Config,
     /// How `auto` chose λ in the last solve (λ, corner found, the scan), for the sidecar.
-    chosen: std::sync::Mutex<Option<(f64, bool, Vec<Point>)>>,
+    chosen: std::sync::Mutex<Option<Choice>>,
     /// Gauss-Newton and total CG iterations of the last solve, and whether M_G came from a
     /// magnitude.
     last: std::sync::Mutex<(usize, usize, bool)>,
@@ -384,18 +384,9 @@ impl Medi {
                 regulariser,
             });
         }
-        let (i, found) = lambda::corner(&points);
-        let l = points[i].lambda;
-        if found {
-            tracing::info!(lambda = l, "MEDI: λ from the L-curve corner");
-        } else {
-            tracing::warn!(
-                lambda = l,
-                "MEDI: the L-curve has no corner inside inversion.medi.lambda_scan; using its \
-                 least bent point (widen the scan or give λ)"
-            );
-        }
-        *self.chosen.lock().unwrap_or_else(|e| e.into_inner()) = Some((l, found, points));
+        let choice = Choice::from_scan(points, "MEDI", "inversion.medi");
+        let l = choice.lambda;
+        *self.chosen.lock().unwrap_or_else(|e| e.into_inner()) = Some(choice);
         Ok(l)
     }
 }
@@ -426,20 +417,12 @@ impl Method for Medi {
         let (outer, inner, edges) = *self.last.lock().unwrap_or_else(|e| e.into_inner());
         v["iterations_run"] = serde_json::json!(outer);
         v["cg_iterations_run"] = serde_json::json!(inner);
-        match &*self.chosen.lock().unwrap_or_else(|e| e.into_inner()) {
-            Some((l, found, scan)) => {
-                v["lambda"] = serde_json::json!(l);
-                v["lambda_selection"] = serde_json::json!({
-                    "method": "L-curve corner (maximum curvature of log data misfit against log ‖M_G∇x‖₁, λ descending)",
-                    "corner_found": found,
-                    "scan": scan,
-                });
-            }
-            None if self.config.lambda.value().is_some() => {
-                v["lambda_selection"] = serde_json::json!({ "method": "fixed" });
-            }
-            None => {}
-        }
+        lambda::record(
+            &mut v,
+            self.config.lambda,
+            self.chosen.lock().unwrap_or_else(|e| e.into_inner()).as_ref(),
+            "L-curve corner (maximum curvature of log data misfit against log ‖M_G∇x‖₁, λ descending)",
+        );
         v["edge_mask"] = serde_json::json!(if edges {
             "from the magnitude gradient"
         } else {

@@ -40,10 +40,10 @@ pub struct Orientation<'a> {
 pub struct TotalField<'a> {
     /// Total field in ppm on the grid of the problem, valid on `support`.
     pub field: &'a [f32],
-    /// Where the total field is trusted (the brain, signal voids excluded from `weight`).
+    /// Where the total field was measured and is trusted (the brain and, for raw phase, the
+    /// tissue with signal around it).
     pub support: &'a Mask,
-    /// Relative reliability of each voxel's total field (0 where it is not measured, e.g.
-    /// in-painted voids); `None` = uniform on `support`.
+    /// Relative reliability of each voxel's total field; `None` = uniform on `support`.
     pub weight: Option<&'a [f32]>,
 }
 
@@ -176,8 +176,9 @@ pub enum MethodName {
     Rts,
     /// Nonlinear data term with magnitude-edge-weighted TV, Gauss-Newton (Liu et al. 2011).
     Medi,
-    /// Total field inversion (Liu et al. 2018): one step from the total field, background
-    /// sources and tissue χ together, preconditioned; needs raw phase or a total field map.
+    /// Total field inversion (Liu et al. 2018), experimental: one step from the total field,
+    /// background sources and tissue χ together (TV-ADMM); needs raw phase or a total field
+    /// map.
     Tfi,
     /// Learned proximal gradient descent (Lai et al. 2020); needs `--weights`.
     Lpcnn,

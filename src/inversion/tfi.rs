@@ -5,7 +5,7 @@
 //! recover. TFI instead explains the whole measured field with one χ over the whole grid,
 //! background sources (air, bone, everything outside the head's tissue) and tissue alike:
 //! `min ½‖W(Dχ − f)‖² + λ‖∇χ‖₁`, with `f` the total field and W zero wherever the field is
-//! not measured (no signal, in-painted voids). Which part of the field inside the brain is
+//! not measured (no signal). Which part of the field inside the brain is
 //! the brain's own is then decided by the prior (few, sharp edges) and by the field measured
 //! in the tissue around the brain, not by a background-removal rule. That surrounding tissue
 //! is what makes it work: on the test head below, with data in the brain alone TFI is no

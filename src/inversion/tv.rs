@@ -14,7 +14,7 @@
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
-use super::lambda::{self, Lambda, Point, Scan};
+use super::lambda::{self, Choice, Lambda, Point, Scan};
 use super::{restrict, Method, Problem};
 use crate::physics::fft::{Fft3, C32};
 use crate::physics::gradient::Gradient;
@@ -57,7 +57,7 @@ pub struct TvAdmm {
     /// Iterations of the last solve, for the sidecar.
     iterations: std::sync::atomic::AtomicUsize,
     /// How `auto` chose λ in the last solve (λ and the scan), for the sidecar.
-    chosen: std::sync::Mutex<Option<(f64, bool, Vec<Point>)>>,
+    chosen: std::sync::Mutex<Option<Choice>>,
 }
 
 impl TvAdmm {
@@ -95,8 +95,6 @@ impl TvAdmm {
         Ok(())
     }
 
-    /// Runs ADMM (after the L-curve scan for `auto`) and returns χ (whole grid) and the
-    /// number of iterations used.
     /// χ over the whole grid, outside the mask too (TFI's background sources), with the
     /// iterations recorded for the sidecar.
     pub(super) fn invert_unrestricted(&self, problem: &Problem) -> Result<Vec<f32>> {
@@ -107,6 +105,8 @@ impl TvAdmm {
         Ok(chi)
     }
 
+    /// Runs ADMM (after the L-curve scan for `auto`) and returns χ (whole grid) and the
+    /// number of iterations used.
     fn solve(&self, problem: &Problem) -> Result<(Vec<f32>, usize)> {
         self.validate()?;
         problem.check("TV-ADMM")?;
@@ -114,19 +114,9 @@ impl TvAdmm {
         let lambda = match c.lambda.value() {
             Some(l) => l,
             None => {
-                let scan = self.l_curve(problem)?;
-                let (i, found) = lambda::corner(&scan);
-                let l = scan[i].lambda;
-                if found {
-                    tracing::info!(lambda = l, "TV-ADMM: λ from the L-curve corner");
-                } else {
-                    tracing::warn!(
-                        lambda = l,
-                        "TV-ADMM: the L-curve has no corner inside inversion.tv.lambda_scan; \
-                         using its least bent point (widen the scan or give λ)"
-                    );
-                }
-                *self.chosen.lock().unwrap_or_else(|e| e.into_inner()) = Some((l, found, scan));
+                let choice = Choice::from_scan(self.l_curve(problem)?, "TV-ADMM", "inversion.tv");
+                let l = choice.lambda;
+                *self.chosen.lock().unwrap_or_else(|e| e.into_inner()) = Some(choice);
                 l
             }
         };
@@ -342,20 +332,15 @@ impl Method for TvAdmm {
         let mut v = serde_json::to_value(&self.config).expect("the config is plain data");
         v["iterations_run"] =
             serde_json::json!(self.iterations.load(std::sync::atomic::Ordering::Relaxed));
-        match &*self.chosen.lock().unwrap_or_else(|e| e.into_inner()) {
-            Some((l, found, scan)) => {
-                v["lambda"] = serde_json::json!(l);
-                v["lambda_selection"] = serde_json::json!({
-                    "method": "L-curve corner (maximum curvature of log ‖W(Dχ − f)‖₂ against log ‖∇χ‖₁)",
-                    "corner_found": found,
-                    "scan": scan,
-                });
-            }
-            None if self.config.lambda.value().is_some() => {
-                v["lambda_selection"] = serde_json::json!({ "method": "fixed" });
-            }
-            None => {}
-        }
+        lambda::record(
+            &mut v,
+            self.config.lambda,
+            self.chosen
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .as_ref(),
+            "L-curve corner (maximum curvature of log ‖W(Dχ − f)‖₂ against log ‖∇χ‖₁)",
+        );
         v
     }
 }
