@@ -48,6 +48,8 @@ fn run(bids: &Path, out: &Path, config: &Config, method: MethodName) {
         dry_run: false,
         mask_dir: None,
         command_line: "quality_ladder".into(),
+        mem_gb: None,
+        work_dir: None,
     };
     let summary = pipeline::run(&settings).expect("pipeline runs");
     assert!(summary.success(), "pipeline failed: {:?}", summary.failed);

@@ -26,6 +26,9 @@ pub enum Error {
     /// A numerical stage could not produce a meaningful result (e.g. an empty mask).
     #[error("{0}")]
     Numerics(String),
+    /// The work cannot be done within the memory the user allows (`--mem-gb`).
+    #[error("{0}")]
+    Memory(String),
 }
 
 impl Error {

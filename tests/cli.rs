@@ -1472,3 +1472,175 @@ fn set_checks(path: &Path) -> std::collections::BTreeMap<String, (f64, Verdict)>
         .map(|c| (c.name, (c.value, c.verdict)))
         .collect()
 }
+
+/// Issue 21: `--mem-gb` refuses work that needs more before anything runs (exit status 4,
+/// the acquisition and its need named, nothing written); with enough, the run's measured
+/// peak (in the Chimap's sidecar) stays under both the bound and the dry run's estimate.
+#[test]
+fn mem_gb_refuses_work_that_needs_more_and_the_estimate_bounds_the_peak() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out");
+    let ex = example();
+    let args = |extra: &[&str]| -> Output {
+        let mut a = vec![
+            ex.to_str().unwrap(),
+            out.to_str().unwrap(),
+            "participant",
+            "--participant-label",
+            "1",
+        ];
+        a.extend_from_slice(extra);
+        chimap(&a)
+    };
+    let dry = args(&["--dry-run"]);
+    assert!(dry.status.success(), "{}", stderr(&dry));
+    let listing = String::from_utf8_lossy(&dry.stdout).into_owned();
+    let estimates: Vec<f64> = listing
+        .lines()
+        .filter(|l| l.starts_with("memory: "))
+        .map(|l| {
+            let gib = l.split("needs about ").nth(1).unwrap();
+            gib.split(' ').next().unwrap().parse().unwrap()
+        })
+        .collect();
+    assert!(!estimates.is_empty(), "no memory estimate in: {listing}");
+    let estimate = estimates.iter().cloned().fold(0.0, f64::max);
+    assert!(!out.exists(), "a dry run wrote {}", out.display());
+
+    let o = args(&["--mem-gb", "0.05", "--log-format", "json"]);
+    assert_eq!(o.status.code(), Some(4), "{}", stderr(&o));
+    let v = summary_record(&o);
+    let error = v["error"].as_str().unwrap();
+    assert!(error.contains("--mem-gb 0.05 is not enough"), "{error}");
+    assert!(error.contains("sub-1") && error.contains("GiB"), "{error}");
+    assert!(!out.exists(), "a refused run wrote {}", out.display());
+
+    let bad = args(&["--mem-gb", "0"]);
+    assert_eq!(bad.status.code(), Some(2), "{}", stderr(&bad));
+
+    let o = args(&["--mem-gb", "4"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let mut checked = 0;
+    for f in files(&out) {
+        let name = f.file_name().unwrap().to_string_lossy().into_owned();
+        if !name.ends_with("_Chimap.json") {
+            continue;
+        }
+        let sidecar: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&f).unwrap()).unwrap();
+        let peak = sidecar["PeakMemoryGiB"]["peak"].as_f64().unwrap();
+        assert!(
+            peak > 0.0 && peak <= estimate,
+            "{name}: peak {peak} GiB, estimate {estimate}"
+        );
+        checked += 1;
+    }
+    assert!(checked > 0, "no Chimap sidecar in {}", out.display());
+}
+
+/// Issue 21: `--work-dir` keeps each acquisition's local field until its Chimap is written;
+/// a run killed during the inversion is resumed there by a rerun, which gives the same χ bit
+/// for bit as a run never killed, and leaves the folder empty.
+#[test]
+fn a_run_killed_during_the_inversion_resumes_from_the_work_dir() {
+    let dir = tempfile::tempdir().unwrap();
+    // A slow inversion, so that the kill lands in it.
+    let config = dir.path().join("slow.yaml");
+    std::fs::write(
+        &config,
+        "inversion:\n  method: tv\n  tv:\n    tolerance: 1.0e-12\n    max_iterations: 150\n",
+    )
+    .unwrap();
+    let ex = example();
+    let run = |out: &Path, work: Option<&Path>| -> Vec<String> {
+        let mut a: Vec<String> = [
+            ex.to_str().unwrap(),
+            out.to_str().unwrap(),
+            "participant",
+            "--participant-label",
+            "1",
+            "--config",
+            config.to_str().unwrap(),
+            "--nthreads",
+            "1",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        if let Some(w) = work {
+            a.extend(["--work-dir".to_string(), w.to_string_lossy().into_owned()]);
+        }
+        a
+    };
+    let clean = dir.path().join("clean");
+    let o = chimap(
+        &run(&clean, None)
+            .iter()
+            .map(String::as_str)
+            .collect::<Vec<_>>(),
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+
+    let (out, work) = (dir.path().join("out"), dir.path().join("work"));
+    let checkpoints = || -> Vec<PathBuf> {
+        std::fs::read_dir(&work)
+            .map(|d| {
+                d.flatten()
+                    .map(|e| e.path())
+                    .filter(|p| p.to_string_lossy().ends_with(".local-field"))
+                    .filter(|p| !p.file_name().unwrap().to_string_lossy().starts_with('.'))
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let mut child = Command::new(env!("CARGO_BIN_EXE_chimap"))
+        .args(run(&out, Some(&work)))
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let started = std::time::Instant::now();
+    while checkpoints().is_empty() && started.elapsed().as_secs() < 120 {
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "the run ended before its local field was kept in {}",
+            work.display()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(2));
+    }
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+    let kept = checkpoints();
+    assert_eq!(kept.len(), 1, "{kept:?}");
+
+    let o = chimap(
+        &run(&out, Some(&work))
+            .iter()
+            .map(String::as_str)
+            .collect::<Vec<_>>(),
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("taken from --work-dir"),
+        "the rerun did not resume: {}",
+        stderr(&o)
+    );
+    let mut compared = 0;
+    for f in files(&clean) {
+        if f.to_string_lossy().ends_with("_Chimap.nii.gz") {
+            let twin = out.join(f.strip_prefix(&clean).unwrap());
+            assert_eq!(
+                std::fs::read(&f).unwrap(),
+                std::fs::read(&twin).unwrap(),
+                "{} differs from the run never killed",
+                twin.display()
+            );
+            compared += 1;
+        }
+    }
+    assert_eq!(compared, 2);
+    assert_eq!(
+        files(&work),
+        Vec::<PathBuf>::new(),
+        "the work folder is not empty"
+    );
+}

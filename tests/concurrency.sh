@@ -7,7 +7,8 @@
 # (no --overwrite); then kills a lone run at a random moment and reruns it; and checks that
 #   - every run of the rerun exits 0 and the rerun recomputes only what was missing,
 #   - every Chimap equals a clean single run's bit for bit, and the same files exist,
-#   - no temporary (.partial-) or lock file is left,
+#   - no temporary (.partial-) or lock file is left, in OUTPUT_DIR or in the --work-dir
+#     the runs share (its local-field checkpoints are consumed by the rerun),
 #   - the BIDS validator (when installed by descriptors/check.sh) reports exactly what it
 #     reports on the clean run (a derivative dataset draws some errors from it either way).
 # ROUNDS (default 3) repeats the kill and rerun with new random moments; SEED fixes them.
@@ -75,6 +76,17 @@ verify() {
     echo "   every Chimap equals the clean run's; no temporary or lock file left"
 }
 
+# The work folder $1 is empty once every acquisition is done; say how many acquisitions the
+# runs whose logs follow resumed from it.
+verify_scratch() {
+    local dir=$1
+    shift
+    left=$(find "$dir" -type f 2>/dev/null)
+    [ -z "$left" ] || fail "left in the work folder: $left"
+    resumed=$(cat "$@" | grep -c 'taken from --work-dir' || true)
+    echo "   work folder empty; $resumed acquisition(s) resumed from it"
+}
+
 sleep_ms() { sleep "$(printf '%d.%03d' $(($1 / 1000)) $(($1 % 1000)))"; }
 
 for round in $(seq 1 "$ROUNDS"); do
@@ -86,7 +98,7 @@ for round in $(seq 1 "$ROUNDS"); do
     for i in 0 1 2 3; do
         # shellcheck disable=SC2086
         "$BIN" bids/example "$OUT" participant --nthreads 1 --log-format json ${SELECT[$i]} \
-            > "$WORK/r$round-$i.log" 2>&1 &
+            --work-dir "$WORK/scratch-$round" > "$WORK/r$round-$i.log" 2>&1 &
         pids+=($!)
     done
     sleep_ms $delay_ms
@@ -108,7 +120,7 @@ for round in $(seq 1 "$ROUNDS"); do
     for i in 0 1 2 3; do
         # shellcheck disable=SC2086
         "$BIN" bids/example "$OUT" participant --nthreads 1 --log-format json ${SELECT[$i]} \
-            > "$WORK/re$round-$i.log" 2>&1 &
+            --work-dir "$WORK/scratch-$round" > "$WORK/re$round-$i.log" 2>&1 &
         pids+=($!)
     done
     for i in 0 1 2 3; do
@@ -119,12 +131,13 @@ for round in $(seq 1 "$ROUNDS"); do
     [ "$processed" -eq "$missing" ] || fail "the rerun computed $processed acquisitions, $missing were missing"
     echo "   the rerun computed $processed"
     verify "$OUT"
+    verify_scratch "$WORK/scratch-$round" "$WORK"/re"$round"-*.log
 
     # The other runs above finish a killed run's work; here a lone run is killed mid-way.
     SOLO=$WORK/solo-$round
     delay_ms=$((RANDOM % 3500))
     echo "-- round $round: a lone run gets SIGKILL after $delay_ms ms"
-    "$BIN" bids/example "$SOLO" participant --nthreads 1 -q &
+    "$BIN" bids/example "$SOLO" participant --nthreads 1 -q --work-dir "$WORK/scratch-solo-$round" &
     pid=$!
     sleep_ms $delay_ms
     kill -9 $pid 2>/dev/null || echo "   (it had already finished)"
@@ -133,12 +146,14 @@ for round in $(seq 1 "$ROUNDS"); do
     missing=$(count_missing "$SOLO")
     stale=$(find "$WORK/solo-$round" -name '*.partial-*' 2>/dev/null | wc -l)
     echo "   after the kill: $missing Chimap(s) missing, $stale temporary file(s)"
-    "$BIN" bids/example "$SOLO" participant --nthreads 1 --log-format json > "$WORK/solo$round.log" 2>&1 ||
+    "$BIN" bids/example "$SOLO" participant --nthreads 1 --log-format json \
+        --work-dir "$WORK/scratch-solo-$round" > "$WORK/solo$round.log" 2>&1 ||
         { cat "$WORK/solo$round.log" >&2; fail "the rerun after the lone kill failed"; }
     processed=$(count_processed "$WORK/solo$round.log")
     [ "$processed" -eq "$missing" ] || fail "the rerun computed $processed acquisitions, $missing were missing"
     echo "   the rerun computed $processed"
     verify "$SOLO"
+    verify_scratch "$WORK/scratch-solo-$round" "$WORK/solo$round.log"
 done
 
 VALIDATOR=${CHIMAP_TOOLS:-$HOME/.cache/chimap-tools}/venv/bin/bids-validator-deno

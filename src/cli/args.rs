@@ -38,7 +38,7 @@ pub enum Command {
     Train(crate::train::TrainArgs),
     /// Process one acquisition given as NIfTI files (a workflow step), not a BIDS dataset;
     /// OUTPUT_DIR becomes the same derivative dataset as a participant run's.
-    Files(FilesArgs),
+    Files(Box<FilesArgs>),
 }
 
 /// `chimap files OUTPUT_DIR --phase … --magnitude … --echo-times …`, or a field map with
@@ -227,6 +227,18 @@ pub struct ProcessingArgs {
     /// `inversion.max_memory_gib`, default 3); larger volumes run in overlapping tiles.
     #[arg(long, value_name = "GIB", help_heading = "Processing")]
     pub max_memory: Option<f64>,
+
+    /// Folder for intermediates, e.g. node-local scratch (`$TMPDIR`): each acquisition's
+    /// local field is kept there until its Chimap is written, so a run killed during the
+    /// inversion resumes there when rerun with the same --work-dir. Default: none kept.
+    #[arg(long, value_name = "DIR", help_heading = "Processing")]
+    pub work_dir: Option<PathBuf>,
+
+    /// Peak memory this run may use, in GiB (e.g. the job's memory request): work estimated
+    /// to need more is refused before anything runs (exit status 4), and the learned
+    /// methods' tiles shrink to what is left. Default: no bound.
+    #[arg(long, value_name = "GIB", help_heading = "Processing")]
+    pub mem_gb: Option<f64>,
 
     /// B0 field strength in tesla for inputs whose sidecars lack `MagneticFieldStrength`
     /// (overrides `field_strength` of the config). Default: taken from the sidecars.

@@ -23,13 +23,16 @@ const EXIT_FAILED: u8 = 1;
 const EXIT_USAGE: u8 = 2;
 /// Exit status when the dataset or OUTPUT_DIR cannot be read or used (nothing was processed).
 const EXIT_INPUT: u8 = 3;
+/// Exit status when the work needs more memory than `--mem-gb` allows (nothing was processed).
+const EXIT_MEMORY: u8 = 4;
 
 /// The exit status a run-level error maps to, so a scheduler can tell bad arguments from a
-/// broken dataset. (4 is kept for a memory bound, `--mem-gb`, once there is one.)
+/// broken dataset or a job sized too small.
 fn exit_status(e: &Error) -> u8 {
     match e {
         Error::Usage(_) | Error::Config(_) => EXIT_USAGE,
         Error::Input { .. } | Error::Io { .. } | Error::Numerics(_) => EXIT_INPUT,
+        Error::Memory(_) => EXIT_MEMORY,
     }
 }
 
@@ -51,7 +54,7 @@ pub fn main() -> ExitCode {
             logging::init(args::LogFormat::Text, 0, false);
             finish(crate::train::run(&t))
         }
-        Some(Command::Files(f)) => run_files(f),
+        Some(Command::Files(f)) => run_files(*f),
         None => run_participants(cli.run),
     }
 }
@@ -258,7 +261,19 @@ pub fn settings(run: &RunArgs) -> Result<Settings> {
         dry_run: run.dry_run,
         mask_dir: run.mask_dir.clone(),
         command_line: std::env::args().collect::<Vec<_>>().join(" "),
+        mem_gb: mem_gb(&run.processing)?,
+        work_dir: run.processing.work_dir.clone(),
     })
+}
+
+/// `--mem-gb`, checked.
+fn mem_gb(p: &ProcessingArgs) -> Result<Option<f64>> {
+    match p.mem_gb {
+        Some(g) if !(g.is_finite() && g > 0.0) => Err(Error::Usage(format!(
+            "--mem-gb must be a positive number of GiB, got {g}"
+        ))),
+        g => Ok(g),
+    }
 }
 
 /// Sizes the global thread pool (`--nthreads`).
@@ -358,6 +373,8 @@ fn run_files(f: FilesArgs) -> ExitCode {
             dry_run: f.dry_run,
             mask_dir: None,
             command_line: std::env::args().collect::<Vec<_>>().join(" "),
+            mem_gb: mem_gb(&f.processing)?,
+            work_dir: f.processing.work_dir.clone(),
         };
         Ok((pipeline::run_discovered(&settings, discovery)?, f.dry_run))
     };

@@ -30,6 +30,8 @@ pub const SOURCE_LINK: &str = "raw";
 /// A derivative dataset being written.
 pub struct Derivatives {
     root: PathBuf,
+    /// Where this run keeps intermediates (`--work-dir`), e.g. on node-local scratch.
+    work_dir: Option<PathBuf>,
 }
 
 impl Derivatives {
@@ -83,7 +85,24 @@ impl Derivatives {
         }
         Ok(Derivatives {
             root: root.to_path_buf(),
+            work_dir: None,
         })
+    }
+
+    /// Keeps intermediates in `dir` (`--work-dir`): each acquisition's local field, so that
+    /// a killed run resumes at the inversion.
+    /// What killed runs left half-written there is removed.
+    pub fn with_work_dir(mut self, dir: Option<PathBuf>) -> Self {
+        if let Some(d) = &dir {
+            partial::remove_stale_in(d);
+        }
+        self.work_dir = dir;
+        self
+    }
+
+    /// Where intermediates go, if anywhere.
+    pub fn work_dir(&self) -> Option<&Path> {
+        self.work_dir.as_deref()
     }
 
     pub fn root(&self) -> &Path {

@@ -205,6 +205,14 @@ impl MethodName {
             MethodName::Unet => "unet",
         }
     }
+
+    /// A network with weights (its activations are tiled to a memory budget).
+    pub fn learned(self) -> bool {
+        matches!(
+            self,
+            MethodName::Lpcnn | MethodName::Loopnet | MethodName::Unet
+        )
+    }
 }
 
 /// The `inversion` section of the configuration.

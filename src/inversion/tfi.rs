@@ -99,9 +99,13 @@ impl Tfi {
 
     /// The padded grid of a problem on `dims`.
     fn padded_dims(&self, dims: [usize; 3], voxel_size: [f64; 3]) -> [usize; 3] {
-        [0, 1, 2]
-            .map(|a| fast_len(dims[a] + (2.0 * self.config.pad_mm / voxel_size[a]).ceil() as usize))
+        padded_dims(dims, voxel_size, self.config.pad_mm)
     }
+}
+
+/// TFI's grid for a problem on `dims`: grown by `pad_mm` on every side, to FFT-friendly sizes.
+pub fn padded_dims(dims: [usize; 3], voxel_size: [f64; 3], pad_mm: f64) -> [usize; 3] {
+    [0, 1, 2].map(|a| fast_len(dims[a] + (2.0 * pad_mm / voxel_size[a]).ceil() as usize))
 }
 
 impl Method for Tfi {

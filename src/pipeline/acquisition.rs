@@ -4,6 +4,7 @@ use std::path::{Path, PathBuf};
 
 use serde_json::{json, Value};
 
+use super::checkpoint::Checkpoint;
 use super::fields;
 use super::progress::Stages;
 use super::Config;
@@ -20,10 +21,10 @@ pub enum Outcome {
 }
 
 /// A map to write, with the sidecar fields specific to it.
-struct Output {
-    path: PathBuf,
-    volume: Volume,
-    sidecar: Value,
+pub(super) struct Output {
+    pub path: PathBuf,
+    pub volume: Volume,
+    pub sidecar: Value,
 }
 
 /// The local field and what produced it. Everything here lies on the padded work grid
@@ -36,7 +37,7 @@ pub(super) struct LocalField {
     /// Where the local field (and so χ) is valid.
     pub mask: Mask,
     /// Preprocessing outputs to write beside the Chimap.
-    outputs: Vec<Output>,
+    pub outputs: Vec<Output>,
     /// Parameters of every preprocessing stage that ran.
     pub parameters: Value,
     /// χ of the signal voids modelled as sources (ppm), to add to the inversion's result.
@@ -90,25 +91,36 @@ pub fn process(
 ) -> Result<Outcome> {
     let method = config.inversion.method()?;
     let chimap_path = deriv.path(&acq.entities, Some(method.name()), "Chimap");
+    let b0_tesla = acq.field_strength.or(config.field_strength);
+    let keep_total = method.one_step();
+    let checkpoint = deriv
+        .work_dir()
+        .map(|w| Checkpoint::new(w, acq, root, config, b0_tesla, keep_total));
+    // A run killed between the Chimap and the checkpoint's removal leaves one behind.
+    let done = || {
+        checkpoint.iter().for_each(Checkpoint::remove);
+        Ok(Outcome::AlreadyDone)
+    };
     if !overwrite && Derivatives::exists(&chimap_path) {
         deriv.clear_stale_lock(&acq.entities);
-        return Ok(Outcome::AlreadyDone);
+        return done();
     }
     // One run at a time per acquisition; one that waited finds the work done.
     let (_lock, wait) = deriv.lock(&acq.entities)?;
     if wait == Wait::Waited && Derivatives::exists(&chimap_path) {
-        return Ok(Outcome::AlreadyDone);
+        return done();
     }
     let mut stages = Stages::new(&acq.name());
-    let b0_tesla = acq.field_strength.or(config.field_strength);
     let common = common_sidecar(acq, b0_tesla);
-    let keep_total = method.one_step();
-    let mut local = local_field(acq, root, config, deriv, b0_tesla, keep_total, &mut stages)?;
+    let mut local = local_field_or_checkpoint(checkpoint.as_ref(), &acq.name(), || {
+        local_field(acq, root, config, deriv, b0_tesla, keep_total, &mut stages)
+    })?;
     if let Err(e) = gate_on_checks(deriv, &acq.entities, &local.checks, config) {
         // Keep what preprocessing made, so the report can show why it failed.
         let mut outputs = std::mem::take(&mut local.outputs);
         outputs.push(local_field_output(deriv, acq, &local));
         write_outputs(deriv, outputs, &common, local.dims)?;
+        checkpoint.iter().for_each(Checkpoint::remove);
         return Err(e);
     }
 
@@ -159,10 +171,30 @@ pub fn process(
             "ReferenceRegion": reference_region,
             "ReferenceValueRemoved": reference,
             "ProcessingTimeSeconds": stages.to_json(),
+            "PeakMemoryGiB": stages.peaks_json(),
         }),
     });
     write_outputs(deriv, outputs, &common, local.dims)?;
+    checkpoint.iter().for_each(Checkpoint::remove);
     Ok(Outcome::Done)
+}
+
+/// The local field from the `--work-dir` checkpoint when there is a usable one, else from
+/// `compute` (then kept there).
+fn local_field_or_checkpoint(
+    checkpoint: Option<&Checkpoint>,
+    name: &str,
+    compute: impl FnOnce() -> Result<LocalField>,
+) -> Result<LocalField> {
+    if let Some(local) = checkpoint.and_then(Checkpoint::load) {
+        tracing::info!("{name}: local field taken from --work-dir; preprocessing skipped");
+        return Ok(local);
+    }
+    let local = compute()?;
+    if let Some(c) = checkpoint {
+        c.save(&local);
+    }
+    Ok(local)
 }
 
 /// A multi-orientation set: every member's local field (written with the member's own
@@ -181,9 +213,24 @@ pub fn process_set(
 ) -> Result<Outcome> {
     let method = config.inversion.method()?;
     let chimap_path = deriv.path(&set.entities, Some(method.name()), "Chimap");
+    let checkpoint = |acq: &Acquisition| {
+        let b0_tesla = acq.field_strength.or(config.field_strength);
+        deriv
+            .work_dir()
+            .map(|w| Checkpoint::new(w, acq, root, config, b0_tesla, false))
+    };
+    // A run killed between the Chimap and the checkpoints' removal leaves them behind.
+    let done = || {
+        for &i in &set.members {
+            checkpoint(&acquisitions[i])
+                .iter()
+                .for_each(Checkpoint::remove);
+        }
+        Ok(Outcome::AlreadyDone)
+    };
     if !overwrite && Derivatives::exists(&chimap_path) {
         deriv.clear_stale_lock(&set.entities);
-        return Ok(Outcome::AlreadyDone);
+        return done();
     }
     // The set's lock, then its members' (in order), as runs of other methods take those.
     let mut locks = vec![deriv.lock(&set.entities)?];
@@ -191,7 +238,7 @@ pub fn process_set(
         locks.push(deriv.lock(&acquisitions[i].entities)?);
     }
     if locks.iter().any(|(_, w)| *w == Wait::Waited) && Derivatives::exists(&chimap_path) {
-        return Ok(Outcome::AlreadyDone);
+        return done();
     }
     let members: Vec<&Acquisition> = set.members.iter().map(|&i| &acquisitions[i]).collect();
     let first = members[0];
@@ -221,9 +268,14 @@ pub fn process_set(
 
     let mut stages = Stages::new(&set.entities.prefix());
     let mut locals = Vec::with_capacity(members.len());
+    let mut checkpoints = Vec::new();
     for acq in &members {
         let b0_tesla = acq.field_strength.or(config.field_strength);
-        let mut local = local_field(acq, root, config, deriv, b0_tesla, false, &mut stages)?;
+        let checkpoint = checkpoint(acq);
+        let mut local = local_field_or_checkpoint(checkpoint.as_ref(), &acq.name(), || {
+            local_field(acq, root, config, deriv, b0_tesla, false, &mut stages)
+        })?;
+        checkpoints.extend(checkpoint);
         let mut outputs = std::mem::take(&mut local.outputs);
         outputs.push(local_field_output(deriv, acq, &local));
         write_outputs(deriv, outputs, &common_sidecar(acq, b0_tesla), local.dims)?;
@@ -327,6 +379,7 @@ pub fn process_set(
         "ReferenceRegion": "mean over the intersection of the orientations' masks",
         "ReferenceValueRemoved": reference,
         "ProcessingTimeSeconds": stages.to_json(),
+        "PeakMemoryGiB": stages.peaks_json(),
     });
     if let Some(t) = first.field_strength.or(config.field_strength) {
         sidecar["MagneticFieldStrength"] = json!(t);
@@ -336,6 +389,7 @@ pub fn process_set(
     }
     let chimap = locals[0].field.with_data(chi);
     deriv.write(&chimap_path, &chimap.cropped(locals[0].dims), &sidecar)?;
+    checkpoints.iter().for_each(Checkpoint::remove);
     Ok(Outcome::Done)
 }
 
@@ -561,8 +615,9 @@ fn raw_local_field(
     let dims = phase[0].dims;
     let work = work_dims(dims);
     let user_mask = user_brain_mask(acq, &phase[0], &phase_paths[0], work)?;
-    let phase: Vec<Volume> = phase.iter().map(|v| v.padded(work)).collect();
-    let magnitude: Vec<Volume> = magnitude.iter().map(|v| v.padded(work)).collect();
+    // Consumed one echo at a time, so each input volume is freed once padded.
+    let mut phase: Vec<Volume> = phase.into_iter().map(|v| v.padded(work)).collect();
+    let magnitude: Vec<Volume> = magnitude.into_iter().map(|v| v.padded(work)).collect();
     let magnitude = (!magnitude.is_empty()).then_some(magnitude);
 
     let Some(rss) = magnitude
@@ -580,8 +635,10 @@ fn raw_local_field(
     stages.start("echo fit and magnitude mask");
     let (fit, mask) = rayon::join(
         || {
-            preprocess::echo_fit::fit_field(
-                &phase,
+            // In place: the wrapped phases are only needed again for echo coherence,
+            // which compares echoes and so is blind to the offset removal.
+            preprocess::echo_fit::fit_field_in_place(
+                &mut phase,
                 magnitude.as_deref(),
                 &echo_times,
                 &pre.echo_fit,
@@ -828,6 +885,6 @@ fn background_removal(
 }
 
 /// The grid the FFT-based stages run on: each axis rounded up to a 7-smooth length.
-fn work_dims(dims: [usize; 3]) -> [usize; 3] {
+pub(super) fn work_dims(dims: [usize; 3]) -> [usize; 3] {
     dims.map(crate::physics::fft::fast_len)
 }

@@ -5,8 +5,10 @@
 //! the exit status) reports every failure.
 
 mod acquisition;
+mod checkpoint;
 mod config;
 pub(crate) mod fields;
+pub mod memory;
 mod progress;
 mod register;
 pub use progress::STAGE_ORDER;
@@ -34,6 +36,12 @@ pub struct Settings {
     pub mask_dir: Option<PathBuf>,
     /// The command line, recorded in `dataset_description.json`.
     pub command_line: String,
+    /// Peak memory the run may use, in GiB (`--mem-gb`): work that would need more is
+    /// refused before anything runs.
+    pub mem_gb: Option<f64>,
+    /// Where intermediates go (`--work-dir`), e.g. node-local scratch: each acquisition's
+    /// local field until its Chimap is written, so a killed run resumes at the inversion.
+    pub work_dir: Option<PathBuf>,
 }
 
 /// What happened to each acquisition.
@@ -198,28 +206,6 @@ pub fn check_files_output(output_dir: &Path, discovery: &Discovery) -> Result<()
 /// Processes the acquisitions of a discovery (a BIDS dataset, or the one acquisition of
 /// `chimap files`): the same stages, outputs and reports whatever the acquisitions came from.
 pub fn run_discovered(settings: &Settings, discovery: Discovery) -> Result<Summary> {
-    if settings.dry_run {
-        print!("{}", describe(&discovery));
-        return Ok(Summary {
-            failed: discovery.problems.into_iter().collect(),
-            ..Summary::default()
-        });
-    }
-    let links: Vec<(&str, &Path)> = settings
-        .mask_dir
-        .iter()
-        .map(|m| (bids::masks::MASK_LINK, m.as_path()))
-        .collect();
-    let derivatives = Derivatives::create_linked(
-        &settings.output_dir,
-        &discovery.root,
-        &links,
-        &settings.command_line,
-    )?;
-    let mut summary = Summary::default();
-    for (name, problem) in &discovery.problems {
-        tracing::error!("{name}: {problem}");
-    }
     // A joint method (COSMOS) takes each orientation set as one unit; its members are not
     // inverted on their own.
     let joint = settings.config.inversion.method()?.joint_orientations();
@@ -246,19 +232,56 @@ pub fn run_discovered(settings: &Settings, discovery: Discovery) -> Result<Summa
             .filter(|&i| !in_set(i))
             .map(|i| Unit::One(&discovery.acquisitions[i])),
     );
+    if settings.dry_run {
+        print!("{}", describe(&discovery));
+        for unit in &units {
+            let work = work_of(unit, &discovery.acquisitions, &settings.config);
+            let budget = settings.config.inversion.max_memory_gib * (1u64 << 30) as f64;
+            let act = memory::activations(&work, &settings.config, budget);
+            let need = memory::estimate(&work, settings.config.inversion.method, act);
+            println!(
+                "memory: {} with {} needs about {:.1} GiB (peak at {})",
+                unit_name(unit),
+                settings.config.inversion.method.as_str(),
+                memory::gib(need.bytes),
+                need.stage
+            );
+        }
+        return Ok(Summary {
+            failed: discovery.problems.into_iter().collect(),
+            ..Summary::default()
+        });
+    }
+    let mut config = settings.config.clone();
+    if let Some(limit) = settings.mem_gb {
+        fit_memory(&units, &discovery.acquisitions, &mut config, limit)?;
+    }
+    let links: Vec<(&str, &Path)> = settings
+        .mask_dir
+        .iter()
+        .map(|m| (bids::masks::MASK_LINK, m.as_path()))
+        .collect();
+    let derivatives = Derivatives::create_linked(
+        &settings.output_dir,
+        &discovery.root,
+        &links,
+        &settings.command_line,
+    )?
+    .with_work_dir(settings.work_dir.clone());
+    let mut summary = Summary::default();
+    for (name, problem) in &discovery.problems {
+        tracing::error!("{name}: {problem}");
+    }
     let total = units.len();
     for (n, unit) in units.iter().enumerate() {
-        let name = match unit {
-            Unit::One(acq) => acq.name(),
-            Unit::Set(set) => format!("{} (orientation set)", set.entities.prefix()),
-        };
+        let name = unit_name(unit);
         tracing::info!("[{}/{}] {name}", n + 1, total);
         let start = Instant::now();
         let result = match unit {
             Unit::One(acq) => acquisition::process(
                 acq,
                 &discovery.root,
-                &settings.config,
+                &config,
                 &derivatives,
                 settings.overwrite,
             ),
@@ -266,7 +289,7 @@ pub fn run_discovered(settings: &Settings, discovery: Discovery) -> Result<Summa
                 set,
                 &discovery.acquisitions,
                 &discovery.root,
-                &settings.config,
+                &config,
                 &derivatives,
                 settings.overwrite,
             ),
@@ -306,6 +329,97 @@ pub fn run_discovered(settings: &Settings, discovery: Discovery) -> Result<Summa
     }
     summary.failed.extend(discovery.problems);
     Ok(summary)
+}
+
+/// The shape of one unit of work, for the memory estimate.
+fn work_of(unit: &Unit, acquisitions: &[bids::Acquisition], config: &Config) -> memory::Work {
+    let (acq, orientations) = match unit {
+        Unit::One(acq) => (*acq, 1),
+        Unit::Set(set) => (&acquisitions[set.members[0]], set.members.len()),
+    };
+    let (echoes, magnitude) = match &acq.source {
+        bids::Source::Raw { echoes } => {
+            (echoes.len(), echoes.iter().all(|e| e.magnitude.is_some()))
+        }
+        bids::Source::FieldMap { .. } => (0, false),
+    };
+    let work = acquisition::work_dims(acq.dims);
+    let tfi_voxels = (config.inversion.method == crate::inversion::MethodName::Tfi).then(|| {
+        crate::inversion::tfi::padded_dims(work, acq.voxel_size, config.inversion.tfi.pad_mm)
+            .iter()
+            .product()
+    });
+    memory::Work {
+        input_voxels: acq.dims.iter().product(),
+        work_voxels: work.iter().product(),
+        echoes,
+        magnitude,
+        orientations,
+        tfi_voxels,
+    }
+}
+
+/// Checks, before any work, that every unit fits in `limit_gib`, and gives the learned
+/// methods' activations what is left where their budget does not fit (their tiles shrink).
+/// The error names every unit that does not fit, what it needs and where.
+fn fit_memory(
+    units: &[Unit],
+    acquisitions: &[bids::Acquisition],
+    config: &mut Config,
+    limit_gib: f64,
+) -> Result<()> {
+    let method = config.inversion.method;
+    let limit = limit_gib * (1u64 << 30) as f64;
+    let budget = config.inversion.max_memory_gib * (1u64 << 30) as f64;
+    let mut activations = budget;
+    let mut too_big = Vec::new();
+    for unit in units {
+        let work = work_of(unit, acquisitions, config);
+        let need = memory::estimate(&work, method, memory::activations(&work, config, budget));
+        if need.bytes <= limit {
+            continue;
+        }
+        // What the learned methods' tiles may use here: what the rest leaves.
+        let rest = memory::estimate(&work, method, 0.0);
+        let left = (limit - rest.bytes) / memory::MARGIN;
+        if method.learned() && left >= memory::MIN_ACTIVATION_BYTES {
+            activations = activations.min(left);
+            continue;
+        }
+        let least = memory::estimate(
+            &work,
+            method,
+            memory::activations(&work, config, memory::MIN_ACTIVATION_BYTES.min(budget)),
+        );
+        too_big.push(format!(
+            "{} needs about {:.1} GiB (at {})",
+            unit_name(unit),
+            memory::gib(least.bytes),
+            least.stage
+        ));
+    }
+    if !too_big.is_empty() {
+        return Err(Error::Memory(format!(
+            "--mem-gb {limit_gib} is not enough: {}; raise --mem-gb (and the job's memory \
+             request), or run these on a larger node",
+            too_big.join("; ")
+        )));
+    }
+    if activations < budget {
+        config.inversion.max_memory_gib = activations / (1u64 << 30) as f64;
+        tracing::info!(
+            "--mem-gb {limit_gib}: the network's activations get {:.2} GiB (tiles shrink to fit)",
+            config.inversion.max_memory_gib
+        );
+    }
+    Ok(())
+}
+
+fn unit_name(unit: &Unit) -> String {
+    match unit {
+        Unit::One(acq) => acq.name(),
+        Unit::Set(set) => format!("{} (orientation set)", set.entities.prefix()),
+    }
 }
 
 /// The `--dry-run` listing: one block per acquisition, then orientation sets and problems.

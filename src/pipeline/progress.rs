@@ -1,4 +1,4 @@
-//! Stage timing and a one-line progress display. The display is drawn only when stderr is a
+//! Stage timing, the memory peak after each stage, and a one-line progress display. The display is drawn only when stderr is a
 //! terminal, so workflow engines and log files see plain log lines.
 
 use std::io::{IsTerminal, Write};
@@ -26,6 +26,9 @@ pub struct Stages {
     current: Option<(&'static str, Instant)>,
     /// (stage, seconds), in order.
     pub times: Vec<(&'static str, f64)>,
+    /// (stage, the process's peak resident bytes when it ended), in order: the stage where
+    /// the value grows is the one that set the peak. Empty where the system does not say.
+    pub peaks: Vec<(&'static str, u64)>,
 }
 
 impl Stages {
@@ -36,6 +39,7 @@ impl Stages {
             started: Instant::now(),
             current: None,
             times: Vec::new(),
+            peaks: Vec::new(),
         }
     }
 
@@ -59,6 +63,9 @@ impl Stages {
     pub fn finish(&mut self) {
         if let Some((stage, t)) = self.current.take() {
             self.times.push((stage, t.elapsed().as_secs_f64()));
+            if let Some(peak) = super::memory::peak_resident_bytes() {
+                self.peaks.push((stage, peak));
+            }
         }
         if self.tty {
             let _ = write!(std::io::stderr(), "\r\x1b[K");
@@ -83,5 +90,19 @@ impl Stages {
             serde_json::json!((self.total_seconds() * 1000.0).round() / 1000.0),
         );
         serde_json::Value::Object(m)
+    }
+
+    /// The peak resident memory after each stage for the sidecar, in GiB rounded to MiB, and
+    /// the run's as `peak`; `None` where it is not measured. The process's peak is never
+    /// reset, so what schedulers and `time -v` report stays true.
+    pub fn peaks_json(&self) -> Option<serde_json::Value> {
+        let gib = |b: u64| ((b as f64 / (1u64 << 20) as f64).round() / 1024.0 * 1e4).round() / 1e4;
+        let peak = self.peaks.iter().map(|p| p.1).max()?;
+        let mut m = serde_json::Map::new();
+        for (s, b) in &self.peaks {
+            m.insert((*s).to_string(), serde_json::json!(gib(*b)));
+        }
+        m.insert("peak".into(), serde_json::json!(gib(peak)));
+        Some(serde_json::Value::Object(m))
     }
 }

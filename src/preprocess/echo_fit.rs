@@ -104,6 +104,25 @@ pub fn fit_field(
     config: &EchoFitConfig,
     unwrap: &UnwrapConfig,
 ) -> Result<FieldFit> {
+    fit_field_in_place(
+        &mut phases.to_vec(),
+        magnitudes,
+        echo_times_s,
+        config,
+        unwrap,
+    )
+}
+
+/// [`fit_field`] working in the phases' own memory, which saves one volume per echo on
+/// large grids: on return they are wrapped to (−π, π] with the receive-phase offset removed
+/// (differences between echoes are unchanged).
+pub fn fit_field_in_place(
+    phases: &mut [Volume],
+    magnitudes: Option<&[Volume]>,
+    echo_times_s: &[f64],
+    config: &EchoFitConfig,
+    unwrap: &UnwrapConfig,
+) -> Result<FieldFit> {
     let n_echo = phases.len();
     if n_echo == 0 {
         return Err(Error::Usage("no phase echoes given".into()));
@@ -145,10 +164,9 @@ pub fn fit_field(
     if unwrap.method == UnwrapMethod::Romeo {
         unwrap.romeo.validate()?;
     }
-    let mut psi: Vec<Vec<f32>> = phases
-        .iter()
-        .map(|p| p.data.par_iter().map(|&v| wrap(v)).collect())
-        .collect();
+    for p in phases.iter_mut() {
+        p.data.par_iter_mut().for_each(|v| *v = wrap(*v));
+    }
 
     // 1. Receive-phase offset.
     let tau = 2.0 * std::f32::consts::PI;
@@ -163,9 +181,10 @@ pub fn fit_field(
                 echo_times_s[0]
             )));
         }
-        let delta_w: Vec<f32> = psi[1]
+        let delta_w: Vec<f32> = phases[1]
+            .data
             .par_iter()
-            .zip(&psi[0])
+            .zip(&phases[0].data)
             .map(|(&b, &a)| wrap(b - a))
             .collect();
         let w01: Option<Vec<f32>> = magnitudes.map(|m| {
@@ -193,7 +212,7 @@ pub fn fit_field(
         let (re, im): (Vec<f32>, Vec<f32>) = (0..nvox)
             .into_par_iter()
             .map(|i| {
-                let phi0 = psi[0][i] - ratio * delta[i];
+                let phi0 = phases[0].data[i] - ratio * delta[i];
                 let m = mag(0).map_or(1.0, |m| m[i]);
                 (m * phi0.cos(), m * phi0.sin())
             })
@@ -203,8 +222,9 @@ pub fn fit_field(
         let re = smooth(&fft, &g, &re);
         let im = smooth(&fft, &g, &im);
         let phi0: Vec<f32> = re.par_iter().zip(&im).map(|(&r, &i)| i.atan2(r)).collect();
-        for p in psi.iter_mut() {
-            p.par_iter_mut()
+        for p in phases.iter_mut() {
+            p.data
+                .par_iter_mut()
                 .zip(&phi0)
                 .for_each(|(v, &o)| *v = wrap(*v - o));
         }
@@ -223,7 +243,8 @@ pub fn fit_field(
             let mut unwrapped: Vec<Vec<f32>> = Vec::with_capacity(n_echo);
             for e in 0..n_echo {
                 let t = te[e];
-                let dev: Vec<f32> = psi[e]
+                let dev: Vec<f32> = phases[e]
+                    .data
                     .par_iter()
                     .zip(&field_guess)
                     .map(|(&p, &f)| wrap(p - tau * f * t))
@@ -247,7 +268,7 @@ pub fn fit_field(
             let t = (unwrap.romeo.template_echo - 1).min(n_echo - 1);
             let reference: Option<Vec<f32>> =
                 removed.then(|| field_guess.par_iter().map(|&f| tau * f * te[t]).collect());
-            let p: Vec<&[f32]> = psi.iter().map(|v| v.as_slice()).collect();
+            let p: Vec<&[f32]> = phases.iter().map(|v| v.data.as_slice()).collect();
             let m: Option<Vec<&[f32]>> =
                 magnitudes.map(|m| m.iter().map(|v| v.data.as_slice()).collect());
             let (unwrapped, _) = romeo::unwrap_echoes(
