@@ -21,8 +21,16 @@ use crate::{io, Error, Result, Volume};
 /// The lock that guards `dataset_description.json` and `.bidsignore`.
 const DATASET_LOCK: &str = ".chimap-dataset.lock";
 
+/// Files BIDS has no rule for yet: reports, QC, and the field maps, whose `fieldmap` suffix
+/// the specification knows only as a raw `fmap/` image (QSM derivatives are not standardised).
+/// (`figures` without a trailing slash: the schema-based validator matches folders so.)
 const BIDSIGNORE: &[u8] =
-    b"*.html\nlogs/\nfigures/\n*_desc-qc.json\ngroup_qc.tsv\ngroup_status.tsv\n";
+    b"*.html\nlogs\nfigures\n*_desc-qc.json\ngroup_qc.tsv\ngroup_status.tsv\n\
+*_fieldmap.nii.gz\n*_fieldmap.json\n";
+
+const README: &str = "# chimap derivatives\n\nQuantitative susceptibility maps (`*_Chimap.nii.gz`, ppm) and the field maps and masks \
+they were made from, written by chimap. Each file's JSON sidecar gives its units, method, \
+parameters, B0 direction and sources; `sub-*.html` is the quality report of each subject.\n";
 
 /// Name of the source dataset in BIDS URIs (`bids:raw:sub-01/anat/…`).
 pub const SOURCE_LINK: &str = "raw";
@@ -82,6 +90,11 @@ impl Derivatives {
         let ignore = root.join(".bidsignore");
         if std::fs::read(&ignore).ok().as_deref() != Some(BIDSIGNORE) {
             io::write_atomic(&ignore, BIDSIGNORE)?;
+        }
+        // A README the user may edit: written only where there is none.
+        let readme = root.join("README.md");
+        if !readme.exists() {
+            io::write_atomic(&readme, README.as_bytes())?;
         }
         Ok(Derivatives {
             root: root.to_path_buf(),

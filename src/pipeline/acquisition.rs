@@ -165,6 +165,7 @@ pub fn process(
         sidecar: json!({
             "Units": "ppm",
             "Description": "Magnetic susceptibility (QSM)",
+            "SkullStripped": true,
             "Method": method.name(),
             "MethodParameters": method.parameters(),
             "Preprocessing": local.parameters,
@@ -363,7 +364,9 @@ pub fn process_set(
     let mut sidecar = json!({
         "Units": "ppm",
         "Description": "Magnetic susceptibility (QSM) from several head orientations inverted jointly",
+        "SkullStripped": true,
         "Sources": sources,
+        "SpatialReference": first.inputs.first().map(|p| source_uri(p)),
         "Orientations": members.iter().map(|a| a.name()).collect::<Vec<_>>(),
         "B0Directions": b0,
         "B0DirectionFrame": if set.as_scanned {
@@ -524,6 +527,7 @@ fn local_field_output(deriv: &Derivatives, acq: &Acquisition, local: &LocalField
         sidecar: json!({
             "Units": "ppm",
             "Description": "Local (tissue) field relative to B0, after background field removal; zero outside the mask",
+            "SkullStripped": true,
         }),
     }
 }
@@ -551,6 +555,8 @@ fn common_sidecar(acq: &Acquisition, b0_tesla: Option<f64>) -> Value {
     sources.extend(acq.user_mask.iter().map(|m| m.uri.clone()));
     let mut v = json!({
         "Sources": sources,
+        // Outputs lie on the grid of the acquisition's first file.
+        "SpatialReference": acq.inputs.first().map(|p| source_uri(p)),
         "B0Direction": acq.b0_direction,
         "B0DirectionFrame": "voxel axes (i, j, k), from the image affine",
         "ChimapVersion": crate::VERSION,
@@ -736,6 +742,7 @@ fn raw_local_field(
             sidecar: json!({
                 "Units": "Hz",
                 "Description": "Total field offset from the multi-echo fit (receive-phase offset removed), before signal-void filling and background removal",
+                "SkullStripped": false,
             }),
         },
         Output {
@@ -746,7 +753,7 @@ fn raw_local_field(
         Output {
             path: deriv.path(e, Some("voids"), "mask"),
             volume: mask_volume(&rss, &filled.voids),
-            sidecar: json!({ "Description": "Voxels whose signal was lost (dark magnitude or large fit residual); their field was replaced by harmonic in-painting before background removal" }),
+            sidecar: json!({ "Type": "ROI", "Description": "Voxels whose signal was lost (dark magnitude or large fit residual); their field was replaced by harmonic in-painting before background removal" }),
         },
         Output {
             path: deriv.path(e, Some("eroded"), "mask"),

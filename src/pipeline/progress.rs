@@ -15,6 +15,7 @@ pub const STAGE_ORDER: &[&str] = &[
     "background removal",
     "void sources",
     "checks",
+    "registration",
     "inversion",
 ];
 
