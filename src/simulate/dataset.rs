@@ -473,7 +473,9 @@ fn create_dir(dir: &Path) -> Result<()> {
     std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))
 }
 
-fn write_raw(dir: &Path, stem: &str, s: &Series, p: &SimParams, dtype: Dtype) -> Result<()> {
+/// Writes one simulated series' echoes (`<stem>_echo-<n>_part-{mag,phase}_MEGRE`, with
+/// sidecars) into `dir`, as `chimap simulate` does.
+pub fn write_raw(dir: &Path, stem: &str, s: &Series, p: &SimParams, dtype: Dtype) -> Result<()> {
     create_dir(dir)?;
     // One magnitude scale for all echoes keeps their decay intact.
     let peak = s
@@ -536,7 +538,9 @@ fn int_phase(vol: &Volume) -> Volume {
     )
 }
 
-fn write_truth(dir: &Path, stem: &str, s: &Series, p: &SimParams) -> Result<()> {
+/// Writes one simulated series' ground truth (χ, local and total field, brain mask) into
+/// `dir`, as `chimap simulate` does under `derivatives/chimap-truth`.
+pub fn write_truth(dir: &Path, stem: &str, s: &Series, p: &SimParams) -> Result<()> {
     create_dir(dir)?;
     let t = &s.truth;
     let chi = dir.join(format!("{stem}_Chimap.nii.gz"));
