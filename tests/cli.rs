@@ -1365,9 +1365,10 @@ fn as_scanned_orientations_are_registered_before_cosmos() {
         let cos = g.iter().zip(want).map(|(a, b)| a * b).sum::<f64>()
             / (0.2588f64.powi(2) + 0.9659f64.powi(2)).sqrt();
         let err = cos.clamp(-1.0, 1.0).acos().to_degrees();
-        // Measured 1.1–1.3° here (noisy multi-echo magnitudes at 2 mm), against ≤ 0.2° for
-        // the clean phantoms of src/register/tests.rs: a bound, not a target.
-        assert!(err < 2.0, "B0 {g:?}, expected {want:?}: {err:.2}° off");
+        // Measured 0.07° and 0.23° (4× oversampled simulation, first-echo registration);
+        // 1.29° and 0.63° when the simulator's 2× subvoxels left the dephasing near the skull
+        // locked to the grid and the registration matched the echoes' root-sum-of-squares.
+        assert!(err < 0.5, "B0 {g:?}, expected {want:?}: {err:.2}° off");
     }
     assert_eq!(side["Registration"].as_array().unwrap().len(), 2);
     let xfm = out
@@ -1378,7 +1379,7 @@ fn as_scanned_orientations_are_registered_before_cosmos() {
     assert!(xfm.with_extension("json").is_file());
 
     // The set's own qc json: each moved member's registration, and the B0 directions'
-    // conditioning of COSMOS (measured: NCC 0.981 and 0.984, rotations 13.7° and 14.4°,
+    // conditioning of COSMOS (measured: NCC 0.990 and 0.991, rotations 14.93° and 14.77°,
     // nothing of k-space below the floor).
     let set_qc = out.join(anat).join("sub-1_desc-qc.json");
     let checks = set_checks(&set_qc);
@@ -1387,7 +1388,7 @@ fn as_scanned_orientations_are_registered_before_cosmos() {
         assert!(ncc.0 > 0.95 && ncc.1 == Verdict::Pass, "{member}: {ncc:?}");
         let rot = &checks[&format!("head_rotation_degrees_{member}")];
         assert!(
-            (rot.0 - 15.0).abs() < 2.0 && rot.1 == Verdict::Pass,
+            (rot.0 - 15.0).abs() < 0.5 && rot.1 == Verdict::Pass,
             "{member}: {rot:?}"
         );
         // Its magnitude in the reference's grid, which the report's overlay is drawn from.
@@ -1418,9 +1419,11 @@ fn as_scanned_orientations_are_registered_before_cosmos() {
         assert!(out.join(&fig).is_file(), "{fig} missing");
     }
 
-    // COSMOS on the registered set beats TKD of the reference orientation alone.
+    // COSMOS on the registered set beats TKD of the reference orientation alone, 6 mm
+    // inside the brain's edge (≈ 99 % vs 107 %; over the whole brain both are
+    // ≈ 114 %, dominated by the voids along this small head's skull).
     let truth_chi = read(&truth.join(anat).join("sub-1_acq-ori1_Chimap.nii.gz"));
-    let mask: Vec<bool> = read(
+    let brain: Vec<bool> = read(
         &truth
             .join(anat)
             .join("sub-1_acq-ori1_desc-brain_mask.nii.gz"),
@@ -1428,6 +1431,7 @@ fn as_scanned_orientations_are_registered_before_cosmos() {
     .iter()
     .map(|&v| v > 0.5)
     .collect();
+    let mask = chimap::preprocess::erode(&brain, [56, 56, 44], [2.0; 3], 6.0);
     let e_cosmos = chimap::evaluate::nrmse_demeaned(&read(&set_chi), &truth_chi, &mask);
     let tkd_out = dir.path().join("out-tkd");
     let o = chimap(&[

@@ -48,6 +48,9 @@ pub(super) struct LocalField {
     /// Root-sum-of-squares magnitude over the echoes, for MEDI's edge mask; `None` for
     /// field-map inputs.
     pub magnitude: Option<Vec<f32>>,
+    /// The first (shortest) echo's magnitude, which an as-scanned set registers on; `None`
+    /// for field-map inputs.
+    pub magnitude_first: Option<Vec<f32>>,
     /// The local-field checks (run before inversion).
     pub checks: Vec<qc::Check>,
     /// The total field, kept only for the one-step methods (TFI).
@@ -479,6 +482,7 @@ fn local_field(
                         void_chi: None,
                         weight: None,
                         magnitude: None,
+                        magnitude_first: None,
                         checks: Vec::new(),
                         total: None,
                     };
@@ -796,6 +800,7 @@ fn raw_local_field(
         void_chi,
         weight,
         magnitude: Some(rss.data.clone()),
+        magnitude_first: Some(first_magnitude.data.clone()),
         checks,
         parameters: json!({
             "PhaseScaling": scaling,
@@ -882,6 +887,7 @@ fn background_removal(
         void_chi: None,
         weight: None,
         magnitude: None,
+        magnitude_first: None,
         checks: Vec::new(),
         total: None,
         parameters: json!({

@@ -142,9 +142,9 @@ pub struct Config {
     /// Median local coherence of the phase difference of the least coherent pair of
     /// consecutive echoes (about 1 when sound, about 0.3 when one is noise).
     pub echo_consistency: Limits,
-    /// NCC of each as-scanned member's echo-combined magnitude with the reference's over the
+    /// NCC of each as-scanned member's first-echo magnitude with the reference's over the
     /// reference's brain after registration (`registration_ncc_<member>`). Simulated sets
-    /// reach 0.98 (0.86–0.94 with the heads 15° apart and only their centres aligned), so
+    /// reach 0.99 (0.84–0.93 with the heads 15° apart and only their centres aligned), so
     /// these limits catch a registration that failed outright or series that do not belong
     /// together, not errors of a few degrees.
     pub registration_ncc: Limits,

@@ -12,7 +12,7 @@ use crate::register::rigid::pairwise_degrees;
 pub struct Registered {
     /// The member's entities beyond the set's (`acq-ori2`): the suffix of its check names.
     pub label: String,
-    /// NCC of the echo-combined magnitudes over the reference's brain after registration
+    /// NCC of the first-echo magnitudes over the reference's brain after registration
     /// (recomputed when the transform was reused from an earlier run).
     pub ncc_after: f64,
     /// Rotation angle of the transform.

@@ -56,9 +56,9 @@ pub struct Registration {
     pub seconds: f64,
 }
 
-/// Registers `moving` to `fixed` (echo-combined magnitudes, unmasked). Similarity is
-/// measured over the fixed brain mask widened by a few voxels; the rotation centre is the
-/// centre of that mask, and the moving mask's centre gives the starting shift.
+/// Registers `moving` to `fixed` (magnitudes, unmasked; the pipeline gives first echoes).
+/// Similarity is measured over the fixed brain mask widened by a few voxels; the rotation
+/// centre is the centre of that mask, and the moving mask's centre gives the starting shift.
 pub fn register(
     fixed: &Volume,
     fixed_mask: &[bool],

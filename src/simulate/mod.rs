@@ -11,6 +11,6 @@ pub mod phantom;
 pub mod rng;
 pub mod signal;
 
-pub use dataset::{run, Dtype, PhantomArgs, SimulateArgs};
+pub use dataset::{run, write_raw, write_truth, Dtype, PhantomArgs, SimulateArgs};
 pub use phantom::Phantom;
-pub use signal::{simulate_series, Series, SimParams, Truth};
+pub use signal::{simulate_series, simulate_series_fine, Series, SimParams, Truth};

@@ -125,6 +125,20 @@ pub struct Series {
 /// Simulates one series of `phantom` for the B0 direction `b0_dir` (voxel frame). The
 /// outputs carry the phantom's geometry.
 pub fn simulate_series(phantom: &Phantom, params: &SimParams, b0_dir: [f64; 3]) -> Result<Series> {
+    simulate_series_fine(phantom, None, params, b0_dir)
+}
+
+/// [`simulate_series`] with the subvoxels taken from `fine`, the same head evaluated on the
+/// grid `oversample` times finer (the procedural head, which is analytic), instead of
+/// copied from `phantom`'s voxels. Copied subvoxels give every interface the output grid's
+/// staircase, whose intravoxel dephasing is locked to the grid: a head turned inside the
+/// grid then keeps part of its magnitude where the upright head had it.
+pub fn simulate_series_fine(
+    phantom: &Phantom,
+    fine: Option<&Phantom>,
+    params: &SimParams,
+    b0_dir: [f64; 3],
+) -> Result<Series> {
     params.validate()?;
     let norm = b0_dir.iter().map(|v| v * v).sum::<f64>().sqrt();
     if !(norm > 0.0 && norm.is_finite()) {
@@ -143,8 +157,20 @@ pub fn simulate_series(phantom: &Phantom, params: &SimParams, b0_dir: [f64; 3]) 
     let fdims = dims.map(|n| n * s);
     let n = voxel_count(dims);
 
+    let fine_phantom = fine.filter(|_| s > 1);
+    if let Some(f) = fine_phantom {
+        if f.dims() != fdims {
+            return Err(Error::Usage(format!(
+                "the fine phantom is {:?}, not the {fdims:?} of {s}× oversampling",
+                f.dims()
+            )));
+        }
+    }
     let field_fine = {
-        let chi_fine = upsample(&phantom.chi_total.data, dims, s);
+        let chi_fine = match fine_phantom {
+            Some(f) => f.chi_total.data.clone(),
+            None => upsample(&phantom.chi_total.data, dims, s),
+        };
         DipoleOperator::new(fdims, voxel.map(|v| v / s as f64), b0).forward(&chi_fine)
     };
     let total_field = block_mean(&field_fine, dims, s);
@@ -166,11 +192,12 @@ pub fn simulate_series(phantom: &Phantom, params: &SimParams, b0_dir: [f64; 3]) 
         let w = 2.0 * PI * hz * te;
         // Water and fat share a voxel's field; fat also lags by its chemical shift.
         let fat_turn = C32::from_polar(1.0, (w * FAT_SHIFT_PPM) as f32);
-        let decay = |c: usize| {
-            let a = phantom.m0[c] * (-phantom.r2star[c] * r2_scale * te as f32).exp();
-            let f = phantom.fat_fraction[c];
+        let decay_of = |p: &Phantom, c: usize| {
+            let a = p.m0[c] * (-p.r2star[c] * r2_scale * te as f32).exp();
+            let f = p.fat_fraction[c];
             (C32::new(1.0 - f, 0.0) + fat_turn * f) * a
         };
+        let decay = |c: usize| decay_of(phantom, c);
         let mut sig = match &cropper {
             Some(crop) => {
                 let [fx, fy, _] = fdims;
@@ -185,7 +212,11 @@ pub fn simulate_series(phantom: &Phantom, params: &SimParams, b0_dir: [f64; 3]) 
                                 let c = row + i_f / s;
                                 let v = i_f + fx * (jf + fy * kf);
                                 let ph = w * field_fine[v] as f64;
-                                slab[i_f + fx * jf] = decay(c) * C32::from_polar(1.0, ph as f32);
+                                let d = match fine_phantom {
+                                    Some(f) => decay_of(f, v),
+                                    None => decay(c),
+                                };
+                                slab[i_f + fx * jf] = d * C32::from_polar(1.0, ph as f32);
                             }
                         }
                     });
@@ -644,6 +675,32 @@ mod tests {
         let x = simulate_series(&ph, &p, [1.0, 0.0, 0.0]).unwrap();
         assert!(x.phase[0].data[along_x] > 0.0 && x.phase[0].data[along_z] < 0.0);
         assert!(x.truth.total_field_ppm.data[along_x] > 0.0);
+    }
+
+    #[test]
+    fn fine_subvoxels_copied_from_the_voxels_give_the_plain_simulation() {
+        let ph = head();
+        let p = params(f64::INFINITY, 2, vec![0.004, 0.01]);
+        let up = |v: &[f32]| upsample(v, ph.dims(), 2);
+        let fdims = ph.dims().map(|n| 2 * n);
+        let g = crate::Geometry::from_voxel_size([3.0; 3]);
+        let fine = Phantom {
+            chi_total: Volume::new(fdims, up(&ph.chi_total.data), g.clone()),
+            chi_local: Volume::new(fdims, up(&ph.chi_local.data), g),
+            brain_mask: Vec::new(),
+            m0: up(&ph.m0),
+            r2star: up(&ph.r2star),
+            fat_fraction: up(&ph.fat_fraction),
+        };
+        let a = simulate_series(&ph, &p, [0.1, 0.0, 1.0]).unwrap();
+        let b = simulate_series_fine(&ph, Some(&fine), &p, [0.1, 0.0, 1.0]).unwrap();
+        for e in 0..2 {
+            assert_eq!(a.magnitude[e].data, b.magnitude[e].data);
+            assert_eq!(a.phase[e].data, b.phase[e].data);
+        }
+        // A fine phantom on another grid than the oversampling's is refused.
+        let q = params(f64::INFINITY, 3, vec![0.004]);
+        assert!(simulate_series_fine(&ph, Some(&fine), &q, [0.0, 0.0, 1.0]).is_err());
     }
 
     #[test]
