@@ -258,6 +258,8 @@ fn run(bids: &Path, out: &Path, method: MethodName) -> f64 {
         dry_run: false,
         mask_dir: None,
         command_line: "as_scanned_mni".into(),
+        mem_gb: None,
+        work_dir: None,
     };
     let start = std::time::Instant::now();
     let summary = pipeline::run(&settings).expect("pipeline runs");

@@ -163,6 +163,7 @@ fn encode(l: &LocalField, key: &str, w: &mut impl Write) -> std::io::Result<()> 
         "void_chi": l.void_chi.as_ref().map(|v| a.f32(v)),
         "weight": l.weight.as_ref().map(|v| a.f32(v)),
         "magnitude": l.magnitude.as_ref().map(|v| a.f32(v)),
+        "magnitude_first": l.magnitude_first.as_ref().map(|v| a.f32(v)),
         // Values by their bits: JSON has no NaN, and a check may be NaN.
         "checks": l.checks.iter().map(|c| {
             let mut finite = c.clone();
@@ -301,6 +302,7 @@ fn decode(r: &mut impl Read, key: &str) -> Decoded<Option<LocalField>> {
     let void_chi = optional(&m["void_chi"], &mut f32s)?;
     let weight = optional(&m["weight"], &mut f32s)?;
     let magnitude = optional(&m["magnitude"], &mut f32s)?;
+    let magnitude_first = optional(&m["magnitude_first"], &mut f32s)?;
     let total_f32 = match &m["total"] {
         Value::Null => None,
         t => Some((f32s(&t["field"])?, optional(&t["weight"], &mut f32s)?)),
@@ -330,6 +332,7 @@ fn decode(r: &mut impl Read, key: &str) -> Decoded<Option<LocalField>> {
         void_chi,
         weight,
         magnitude,
+        magnitude_first,
         checks: checks(&m["checks"])?,
         total,
     }))
@@ -382,6 +385,7 @@ mod tests {
             void_chi: Some(values(2.1)),
             weight: None,
             magnitude: Some(values(0.2)),
+            magnitude_first: Some(values(0.3)),
             checks: vec![
                 crate::qc::Check::new(
                     "residual",
@@ -423,6 +427,7 @@ mod tests {
         assert_eq!(a.void_chi, b.void_chi);
         assert_eq!(a.weight, b.weight);
         assert_eq!(a.magnitude, b.magnitude);
+        assert_eq!(a.magnitude_first, b.magnitude_first);
         assert_eq!(a.checks.len(), b.checks.len());
         for (x, y) in a.checks.iter().zip(&b.checks) {
             assert_eq!(x.value.to_bits(), y.value.to_bits());
