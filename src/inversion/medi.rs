@@ -392,6 +392,10 @@ impl Medi {
 }
 
 impl Method for Medi {
+    fn check_config(&self) -> Result<()> {
+        self.validate()
+    }
+
     fn name(&self) -> &'static str {
         "medi"
     }

@@ -156,6 +156,11 @@ pub trait Method {
     fn one_step(&self) -> bool {
         false
     }
+    /// Rejects unusable settings, so that a bad configuration fails before any data is read
+    /// rather than after each acquisition's preprocessing.
+    fn check_config(&self) -> Result<()> {
+        Ok(())
+    }
 }
 
 /// The methods that `--method` accepts.
@@ -269,7 +274,7 @@ impl Default for Config {
 impl Config {
     /// The configured method, ready to run; an error when a learned method has no weights.
     pub fn method(&self) -> Result<Box<dyn Method + Send + Sync>> {
-        Ok(match self.method {
+        let method: Box<dyn Method + Send + Sync> = match self.method {
             MethodName::Tkd => Box::new(tkd::Tkd::new(self.tkd.clone())),
             MethodName::Cfl2 => Box::new(cfl2::Cfl2::new(self.cfl2.clone())),
             MethodName::Ilsqr => Box::new(ilsqr::Ilsqr::new(self.ilsqr.clone())),
@@ -284,7 +289,9 @@ impl Config {
                 self.device,
                 self.max_memory_gib,
             )?),
-        })
+        };
+        method.check_config()?;
+        Ok(method)
     }
 }
 
@@ -302,4 +309,52 @@ pub fn reference_to_mean(chi: &mut [f32], mask: &Mask, reference: &Mask) -> f64 
         *v = if m { *v - mean as f32 } else { 0.0 };
     }
     mean
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unusable_solver_settings_fail_when_the_method_is_built() {
+        let mut c = Config::default();
+        for m in [
+            MethodName::Tkd,
+            MethodName::Tv,
+            MethodName::Rts,
+            MethodName::Medi,
+            MethodName::Tfi,
+        ] {
+            c.method = m;
+            assert!(c.method().is_ok(), "{m:?} defaults");
+        }
+        let expect = |c: &Config, needle: &str| {
+            let err = c.method().err().expect("refused").to_string();
+            assert!(err.contains(needle), "{needle:?} in {err}");
+        };
+        let mut tv = Config {
+            method: MethodName::Tv,
+            ..Config::default()
+        };
+        tv.tv.tolerance = 0.0;
+        expect(&tv, "inversion.tv");
+        let mut rts = Config {
+            method: MethodName::Rts,
+            ..Config::default()
+        };
+        rts.rts.delta = 1.0;
+        expect(&rts, "inversion.rts.delta");
+        let mut tfi = Config {
+            method: MethodName::Tfi,
+            ..Config::default()
+        };
+        tfi.tfi.pad_mm = -1.0;
+        expect(&tfi, "inversion.tfi.pad_mm");
+        let mut medi = Config {
+            method: MethodName::Medi,
+            ..Config::default()
+        };
+        medi.medi.radians_per_ppm = f64::NAN;
+        expect(&medi, "inversion.medi");
+    }
 }

@@ -238,6 +238,10 @@ impl Rts {
 }
 
 impl Method for Rts {
+    fn check_config(&self) -> Result<()> {
+        self.validate()
+    }
+
     fn name(&self) -> &'static str {
         "rts"
     }

@@ -113,13 +113,18 @@ impl Method for Tfi {
         "tfi"
     }
 
-    fn invert(&self, problem: &Problem) -> Result<Vec<f32>> {
+    fn check_config(&self) -> Result<()> {
         if !(self.config.pad_mm >= 0.0 && self.config.pad_mm.is_finite()) {
             return Err(Error::Config(format!(
                 "inversion.tfi.pad_mm must be 0 or more, got {}",
                 self.config.pad_mm
             )));
         }
+        self.solver.check_config()
+    }
+
+    fn invert(&self, problem: &Problem) -> Result<Vec<f32>> {
+        self.check_config()?;
         problem.check("TFI")?;
         tracing::warn!(
             "TFI is experimental: on the simulated MNI head from raw phase it leaves the \

@@ -320,6 +320,10 @@ impl TvAdmm {
 }
 
 impl Method for TvAdmm {
+    fn check_config(&self) -> Result<()> {
+        self.validate()
+    }
+
     fn name(&self) -> &'static str {
         "tv"
     }
