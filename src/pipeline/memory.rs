@@ -11,6 +11,8 @@
 use super::Config;
 use crate::inversion::MethodName;
 
+/// Bytes in a GiB, the unit of `--mem-gb`, `--max-memory` and the messages.
+pub const GIB: f64 = (1u64 << 30) as f64;
 /// Bytes of one f32 volume per voxel.
 const F32: f64 = 4.0;
 /// The program, its libraries, thread stacks and small buffers.
@@ -146,7 +148,7 @@ pub fn peak_resident_bytes() -> Option<u64> {
 
 /// GiB for messages.
 pub fn gib(bytes: f64) -> f64 {
-    bytes / (1u64 << 30) as f64
+    bytes / GIB
 }
 
 #[cfg(test)]

@@ -236,7 +236,7 @@ pub fn run_discovered(settings: &Settings, discovery: Discovery) -> Result<Summa
         print!("{}", describe(&discovery));
         for unit in &units {
             let work = work_of(unit, &discovery.acquisitions, &settings.config);
-            let budget = settings.config.inversion.max_memory_gib * (1u64 << 30) as f64;
+            let budget = settings.config.inversion.max_memory_gib * memory::GIB;
             let act = memory::activations(&work, &settings.config, budget);
             let need = memory::estimate(&work, settings.config.inversion.method, act);
             println!(
@@ -369,8 +369,8 @@ fn fit_memory(
     limit_gib: f64,
 ) -> Result<()> {
     let method = config.inversion.method;
-    let limit = limit_gib * (1u64 << 30) as f64;
-    let budget = config.inversion.max_memory_gib * (1u64 << 30) as f64;
+    let limit = limit_gib * memory::GIB;
+    let budget = config.inversion.max_memory_gib * memory::GIB;
     let mut activations = budget;
     let mut too_big = Vec::new();
     for unit in units {
@@ -406,7 +406,7 @@ fn fit_memory(
         )));
     }
     if activations < budget {
-        config.inversion.max_memory_gib = activations / (1u64 << 30) as f64;
+        config.inversion.max_memory_gib = memory::gib(activations);
         tracing::info!(
             "--mem-gb {limit_gib}: the network's activations get {:.2} GiB (tiles shrink to fit)",
             config.inversion.max_memory_gib
