@@ -1466,6 +1466,50 @@ fn as_scanned_orientations_are_registered_before_cosmos() {
             "{name}: {again:?}"
         );
     }
+
+    // Asking for mutual information registers again (the transforms were found with NCC)
+    // and finds the same B0 directions.
+    std::fs::remove_file(&set_chi).unwrap();
+    let config = dir.path().join("mi.yaml");
+    std::fs::write(&config, "registration:\n  similarity: mutual-information\n").unwrap();
+    let o = chimap(&[
+        ds.to_str().unwrap(),
+        out.to_str().unwrap(),
+        "participant",
+        "--method",
+        "cosmos",
+        "--config",
+        config.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let side = io::read_json(&chimap::derivatives::sidecar_path(&set_chi)).unwrap();
+    for r in side["Registration"].as_array().unwrap() {
+        assert_eq!(r["Similarity"], "mutual-information", "{r}");
+        assert!(r.get("Reused").is_none(), "{r}");
+        let (before, after) = (
+            r["MutualInformationBefore"].as_f64().unwrap(),
+            r["MutualInformationAfter"].as_f64().unwrap(),
+        );
+        assert!(after > before, "{r}");
+    }
+    let xfm_side = io::read_json(&xfm.with_extension("json")).unwrap();
+    assert_eq!(xfm_side["Similarity"], "mutual-information");
+    for (got, want) in side["B0Directions"].as_array().unwrap().iter().zip(want) {
+        let g: Vec<f64> = got
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_f64().unwrap())
+            .collect();
+        let cos = g.iter().zip(want).map(|(a, b)| a * b).sum::<f64>()
+            / (0.2588f64.powi(2) + 0.9659f64.powi(2)).sqrt();
+        let err = cos.clamp(-1.0, 1.0).acos().to_degrees();
+        eprintln!("mutual information: B0 {err:.3}° off");
+        assert!(
+            err < 0.5,
+            "mutual information: B0 {g:?}, expected {want:?}: {err:.2}° off"
+        );
+    }
 }
 
 /// `name → (value, verdict)` of the checks in a qc json.

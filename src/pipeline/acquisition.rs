@@ -299,6 +299,7 @@ pub fn process_set(
             &mut locals,
             deriv,
             overwrite,
+            &config.registration,
             &config.qc,
         )?;
         (b0, registrations, checks) = (r.b0, r.records, r.checks);

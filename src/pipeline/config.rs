@@ -5,7 +5,7 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
-use crate::{inversion, preprocess, qc, Error, Result};
+use crate::{inversion, preprocess, qc, register, Error, Result};
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -15,6 +15,8 @@ pub struct Config {
     pub field_strength: Option<f64>,
     /// From raw phase to the local field.
     pub preprocess: preprocess::Config,
+    /// Aligning the orientations of an as-scanned set to its first.
+    pub registration: register::Options,
     /// From the local field to χ.
     pub inversion: inversion::Config,
     /// Limits of the local-field checks run before inversion.
@@ -36,9 +38,11 @@ impl Config {
         if text.trim().is_empty() {
             return Ok(Config::default());
         }
-        serde_yaml::from_str(text).map_err(|e| {
+        let config: Config = serde_yaml::from_str(text).map_err(|e| {
             Error::Config(format!("{e} (see `chimap config --default` for every key)"))
-        })
+        })?;
+        config.registration.check()?;
+        Ok(config)
     }
 
     pub fn to_yaml(&self) -> String {
@@ -68,6 +72,24 @@ mod tests {
         assert_eq!(c.inversion.tkd.threshold, 0.2);
         assert_eq!(c.field_strength, Some(7.0));
         assert_eq!(c.inversion.method, inversion::MethodName::Tkd);
+    }
+
+    #[test]
+    fn registration_similarity_is_chosen_in_the_config_and_checked() {
+        let c = Config::from_yaml("registration:\n  similarity: mutual-information\n").unwrap();
+        assert_eq!(
+            c.registration.similarity,
+            register::Similarity::MutualInformation
+        );
+        assert_eq!(c.registration.levels, register::Options::default().levels);
+        let err = Config::from_yaml("registration:\n  bins: 2\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("registration.bins"), "{err}");
+        let err = Config::from_yaml("registration:\n  similarity: mi\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("mutual-information"), "{err}");
     }
 
     #[test]

@@ -9,7 +9,7 @@ use serde_json::{json, Value};
 use super::acquisition::LocalField;
 use crate::bids::Acquisition;
 use crate::derivatives::{source_uri, Derivatives};
-use crate::register::{self, itk, rigid, Grid, Options, Rigid};
+use crate::register::{self, itk, rigid, Grid, Options, Rigid, Similarity};
 use crate::{qc, Error, Result};
 
 /// Where a member's transform to the reference lives (ITK text, LPS) beside its outputs.
@@ -38,6 +38,7 @@ pub(super) fn to_reference(
     locals: &mut [LocalField],
     deriv: &Derivatives,
     overwrite: bool,
+    options: &Options,
     qc_config: &qc::Config,
 ) -> Result<SetRegistration> {
     let (reference, rest) = locals.split_first_mut().expect("a set has two members");
@@ -49,27 +50,27 @@ pub(super) fn to_reference(
     for (local, acq) in rest.iter_mut().zip(&members[1..]) {
         let path = transform_path(deriv, acq);
         let mag = magnitude_of(local, acq)?;
-        let (t, record) = if !overwrite && path.is_file() {
-            reuse(&path, &ref_mag, &reference.mask, &mag)?
+        let reusable = !overwrite && path.is_file() && made_with(&path, options.similarity);
+        let (t, record) = if reusable {
+            reuse(&path, &ref_mag, &reference.mask, &mag, options)?
         } else {
-            let r = register::register(
-                &ref_mag,
-                &reference.mask,
-                &mag,
-                &local.mask,
-                &Options::default(),
-            )
-            .map_err(|e| Error::Numerics(format!("{}: registration: {e}", acq.name())))?;
+            let r = register::register(&ref_mag, &reference.mask, &mag, &local.mask, options)
+                .map_err(|e| Error::Numerics(format!("{}: registration: {e}", acq.name())))?;
             if let Some(dir) = path.parent() {
                 std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
             }
             crate::io::write_atomic(&path, itk::to_text(&r.transform).as_bytes())?;
-            let record = json!({
+            let mut record = json!({
+                "Similarity": r.similarity.name(),
                 "NCCBefore": r.ncc_before,
                 "NCCAfter": r.ncc_after,
                 "Iterations": r.iterations,
                 "Seconds": r.seconds,
             });
+            if let (Some(before), Some(after)) = (r.mi_before, r.mi_after) {
+                record["MutualInformationBefore"] = json!(before);
+                record["MutualInformationAfter"] = json!(after);
+            }
             (r.transform, record)
         };
         let grid = Grid::new(local.field.dims, &local.field.geometry)?;
@@ -117,17 +118,41 @@ fn reuse(
     ref_mag: &crate::Volume,
     ref_mask: &[bool],
     mag: &crate::Volume,
+    options: &Options,
 ) -> Result<(Rigid, Value)> {
     let t = itk::read(path)?;
-    let ncc = register::similarity(ref_mag, ref_mask, mag, &t, Options::default().max_samples)?
-        .ok_or_else(|| {
+    let ncc = register::similarity(ref_mag, ref_mask, mag, &t, options.max_samples)?.ok_or_else(
+        || {
             Error::input(
                 path,
                 "moves this orientation off the reference's brain (no overlap left): remove \
                  it, or rerun with --overwrite, to register again",
             )
-        })?;
-    Ok((t, json!({ "Reused": true, "NCCAfter": ncc })))
+        },
+    )?;
+    Ok((
+        t,
+        json!({ "Reused": true, "Similarity": options.similarity.name(), "NCCAfter": ncc }),
+    ))
+}
+
+/// Whether the transform at `path` was found with `similarity` (its sidecar says; files from
+/// before the choice existed were NCC). A changed choice registers again.
+fn made_with(path: &Path, similarity: Similarity) -> bool {
+    let recorded = std::fs::read_to_string(path.with_extension("json"))
+        .ok()
+        .and_then(|t| serde_json::from_str::<Value>(&t).ok())
+        .and_then(|v| v["Similarity"].as_str().map(str::to_owned))
+        .unwrap_or_else(|| Similarity::Ncc.name().to_owned());
+    let same = recorded == similarity.name();
+    if !same {
+        tracing::info!(
+            "{}: found with {recorded}, the configuration asks for {}: registering again",
+            path.display(),
+            similarity.name()
+        );
+    }
+    same
 }
 
 /// Where a member's echo-combined magnitude in the reference's grid is written:

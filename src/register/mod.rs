@@ -9,8 +9,10 @@
 //! Coordinates are world (scanner RAS, mm) throughout, so grids of any voxel size, shape or
 //! affine register to each other; ITK files store the same transform in LPS ([`itk`]).
 
+pub mod align;
 pub mod itk;
-pub mod ncc;
+mod mi;
+mod ncc;
 pub mod pyramid;
 pub mod resample;
 pub mod rigid;
@@ -18,7 +20,7 @@ pub mod rigid;
 #[cfg(test)]
 mod tests;
 
-pub use ncc::{register, similarity, Options, Registration};
+pub use align::{register, similarity, Options, Registration, Similarity};
 pub use resample::{resample, resample_masked, Grid};
 pub use rigid::Rigid;
 

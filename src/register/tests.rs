@@ -253,3 +253,93 @@ fn field_of_a_rotated_head_gives_the_rotated_b0_after_registration() {
         "misfit {right:.3} with the found B0, {exact:.3} with the true one, {wrong:.3} with Q·z"
     );
 }
+
+/// The posed head's magnitude seen with another contrast: bright where the reference is dark
+/// (the brain inverted against the scalp) and shaded by a receive profile fixed to the
+/// scanner, so intensities follow the reference's through no linear map.
+fn other_contrast(m: &Volume) -> Volume {
+    let max = m.data.iter().cloned().fold(0.0f32, f32::max);
+    let [nx, ny, _] = m.dims;
+    let data = m
+        .data
+        .iter()
+        .enumerate()
+        .map(|(i, &v)| {
+            let x = (i % nx) as f32 / nx as f32;
+            let shade = 1.0 + 0.25 * (x - 0.5) + 0.1 * ((i / nx) % ny) as f32 / ny as f32;
+            let inside = if v > 0.02 * max {
+                (1.2 - v / max).powf(1.5)
+            } else {
+                0.0
+            };
+            inside * shade
+        })
+        .collect();
+    m.with_data(data)
+}
+
+#[test]
+fn mutual_information_registers_a_head_of_another_contrast() {
+    let fixed = head(&Pose::default());
+    let (f, fmask) = (&fixed.magnitude, &fixed.mask);
+    let pz = pose([-8.0, 6.0, 10.0], [3.0, -2.0, 1.5]);
+    let moving = head(&pz);
+    let want = truth(&pz, &f.geometry);
+    let mi = Options {
+        similarity: Similarity::MutualInformation,
+        ..Options::default()
+    };
+    // Same contrast and another contrast: MI finds the pose in both.
+    for (label, m) in [
+        ("same contrast", moving.magnitude.clone()),
+        ("other contrast", other_contrast(&moving.magnitude)),
+    ] {
+        let r = register(f, fmask, &m, &moving.mask, &mi).unwrap();
+        let (rot, disp) = errors(&r.transform, &want, fmask, &f.geometry);
+        let c = r.transform.centre;
+        let centre_err = norm(sub(r.transform.apply(c), want.apply(c)));
+        eprintln!(
+            "MI, {label}: {rot:.3}° {disp:.3} mm (centre {centre_err:.3} mm), {} its, {:.2} s, MI {:?} → {:?}",
+            r.iterations, r.seconds, r.mi_before, r.mi_after
+        );
+        assert!(
+            rot <= 0.5 && centre_err <= 0.3,
+            "{label}: rotation error {rot:.3}°, centre off by {centre_err:.3} mm"
+        );
+        assert!(r.mi_after.unwrap() > r.mi_before.unwrap());
+        assert_eq!(r.similarity, Similarity::MutualInformation);
+    }
+    // NCC, which assumes one contrast, does not find it across contrasts: why MI is offered.
+    let other = other_contrast(&moving.magnitude);
+    let ncc = register(f, fmask, &other, &moving.mask, &Options::default());
+    let rot = ncc.map_or(f64::INFINITY, |r| {
+        errors(&r.transform, &want, fmask, &f.geometry).0
+    });
+    assert!(rot > 1.0, "NCC across contrasts was {rot:.3}° off");
+}
+
+#[test]
+fn unusable_registration_settings_are_refused_naming_the_key() {
+    let h = head(&Pose::default());
+    for (options, key) in [
+        (
+            Options {
+                bins: 3,
+                ..Options::default()
+            },
+            "registration.bins",
+        ),
+        (
+            Options {
+                levels: 0,
+                ..Options::default()
+            },
+            "registration.levels",
+        ),
+    ] {
+        let err = register(&h.magnitude, &h.mask, &h.magnitude, &h.mask, &options)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains(key), "{err}");
+    }
+}
