@@ -9,7 +9,7 @@ use super::masks::MaskIndex;
 use super::sidecar::{Json, Sidecars};
 use super::{
     Acquisition, DatasetType, Discovery, Echo, Entities, FieldKind, FieldUnits, Filter,
-    OrientationSet, Source, UserMask,
+    OrientationRule, OrientationSet, Source, UserMask,
 };
 use crate::io::Header;
 use crate::{Error, Result};
@@ -129,7 +129,7 @@ pub fn discover_with_masks(
         )));
     }
 
-    let (scanned_sets, orientation_sets) = orientation_sets(&acquisitions)
+    let (scanned_sets, orientation_sets) = orientation_sets(&acquisitions, &filter.orientation_set)
         .into_iter()
         .partition(|s| s.as_scanned);
     Ok(Discovery {
@@ -1015,9 +1015,12 @@ fn fieldmap(
 // ---------------------------------------------------------------------------------------
 // Multi-orientation sets
 
-fn orientation_sets(acquisitions: &[Acquisition]) -> Vec<OrientationSet> {
+fn orientation_sets(acquisitions: &[Acquisition], rule: &OrientationRule) -> Vec<OrientationSet> {
     let mut groups: BTreeMap<(Entities, String, u8), Vec<usize>> = BTreeMap::new();
     for (i, a) in acquisitions.iter().enumerate() {
+        if !rule.admits(&a.entities) {
+            continue;
+        }
         // Raw series combine with raw series, local field maps with local field maps.
         let class = match &a.source {
             Source::Raw { .. } => 0,

@@ -39,6 +39,53 @@ use std::path::PathBuf;
 pub struct Filter {
     pub participants: Vec<String>,
     pub sessions: Vec<String>,
+    /// Which of a session's series may form a multi-orientation set.
+    pub orientation_set: OrientationRule,
+}
+
+/// Which series of a session may join a multi-orientation set (the config's
+/// `orientation_set`): globs (`*` any characters, `?` one) on the `acq-` and `run-` labels,
+/// `null` accepting any label. A session often holds other series beside its head rotations
+/// (a repeat, a high-resolution scan): with `acq: "ori*"` only `acq-ori1`, `acq-ori2`, …
+/// form the set and the others are processed alone.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct OrientationRule {
+    pub acq: Option<String>,
+    pub run: Option<String>,
+}
+
+impl OrientationRule {
+    /// Whether a series with these entities may join a set.
+    pub fn admits(&self, e: &Entities) -> bool {
+        let fits = |pattern: &Option<String>, label: &Option<String>| match (pattern, label) {
+            (None, _) => true,
+            (Some(p), Some(l)) => glob(p, l),
+            (Some(_), None) => false,
+        };
+        fits(&self.acq, &e.acq) && fits(&self.run, &e.run)
+    }
+}
+
+/// Whether `text` matches `pattern`, where `*` stands for any run of characters and `?` for
+/// one.
+fn glob(pattern: &str, text: &str) -> bool {
+    let (p, t): (Vec<char>, Vec<char>) = (pattern.chars().collect(), text.chars().collect());
+    // matched[j]: the pattern so far matches text[..j].
+    let mut matched = vec![false; t.len() + 1];
+    matched[0] = true;
+    for &c in &p {
+        let mut next = vec![false; t.len() + 1];
+        for j in 0..=t.len() {
+            next[j] = match c {
+                '*' => matched[j] || (j > 0 && next[j - 1]),
+                '?' => j > 0 && matched[j - 1],
+                c => j > 0 && matched[j - 1] && t[j - 1] == c,
+            };
+        }
+        matched = next;
+    }
+    matched[t.len()]
 }
 
 /// One echo of a raw series.

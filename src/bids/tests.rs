@@ -280,6 +280,7 @@ fn filters_by_participant_and_session() {
     let f = Filter {
         participants: vec!["sub-01".into()],
         sessions: vec!["post".into()],
+        ..Filter::default()
     };
     let names: Vec<String> = ds
         .discover(&f)
@@ -292,6 +293,7 @@ fn filters_by_participant_and_session() {
     let f = Filter {
         participants: vec!["02".into()],
         sessions: vec![],
+        ..Filter::default()
     };
     let d = ds.discover(&f);
     assert_eq!(d.acquisitions.len(), 1);
@@ -300,6 +302,7 @@ fn filters_by_participant_and_session() {
     let f = Filter {
         participants: vec![],
         sessions: vec!["mid".into()],
+        ..Filter::default()
     };
     let err = discover(ds.root(), &f).unwrap_err();
     assert!(matches!(err, Error::Usage(_)));
@@ -331,6 +334,7 @@ fn no_matching_subject_lists_existing_ones() {
     let f = Filter {
         participants: vec!["02".into()],
         sessions: vec![],
+        ..Filter::default()
     };
     let err = discover(ds.root(), &f).unwrap_err();
     assert!(matches!(err, Error::Usage(_)), "{err:?}");
@@ -341,6 +345,7 @@ fn no_matching_subject_lists_existing_ones() {
     let f = Filter {
         participants: vec!["01".into(), "02".into()],
         sessions: vec![],
+        ..Filter::default()
     };
     let d = ds.discover(&f);
     assert_eq!(d.acquisitions.len(), 1);
@@ -505,6 +510,87 @@ fn rotated_runs_form_an_orientation_set() {
     assert!(scanned.as_scanned && !set.as_scanned);
     assert_eq!(scanned.session.as_deref(), Some("b"));
     assert_eq!(scanned.members.len(), 2);
+}
+
+#[test]
+fn the_orientation_set_rule_keeps_other_series_of_the_session_apart() {
+    let ds = Ds::raw();
+    // Three head orientations as scanned, plus a repeat and a high-resolution series.
+    let s = "sub-01/anat/sub-01";
+    for acq in ["ori1", "ori2", "ori3", "highres"] {
+        ds.echo(&format!("{s}_acq-{acq}"), 1, Some(0.01), true, rot_x(0.0));
+    }
+    ds.echo(
+        &format!("{s}_acq-ori1_run-2"),
+        1,
+        Some(0.01),
+        true,
+        rot_x(0.0),
+    );
+    let members = |d: &Discovery| -> Vec<Vec<String>> {
+        d.scanned_sets
+            .iter()
+            .map(|set| {
+                set.members
+                    .iter()
+                    .map(|&i| d.acquisitions[i].name())
+                    .collect()
+            })
+            .collect()
+    };
+    // Without a rule every series differing only in acq/run joins.
+    assert_eq!(members(&ds.discover(&all()))[0].len(), 5);
+    let rule = |acq: Option<&str>, run: Option<&str>| Filter {
+        orientation_set: OrientationRule {
+            acq: acq.map(str::to_string),
+            run: run.map(str::to_string),
+        },
+        ..all()
+    };
+    let d = ds.discover(&rule(Some("ori*"), None));
+    assert_eq!(
+        members(&d),
+        [[
+            "sub-01_acq-ori1",
+            "sub-01_acq-ori1_run-2",
+            "sub-01_acq-ori2",
+            "sub-01_acq-ori3"
+        ]]
+    );
+    // Everything is still processed: the others alone.
+    assert_eq!(d.acquisitions.len(), 5);
+    // A run pattern needs a run label; `?` is one character.
+    let d = ds.discover(&rule(Some("ori?"), Some("2")));
+    assert!(members(&d).is_empty(), "{:?}", members(&d));
+    let d = ds.discover(&rule(Some("o*i?"), None));
+    assert_eq!(members(&d)[0].len(), 4);
+}
+
+#[test]
+fn globs_match_whole_labels() {
+    let r = |acq: &str| OrientationRule {
+        acq: Some(acq.into()),
+        run: None,
+    };
+    let e = |acq: Option<&str>| Entities {
+        sub: "1".into(),
+        acq: acq.map(str::to_string),
+        ..Entities::default()
+    };
+    for (pattern, label, want) in [
+        ("ori*", Some("ori12"), true),
+        ("ori*", Some("ori"), true),
+        ("ori*", Some("xori1"), false),
+        ("*ori*", Some("xori1"), true),
+        ("ori?", Some("ori12"), false),
+        ("ori?", Some("ori1"), true),
+        ("a*b*c", Some("aXbYc"), true),
+        ("a*b*c", Some("aXcYb"), false),
+        ("ori*", None, false),
+        ("", Some(""), true),
+    ] {
+        assert_eq!(r(pattern).admits(&e(label)), want, "{pattern} on {label:?}");
+    }
 }
 
 fn derivative() -> Ds {

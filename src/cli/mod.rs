@@ -255,6 +255,7 @@ pub fn settings(run: &RunArgs) -> Result<Settings> {
                 .iter()
                 .map(|l| args::strip_label(l, "ses"))
                 .collect(),
+            orientation_set: config.orientation_set.clone(),
         },
         config,
         overwrite: run.processing.overwrite,

@@ -5,7 +5,7 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
-use crate::{inversion, preprocess, qc, register, Error, Result};
+use crate::{bids, inversion, preprocess, qc, register, Error, Result};
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -15,6 +15,8 @@ pub struct Config {
     pub field_strength: Option<f64>,
     /// From raw phase to the local field.
     pub preprocess: preprocess::Config,
+    /// Which series of a session may form a multi-orientation set.
+    pub orientation_set: bids::OrientationRule,
     /// Aligning the orientations of an as-scanned set to its first.
     pub registration: register::Options,
     /// From the local field to χ.
