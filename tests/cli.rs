@@ -1336,6 +1336,33 @@ fn as_scanned_orientations_are_registered_before_cosmos() {
     let pose = io::read_json(&truth.join(anat).join("sub-1_acq-ori2_pose.json")).unwrap();
     assert!((pose["RotationDegrees"].as_f64().unwrap() - 15.0).abs() < 0.1);
 
+    // The dry run lists the set; an orientation_set rule that admits every member keeps it,
+    // one that admits none of the labels (brackets are literal, globs have no classes)
+    // leaves no set.
+    let listing = |extra: &[&str]| {
+        let mut a = vec![
+            ds.to_str().unwrap(),
+            "/tmp/unused-out",
+            "participant",
+            "--dry-run",
+        ];
+        a.extend_from_slice(extra);
+        let o = chimap(&a);
+        assert!(o.status.success(), "{}", stderr(&o));
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    };
+    let all = listing(&[]);
+    assert!(
+        all.contains("orientation set as scanned, registered by joint methods (3 orientations)"),
+        "{all}"
+    );
+    let rule = dir.path().join("rule.yaml");
+    std::fs::write(&rule, "orientation_set:\n  acq: \"ori?\"\n  run: null\n").unwrap();
+    assert!(listing(&["--config", rule.to_str().unwrap()]).contains("(3 orientations)"));
+    std::fs::write(&rule, "orientation_set:\n  acq: \"*[12]\"\n").unwrap();
+    let none = listing(&["--config", rule.to_str().unwrap()]);
+    assert!(!none.contains("orientation set"), "{none}");
+
     let out = dir.path().join("out");
     let run = || {
         chimap(&[
