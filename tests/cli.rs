@@ -1719,3 +1719,70 @@ fn a_run_killed_during_the_inversion_resumes_from_the_work_dir() {
         "the work folder is not empty"
     );
 }
+
+/// `simulate --as-scanned --chi`: a phantom read from a file is turned inside its grid per
+/// orientation (pose in the truth), and the pipeline finds the turns. This phantom is brain
+/// χ alone, its magnitude guessed from χ, with nothing around the brain: NCC's optimum sits
+/// 2° past the truth on it (17.05°, measured), mutual information's within 0.3°.
+#[test]
+fn a_file_phantom_simulated_as_scanned_is_registered_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let upright = dir.path().join("upright");
+    let o = chimap(&[
+        "simulate",
+        upright.to_str().unwrap(),
+        "--dims",
+        "48",
+        "48",
+        "40",
+        "--voxel-size",
+        "2",
+        "2",
+        "2",
+        "--seed",
+        "1",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let truth = upright.join("derivatives/chimap-truth/sub-1/anat");
+    let ds = dir.path().join("turned");
+    let o = chimap(&[
+        "simulate",
+        ds.to_str().unwrap(),
+        "--chi",
+        truth.join("sub-1_Chimap.nii.gz").to_str().unwrap(),
+        "--mask",
+        truth.join("sub-1_desc-brain_mask.nii.gz").to_str().unwrap(),
+        "--as-scanned",
+        "--b0-direction",
+        "0",
+        "0",
+        "1",
+        "--b0-direction",
+        "0.2588",
+        "0",
+        "0.9659",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let pose =
+        io::read_json(&ds.join("derivatives/chimap-truth/sub-1/anat/sub-1_acq-ori2_pose.json"))
+            .unwrap();
+    assert!((pose["RotationDegrees"].as_f64().unwrap() - 15.0).abs() < 0.01);
+    let config = dir.path().join("mi.yaml");
+    std::fs::write(&config, "registration:\n  similarity: mutual-information\n").unwrap();
+    let out = dir.path().join("out");
+    let o = chimap(&[
+        ds.to_str().unwrap(),
+        out.to_str().unwrap(),
+        "participant",
+        "--method",
+        "cosmos",
+        "--config",
+        config.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let xfm =
+        io::read_json(&out.join("sub-1/anat/sub-1_acq-ori2_from-orig_to-ref_mode-image_xfm.json"))
+            .unwrap();
+    let found = xfm["RotationDegrees"].as_f64().unwrap();
+    assert!((found - 15.0).abs() < 0.5, "found {found:.2}° of 15°");
+}

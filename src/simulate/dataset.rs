@@ -88,8 +88,9 @@ pub struct SimulateArgs {
     pub seed: u64,
     /// Simulate the orientations as a scanner images them: the head turned inside one axial
     /// grid (B0 along its z for every series), each --b0-direction being B0 in the head's
-    /// frame; the true head rotations go to the ground truth (`*_pose.json`). Procedural
-    /// head only.
+    /// frame; the true head rotations go to the ground truth (`*_pose.json`). The built-in
+    /// head is evaluated turned; a --chi phantom is turned by trilinear resampling onto the
+    /// subvoxel grid.
     #[arg(long)]
     pub as_scanned: bool,
     /// Write into an existing non-empty OUTPUT (a dataset made by chimap simulate is
@@ -103,10 +104,16 @@ impl SimulateArgs {
     /// intravoxel dephasing near air and bone follows B0, which stays along the grid's z; with
     /// 2 subvoxels it is too coarsely sampled and stays partly locked to the grid instead of
     /// turning with the head, which biased registration towards no rotation (the cli test's
-    /// 15° turns, 3 T: B0 1.29° and 0.63° off with 2, 0.07° and 0.23° with 4).
+    /// 15° turns, 3 T: B0 1.29° and 0.63° off with 2, 0.07° and 0.23° with 4). A --chi
+    /// phantom keeps 2: it is already sampled at its own grid, and 4³ subvoxels of a 1 mm
+    /// head would need tens of GB.
     pub fn oversample(&self) -> usize {
         self.oversample
-            .unwrap_or(if self.as_scanned { 4 } else { 2 })
+            .unwrap_or(if self.as_scanned && self.phantom.chi.is_none() {
+                4
+            } else {
+                2
+            })
     }
 }
 
@@ -163,11 +170,6 @@ pub fn run(args: &SimulateArgs) -> Result<()> {
         ));
     }
     let (dims, voxel) = procedural_grid(args)?;
-    if args.as_scanned && args.phantom.chi.is_some() {
-        return Err(Error::Usage(
-            "--as-scanned turns the procedural head inside the grid; it does not take --chi".into(),
-        ));
-    }
     prepare_output(&args.output, args.overwrite)?;
 
     // A file phantom is read once and shared by every subject.
@@ -222,14 +224,18 @@ pub fn run(args: &SimulateArgs) -> Result<()> {
                         rotation: q,
                         shift: [0.0; 3],
                     };
-                    phantom = Phantom::procedural_posed(
-                        dims,
-                        voxel,
-                        Rng::derived(args.seed, &[subject as u64]).next_u64(),
-                        &pose,
-                    )?;
+                    phantom = match &input {
+                        Some(upright) => upright.turned(&q, 1)?,
+                        None => Phantom::procedural_posed(
+                            dims,
+                            voxel,
+                            Rng::derived(args.seed, &[subject as u64]).next_u64(),
+                            &pose,
+                        )?,
+                    };
                     let z = [0.0, 0.0, 1.0];
-                    (geometry_with_b0(dims, voxel, z), z, Some((pose, b0)))
+                    let (d, v) = (phantom.dims(), voxel_of(&phantom));
+                    (geometry_with_b0(d, v, z), z, Some((pose, b0)))
                 } else {
                     (geometry, b0, None)
                 };
@@ -242,13 +248,17 @@ pub fn run(args: &SimulateArgs) -> Result<()> {
                 let start = std::time::Instant::now();
                 // The procedural head turned inside the grid is also evaluated on the
                 // oversampled grid, so its interfaces are not the output grid's staircase.
-                let fine = match &pose {
-                    Some((pose, _)) if p.oversample > 1 => Some(Phantom::procedural_posed(
+                // A file phantom is turned onto the subvoxel grid from its own grid.
+                let fine = match (&pose, &input) {
+                    (Some((pose, _)), None) if p.oversample > 1 => Some(Phantom::procedural_posed(
                         dims.map(|n| n * p.oversample),
                         voxel.map(|v| v / p.oversample as f64),
                         Rng::derived(args.seed, &[subject as u64]).next_u64(),
                         pose,
                     )?),
+                    (Some((pose, _)), Some(upright)) if p.oversample > 1 => {
+                        Some(upright.turned(&pose.rotation, p.oversample)?)
+                    }
                     _ => None,
                 };
                 let series = simulate_series_fine(&phantom, fine.as_ref(), &p, b0)?;
