@@ -91,7 +91,7 @@ pub struct Tfi {
 impl Tfi {
     pub fn new(config: Config) -> Self {
         Tfi {
-            solver: TvAdmm::new(config.admm.clone()),
+            solver: TvAdmm::in_section(config.admm.clone(), "inversion.tfi.admm"),
             config,
             last: std::sync::Mutex::new(("", 0, f64::NAN)),
         }
@@ -434,5 +434,10 @@ mod tests {
         .invert(&p)
         .unwrap_err();
         assert!(err.to_string().contains("inversion.tfi"), "{err}");
+        // Its solver's settings are named where users set them, not as TV's.
+        let mut bad = Config::default();
+        bad.admm.rho_tv = 0.0;
+        let err = Tfi::new(bad).invert(&p).unwrap_err().to_string();
+        assert!(err.contains("inversion.tfi.admm"), "{err}");
     }
 }

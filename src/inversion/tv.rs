@@ -58,14 +58,22 @@ pub struct TvAdmm {
     iterations: std::sync::atomic::AtomicUsize,
     /// How `auto` chose λ in the last solve (λ and the scan), for the sidecar.
     chosen: std::sync::Mutex<Option<Choice>>,
+    /// The config section users set these values in, for messages.
+    section: &'static str,
 }
 
 impl TvAdmm {
     pub fn new(config: Config) -> Self {
+        TvAdmm::in_section(config, "inversion.tv")
+    }
+
+    /// A solver configured under `section` (TFI's `inversion.tfi.admm`), which messages name.
+    pub(super) fn in_section(config: Config, section: &'static str) -> Self {
         TvAdmm {
             config,
             iterations: Default::default(),
             chosen: Default::default(),
+            section,
         }
     }
 
@@ -75,22 +83,24 @@ impl TvAdmm {
         match c.lambda.value() {
             Some(l) if !positive(l) => {
                 return Err(Error::Config(format!(
-                    "inversion.tv.lambda must be positive or auto, got {l}"
+                    "{}.lambda must be positive or auto, got {l}",
+                    self.section
                 )))
             }
-            None => c.lambda_scan.validate("inversion.tv")?,
+            None => c.lambda_scan.validate(self.section)?,
             Some(_) => {}
         }
         if !(positive(c.rho_tv) && positive(c.rho_data)) {
             return Err(Error::Config(format!(
-                "inversion.tv: rho_tv ({}) and rho_data ({}) must be positive",
-                c.rho_tv, c.rho_data
+                "{}: rho_tv ({}) and rho_data ({}) must be positive",
+                self.section, c.rho_tv, c.rho_data
             )));
         }
         if !(positive(c.tolerance) && c.max_iterations > 0) {
-            return Err(Error::Config(
-                "inversion.tv: tolerance must be positive and max_iterations at least 1".into(),
-            ));
+            return Err(Error::Config(format!(
+                "{}: tolerance must be positive and max_iterations at least 1",
+                self.section
+            )));
         }
         Ok(())
     }
@@ -114,7 +124,7 @@ impl TvAdmm {
         let lambda = match c.lambda.value() {
             Some(l) => l,
             None => {
-                let choice = Choice::from_scan(self.l_curve(problem)?, "TV-ADMM", "inversion.tv");
+                let choice = Choice::from_scan(self.l_curve(problem)?, "TV-ADMM", self.section);
                 let l = choice.lambda;
                 *self.chosen.lock().unwrap_or_else(|e| e.into_inner()) = Some(choice);
                 l
