@@ -9,6 +9,7 @@
 //! Coordinates are world (scanner RAS, mm) throughout, so grids of any voxel size, shape or
 //! affine register to each other; ITK files store the same transform in LPS ([`itk`]).
 
+pub mod bspline;
 pub mod itk;
 pub mod ncc;
 pub mod pyramid;
@@ -19,7 +20,7 @@ pub mod rigid;
 mod tests;
 
 pub use ncc::{register, similarity, Options, Registration};
-pub use resample::{resample, resample_masked, Grid};
+pub use resample::{resample, resample_masked, resample_spline, Grid};
 pub use rigid::Rigid;
 
 use crate::Geometry;
