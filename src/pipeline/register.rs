@@ -235,7 +235,8 @@ fn transform_sidecar(
     v
 }
 
-/// Moves one member's maps onto the reference work grid.
+/// Moves one member's maps onto the reference work grid: the field by cubic B-spline
+/// ([`register::resample_masked`]), the rest (weights, magnitudes) trilinear.
 fn resample_local(
     local: &mut LocalField,
     from: &Grid,

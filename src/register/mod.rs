@@ -10,6 +10,7 @@
 //! affine register to each other; ITK files store the same transform in LPS ([`itk`]).
 
 pub mod align;
+pub mod bspline;
 pub mod itk;
 mod mi;
 mod ncc;
@@ -21,7 +22,7 @@ pub mod rigid;
 mod tests;
 
 pub use align::{register, similarity, Options, Registration, Similarity};
-pub use resample::{resample, resample_masked, Grid};
+pub use resample::{resample, resample_masked, resample_spline, Grid};
 pub use rigid::Rigid;
 
 use crate::Geometry;

@@ -1,8 +1,10 @@
 //! Trilinear sampling in voxel coordinates and resampling of one grid onto another through
-//! a rigid transform in world (mm) coordinates.
+//! a rigid transform in world (mm) coordinates. Fields are moved by cubic B-spline instead
+//! ([`resample_masked`], [`super::bspline`]): trilinear would blur them.
 
 use rayon::prelude::*;
 
+use super::bspline;
 use super::rigid::{invert, mul_vec, Mat3, Rigid};
 use crate::{Error, Geometry, Result};
 
@@ -116,8 +118,24 @@ pub fn sample_with_gradient(
 }
 
 /// `moving` (on `from`) sampled at `T(y)` for every voxel `y` of `to`: the moving image on
-/// the reference grid. Voxels that map outside the moving grid get `fill`.
+/// the reference grid, trilinear. Voxels that map outside the moving grid get `fill`.
 pub fn resample(data: &[f32], from: &Grid, to: &Grid, t: &Rigid, fill: f32) -> Vec<f32> {
+    resample_with(from, to, t, fill, |v| sample(data, from.dims, v))
+}
+
+/// As [`resample`], by cubic B-spline: exact at the samples and far less blurring than
+/// trilinear (see [`bspline`]); it can overshoot at steps.
+pub fn resample_spline(data: &[f32], from: &Grid, to: &Grid, t: &Rigid, fill: f32) -> Vec<f32> {
+    let coef = bspline::coefficients(data, from.dims);
+    resample_with(from, to, t, fill, |v| bspline::sample(&coef, from.dims, v))
+}
+
+/// `at` (a sampler in `from`'s voxel coordinates) evaluated at `T(y)` for every voxel `y` of
+/// `to`; `fill` where it gives `None`.
+fn resample_with<F>(from: &Grid, to: &Grid, t: &Rigid, fill: f32, at: F) -> Vec<f32>
+where
+    F: Fn([f64; 3]) -> Option<f64> + Sync,
+{
     let [nx, ny, _] = to.dims;
     let mut out = vec![fill; to.len()];
     out.par_chunks_mut(nx * ny)
@@ -126,8 +144,7 @@ pub fn resample(data: &[f32], from: &Grid, to: &Grid, t: &Rigid, fill: f32) -> V
             for j in 0..ny {
                 for i in 0..nx {
                     let y = to.to_world([i as f64, j as f64, k as f64]);
-                    let v = from.to_voxel(t.apply(y));
-                    if let Some(s) = sample(data, from.dims, v) {
+                    if let Some(s) = at(from.to_voxel(t.apply(y))) {
                         slab[i + nx * j] = s as f32;
                     }
                 }
@@ -136,9 +153,15 @@ pub fn resample(data: &[f32], from: &Grid, to: &Grid, t: &Rigid, fill: f32) -> V
     out
 }
 
-/// A masked field on the reference grid: the field is interpolated from mask voxels only
-/// (weights renormalised), so values outside the mask (zero by convention) do not pull the
-/// border down; a reference voxel is in the new mask where the interpolated mask is ≥ ½.
+/// How many voxels a field is continued beyond its mask before the spline's prefilter (on
+/// the MNI phantom's as-scanned set 0, 2, 4 and 8 gave LP-CNN within 0.02 points).
+pub const EXTEND_VOXELS: usize = 4;
+
+/// A masked field on the reference grid. The mask moves as trilinear of the 0/1 mask (a
+/// reference voxel is in where it is ≥ ½). The field moves by cubic B-spline, so a moved
+/// member's field is as sharp as the reference's; it is first continued
+/// [`EXTEND_VOXELS`] beyond its mask ([`bspline::extend`]), since the prefilter would ring
+/// on the step to zero at the mask's edge. Outside the new mask the field is 0.
 pub fn resample_masked(
     field: &[f32],
     mask: &[bool],
@@ -147,20 +170,17 @@ pub fn resample_masked(
     t: &Rigid,
 ) -> (Vec<f32>, Vec<bool>) {
     let m: Vec<f32> = mask.iter().map(|&b| b as u8 as f32).collect();
-    let fm: Vec<f32> = field
+    let new_mask: Vec<bool> = resample(&m, from, to, t, 0.0)
         .iter()
-        .zip(mask)
-        .map(|(&f, &b)| if b { f } else { 0.0 })
+        .map(|&w| w >= 0.5)
         .collect();
-    let m_r = resample(&m, from, to, t, 0.0);
-    let fm_r = resample(&fm, from, to, t, 0.0);
-    let new_mask: Vec<bool> = m_r.iter().map(|&w| w >= 0.5).collect();
-    let new_field = fm_r
-        .iter()
-        .zip(&m_r)
-        .zip(&new_mask)
-        .map(|((&f, &w), &keep)| if keep { f / w } else { 0.0 })
-        .collect();
+    let extended = bspline::extend(field, mask, from.dims, EXTEND_VOXELS);
+    let mut new_field = resample_spline(&extended, from, to, t, 0.0);
+    for (f, &keep) in new_field.iter_mut().zip(&new_mask) {
+        if !keep {
+            *f = 0.0;
+        }
+    }
     (new_field, new_mask)
 }
 
