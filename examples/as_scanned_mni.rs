@@ -20,12 +20,11 @@
 
 use std::path::{Path, PathBuf};
 
-use chimap::bids::Filter;
 use chimap::inversion::MethodName;
 use chimap::physics::b0::rotation_with_last_row;
 use chimap::physics::geometry_with_b0;
 use chimap::pipeline::{self, Config, Settings};
-use chimap::register::{itk, rigid, Grid, Rigid};
+use chimap::register::{itk, rigid};
 use chimap::simulate::{self, Dtype, Phantom, SimParams};
 use chimap::{evaluate, io, Geometry, Volume};
 
@@ -36,7 +35,6 @@ const B0: [[f64; 3]; 4] = [
     [0.0, -0.422_618, 0.906_308],       // 25° about x
     [-0.241_845, 0.241_845, 0.939_693], // 20° about (1, 1, 0)/√2
 ];
-const AIR: f32 = chimap::simulate::phantom::CHI_AIR;
 
 struct Args {
     work: PathBuf,
@@ -120,23 +118,7 @@ fn block_mean(data: &[f32], fine: [usize; 3]) -> Vec<f32> {
 /// at `qᵀ·p`, p from the grid centre), and its 2 mm version, with the given geometry.
 fn posed(upright: &Phantom, q: &[[f64; 3]; 3], coarse_geometry: Geometry) -> (Phantom, Phantom) {
     let fdims = upright.dims();
-    let fgeo = upright.geometry().clone();
-    let grid = Grid::new(fdims, &fgeo).unwrap();
-    let centre = grid.to_world(fdims.map(|n| (n as f64 - 1.0) / 2.0));
-    let t = Rigid {
-        rotation: rigid::transpose(q),
-        ..Rigid::identity(centre)
-    };
-    let turn = |d: &[f32], fill: f32| chimap::register::resample(d, &grid, &grid, &t, fill);
-    let mask_f: Vec<f32> = upright.brain_mask.iter().map(|&b| b as u8 as f32).collect();
-    let fine = Phantom {
-        chi_total: Volume::new(fdims, turn(&upright.chi_total.data, AIR), fgeo.clone()),
-        chi_local: Volume::new(fdims, turn(&upright.chi_local.data, 0.0), fgeo.clone()),
-        brain_mask: turn(&mask_f, 0.0).iter().map(|&m| m >= 0.5).collect(),
-        m0: turn(&upright.m0, 0.0),
-        r2star: turn(&upright.r2star, 0.0),
-        fat_fraction: turn(&upright.fat_fraction, 0.0),
-    };
+    let fine = upright.turned(q, 1).expect("the phantom's grid");
     let cdims = fdims.map(|n| n / 2);
     let fmask: Vec<f32> = fine.brain_mask.iter().map(|&b| b as u8 as f32).collect();
     let coarse = Phantom {
@@ -249,18 +231,7 @@ fn simulate_sets(a: &Args) {
 fn run(bids: &Path, out: &Path, method: MethodName) -> f64 {
     let mut config = Config::default();
     config.inversion.method = method;
-    let settings = Settings {
-        bids_dir: bids.to_path_buf(),
-        output_dir: out.to_path_buf(),
-        filter: Filter::default(),
-        config,
-        overwrite: true,
-        dry_run: false,
-        mask_dir: None,
-        command_line: "as_scanned_mni".into(),
-        mem_gb: None,
-        work_dir: None,
-    };
+    let settings = Settings::for_dataset(bids, out, config, "as_scanned_mni");
     let start = std::time::Instant::now();
     let summary = pipeline::run(&settings).expect("pipeline runs");
     assert!(summary.success(), "pipeline failed: {:?}", summary.failed);

@@ -24,7 +24,6 @@ use std::path::{Path, PathBuf};
 
 use clap::Parser;
 
-use chimap::bids::Filter;
 use chimap::derivatives::sidecar_path;
 use chimap::inversion::MethodName;
 use chimap::pipeline::{self, Config, Settings};
@@ -39,18 +38,7 @@ struct Simulate {
 fn run(bids: &Path, out: &Path, config: &Config, method: MethodName) {
     let mut config = config.clone();
     config.inversion.method = method;
-    let settings = Settings {
-        bids_dir: bids.to_path_buf(),
-        output_dir: out.to_path_buf(),
-        filter: Filter::default(),
-        config,
-        overwrite: true,
-        dry_run: false,
-        mask_dir: None,
-        command_line: "quality_ladder".into(),
-        mem_gb: None,
-        work_dir: None,
-    };
+    let settings = Settings::for_dataset(bids, out, config, "quality_ladder");
     let summary = pipeline::run(&settings).expect("pipeline runs");
     assert!(summary.success(), "pipeline failed: {:?}", summary.failed);
 }

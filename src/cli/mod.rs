@@ -107,7 +107,7 @@ fn run_group(run: &RunArgs, format: args::LogFormat, started: std::time::Instant
                 s.output_dir.display()
             )));
         }
-        let discovery = bids::discover(&s.bids_dir, &s.filter)?;
+        let discovery = bids::discover(&s.bids_dir, &s.discovery_filter())?;
         let rows = crate::report::status::of_dataset(&discovery, &s.output_dir);
         let tsv = s.output_dir.join("group_status.tsv");
         crate::report::status::write_tsv(&rows, &tsv)?;
@@ -255,7 +255,7 @@ pub fn settings(run: &RunArgs) -> Result<Settings> {
                 .iter()
                 .map(|l| args::strip_label(l, "ses"))
                 .collect(),
-            orientation_set: config.orientation_set.clone(),
+            ..Filter::default()
         },
         config,
         overwrite: run.processing.overwrite,

@@ -44,6 +44,34 @@ pub struct Settings {
     pub work_dir: Option<PathBuf>,
 }
 
+impl Settings {
+    /// Everything in `bids` into `out` with `config` and no other option (examples and
+    /// benchmarks); `command_line` is what `dataset_description.json` records.
+    pub fn for_dataset(bids: &Path, out: &Path, config: Config, command_line: &str) -> Settings {
+        Settings {
+            bids_dir: bids.to_path_buf(),
+            output_dir: out.to_path_buf(),
+            filter: Filter::default(),
+            config,
+            overwrite: true,
+            dry_run: false,
+            mask_dir: None,
+            command_line: command_line.into(),
+            mem_gb: None,
+            work_dir: None,
+        }
+    }
+
+    /// The filter discovery applies: the selected participants and sessions, with the
+    /// config's `orientation_set` rule (the config is its one source).
+    pub fn discovery_filter(&self) -> Filter {
+        Filter {
+            orientation_set: self.config.orientation_set.clone(),
+            ..self.filter.clone()
+        }
+    }
+}
+
 /// What happened to each acquisition.
 #[derive(Debug, Default)]
 pub struct Summary {
@@ -140,7 +168,7 @@ pub fn run(settings: &Settings) -> Result<Summary> {
     }
     let discovery = bids::discover_with_masks(
         &settings.bids_dir,
-        &settings.filter,
+        &settings.discovery_filter(),
         settings.mask_dir.as_deref(),
     )?;
     run_discovered(settings, discovery)
