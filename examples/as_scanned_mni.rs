@@ -5,7 +5,7 @@
 //!
 //! ```sh
 //! cargo run --release --example as_scanned_mni -- WORK_DIR [--data ../shared/data/mni_phantom]
-//!     [--tesla 3] [--methods cosmos,lpcnn] [--skip-simulation]
+//!     [--tesla 3] [--methods cosmos,lpcnn] [--skip-simulation] [--config FILE.yaml]
 //! ```
 //!
 //! The phantom (1 mm, cropped to even dims) is the 2× subvoxel grid of a 2 mm acquisition:
@@ -42,6 +42,8 @@ struct Args {
     tesla: f64,
     methods: Vec<MethodName>,
     skip_simulation: bool,
+    /// A configuration over the defaults for both sets' runs.
+    config: Option<PathBuf>,
 }
 
 fn args() -> Args {
@@ -51,6 +53,7 @@ fn args() -> Args {
         tesla: 3.0,
         methods: vec![MethodName::Cosmos, MethodName::Lpcnn],
         skip_simulation: false,
+        config: None,
     };
     let argv: Vec<String> = std::env::args().skip(1).collect();
     let mut i = 0;
@@ -76,6 +79,10 @@ fn args() -> Args {
                 i += 1;
             }
             "--skip-simulation" => a.skip_simulation = true,
+            "--config" => {
+                a.config = Some(PathBuf::from(&argv[i + 1]));
+                i += 1;
+            }
             w => a.work = PathBuf::from(w),
         }
         i += 1;
@@ -228,8 +235,10 @@ fn simulate_sets(a: &Args) {
     }
 }
 
-fn run(bids: &Path, out: &Path, method: MethodName) -> f64 {
-    let mut config = Config::default();
+fn run(bids: &Path, out: &Path, method: MethodName, config: Option<&Path>) -> f64 {
+    let mut config = config.map_or_else(Config::default, |p| {
+        Config::from_file(p).expect("a readable configuration")
+    });
     config.inversion.method = method;
     let settings = Settings::for_dataset(bids, out, config, "as_scanned_mni");
     let start = std::time::Instant::now();
@@ -262,7 +271,12 @@ fn main() {
         let mut row = Vec::new();
         for set in ["as-scanned", "registered"] {
             let out = a.work.join(set).join(format!("out-{name}"));
-            let secs = run(&a.work.join(set).join("raw"), &out, *method);
+            let secs = run(
+                &a.work.join(set).join("raw"),
+                &out,
+                *method,
+                a.config.as_deref(),
+            );
             let est = read(&out.join(format!("sub-1/anat/sub-1_desc-{name}_Chimap.nii.gz")));
             row.push((evaluate::nrmse_demeaned(&est, &chi, &brain), secs));
         }

@@ -235,8 +235,10 @@ fn transform_sidecar(
     v
 }
 
-/// Moves one member's maps onto the reference work grid: the field by cubic B-spline
-/// ([`register::resample_masked`]), the rest (weights, magnitudes) trilinear.
+/// Moves one member's maps onto the reference work grid: the field and the void sources'
+/// χ by cubic B-spline (trilinear shrinks the compact, strong void sources: on the MNI
+/// as-scanned set at 7 T, LP-CNN scored 2.04 points worse than on the pre-registered set with
+/// them moved trilinearly, 0.93 by spline), the rest (weights, magnitudes) trilinear.
 fn resample_local(
     local: &mut LocalField,
     from: &Grid,
@@ -247,7 +249,10 @@ fn resample_local(
     let (field, mask) = register::resample_masked(&local.field.data, &local.mask, from, to, t);
     let along = |v: &Option<Vec<f32>>| v.as_ref().map(|d| register::resample(d, from, to, t, 0.0));
     local.weight = along(&local.weight);
-    local.void_chi = along(&local.void_chi);
+    local.void_chi = local
+        .void_chi
+        .as_ref()
+        .map(|d| register::resample_spline(d, from, to, t, 0.0));
     local.magnitude = along(&local.magnitude);
     local.magnitude_first = along(&local.magnitude_first);
     local.field = reference.field.with_data(field);
