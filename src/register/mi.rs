@@ -31,16 +31,19 @@ struct Binning {
 }
 
 impl Binning {
-    /// Fixed bins span the samples' range, moving bins the moving image's; `None` for a
-    /// constant image, which carries no information.
+    /// Fixed bins span the samples' range, moving bins the moving image's, both
+    /// [`winsorised`]; `None` for a constant image, which carries no information.
     fn new(samples: &[Sample], moving: &Level, bins: usize) -> Option<Binning> {
-        let range = |it: &mut dyn Iterator<Item = f64>| {
-            it.fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), v| {
-                (lo.min(v), hi.max(v))
-            })
-        };
-        let (fmin, fmax) = range(&mut samples.iter().map(|s| s.1 as f64));
-        let (mmin, mmax) = range(&mut moving.data.iter().map(|&v| v as f64));
+        let (fmin, fmax) = winsorised(samples.iter().map(|s| s.1 as f64).collect());
+        let step = moving.data.len().div_ceil(1 << 20).max(1);
+        let (mmin, mmax) = winsorised(
+            moving
+                .data
+                .iter()
+                .step_by(step)
+                .map(|&v| v as f64)
+                .collect(),
+        );
         if !(fmax > fmin && mmax > mmin) {
             return None;
         }
@@ -58,9 +61,31 @@ impl Binning {
         (((f - self.fmin) * self.fscale).max(0.0) as usize).min(self.bins - 1)
     }
 
-    fn moving_position(&self, m: f64) -> f64 {
-        ((m - self.mmin) * self.mscale).clamp(0.0, self.bins as f64 - 2.0 * PAD) + PAD
+    /// The bin position of a moving intensity, and whether it lies inside the binned range
+    /// (beyond it the position is held at the end, so it does not move with the intensity).
+    fn moving_position(&self, m: f64) -> (f64, bool) {
+        let x = (m - self.mmin) * self.mscale;
+        let top = self.bins as f64 - 2.0 * PAD;
+        (x.clamp(0.0, top) + PAD, (0.0..=top).contains(&x))
     }
+}
+
+/// Intensities below and above these quantiles share the end bins (winsorised, as ANTs does
+/// by default), so that a few bright voxels (vessels, artefacts) do not squeeze the tissue
+/// into a few bins.
+const WINSOR: (f64, f64) = (0.005, 0.995);
+
+/// The [`WINSOR`] quantiles of `values` (NaN-free).
+fn winsorised(mut values: Vec<f64>) -> (f64, f64) {
+    if values.is_empty() {
+        return (0.0, 0.0);
+    }
+    let last = values.len() - 1;
+    let at = |q: f64| ((q * last as f64).round() as usize).min(last);
+    let (lo, hi) = (at(WINSOR.0), at(WINSOR.1));
+    let low = *values.select_nth_unstable_by(lo, f64::total_cmp).1;
+    let high = *values.select_nth_unstable_by(hi, f64::total_cmp).1;
+    (low, high)
 }
 
 /// Cubic B-spline and its derivative.
@@ -111,10 +136,12 @@ fn points(samples: &[Sample], moving: &Level, t: &Rigid, b: &Binning) -> Vec<Poi
         .par_iter()
         .filter_map(|&(y, f)| {
             let (m, jac) = warped(moving, t, y)?;
+            let (position, inside) = b.moving_position(m);
+            let scale = if inside { b.mscale } else { 0.0 };
             Some(Point {
                 fixed_bin: b.fixed_bin(f as f64),
-                position: b.moving_position(m),
-                jacobian: jac.map(|j| j * b.mscale),
+                position,
+                jacobian: jac.map(|j| j * scale),
             })
         })
         .collect()
