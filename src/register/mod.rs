@@ -8,6 +8,8 @@
 //!
 //! Coordinates are world (scanner RAS, mm) throughout, so grids of any voxel size, shape or
 //! affine register to each other; ITK files store the same transform in LPS ([`itk`]).
+//! [`align`] drives the search coarse to fine with one of two similarities, `ncc` for one
+//! contrast or `mi` for any; fields are then moved by cubic B-spline ([`bspline`]).
 
 pub mod align;
 pub mod bspline;
