@@ -141,6 +141,7 @@ fn inversions(work: [usize; 3], t_work: f64, quick: bool) {
         weight: None,
         magnitude: None,
         total: None,
+        csf: None,
     };
     println!("\ninversions on the work grid (ratio to one FFT pair there)");
     let report = |name: &str, t: f64, goal: &str| {
@@ -287,6 +288,7 @@ fn main() {
         weight: None,
         magnitude: None,
         total: None,
+        csf: None,
     };
     let t_tkd = time(3, || tkd.invert(&problem).expect("TKD runs"));
     println!(
@@ -472,6 +474,7 @@ fn background_methods(dims: [usize; 3]) {
         weight: None,
         magnitude: None,
         total: None,
+        csf: None,
     };
     let t_tkd = time(3, || tkd.invert(&problem).expect("TKD runs"));
     let t_pair = fft_pair(dims);

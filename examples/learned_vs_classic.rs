@@ -114,6 +114,7 @@ fn main() {
                     weight: None,
                     magnitude: None,
                     total: None,
+                    csf: None,
                 };
                 let chi = m.invert(&problem).expect("inversion");
                 let s = scores(&chi, &b.chi, &mask, b.dims);
@@ -226,6 +227,7 @@ fn main() {
                 weight: None,
                 magnitude: None,
                 total: None,
+                csf: None,
             };
             let t0 = std::time::Instant::now();
             let chi = m.invert(&problem).expect("inversion");

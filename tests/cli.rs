@@ -342,6 +342,56 @@ fn learned_methods_run_their_shipped_weights_with_no_flag() {
 }
 
 #[test]
+fn medi_plus_zero_writes_the_csf_mask_it_held_uniform() {
+    let dir = tempfile::tempdir().unwrap();
+    // The example's 2 mm grid leaves no ventricle 5 mm inside the brain: no CSF term.
+    let run = |out: &Path, config: Option<&Path>| {
+        let mut args = vec![
+            example().to_str().unwrap().to_string(),
+            out.to_str().unwrap().to_string(),
+            "participant".into(),
+            "--participant-label".into(),
+            "1".into(),
+            "--method".into(),
+            "medi".into(),
+        ];
+        if let Some(c) = config {
+            args.extend(["--config".to_string(), c.to_str().unwrap().to_string()]);
+        }
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let o = chimap(&args);
+        assert!(o.status.success(), "{}", stderr(&o));
+        let anat = out.join("sub-1/anat");
+        let side = io::read_json(&anat.join("sub-1_acq-ori1_desc-medi_Chimap.json")).unwrap();
+        let csf = anat.join("sub-1_acq-ori1_desc-csf_mask.nii.gz");
+        (
+            side["MethodParameters"]["csf_voxels"].as_u64().unwrap(),
+            csf,
+        )
+    };
+    let (voxels, csf) = run(&dir.path().join("default"), None);
+    assert_eq!(voxels, 0);
+    assert!(!csf.exists());
+    let config = dir.path().join("csf.yaml");
+    std::fs::write(
+        &config,
+        "inversion:\n  medi:\n    csf:\n      inset_mm: 0\n      min_voxels: 1\n",
+    )
+    .unwrap();
+    let (voxels, csf) = run(&dir.path().join("inset0"), Some(&config));
+    let mask = read(&csf);
+    let brain = read(&csf.with_file_name("sub-1_acq-ori1_desc-brain_mask.nii.gz"));
+    assert!(voxels > 0);
+    assert_eq!(mask.iter().filter(|&&v| v > 0.5).count() as u64, voxels);
+    assert!(
+        mask.iter().zip(&brain).all(|(&c, &b)| c <= b),
+        "CSF outside the brain mask"
+    );
+    let side = io::read_json(&chimap::derivatives::sidecar_path(&csf)).unwrap();
+    assert_eq!(side["Parameters"]["inset_mm"], 0.0);
+}
+
+#[test]
 fn cosmos_on_a_single_orientation_names_the_fix() {
     let dir = tempfile::tempdir().unwrap();
     let ds = simulate(dir.path(), "1", "float32");

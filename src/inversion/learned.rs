@@ -212,6 +212,7 @@ mod tests {
             weight: None,
             magnitude: None,
             total: None,
+            csf: None,
         }
     }
 

@@ -2,18 +2,21 @@
 //!
 //! Works on the phase, `x = s·χ` in radians with `s = radians_per_ppm` (2π·γ̄·B0·TE of the
 //! field's effective echo time), and minimises
-//! `J(x) = λ/2 Σᵢ ‖W(e^{iDᵢx} − e^{iψᵢ})‖² + Σ M_G·√(|∇x|² + ε)` with `ψᵢ = s·fᵢ`:
+//! `J(x) = λ/2 Σᵢ ‖W(e^{iDᵢx} − e^{iψᵢ})‖² + Σ M_G·√(|∇x|² + ε) + λ_CSF/2 ‖M_CSF(x − x̄_CSF)‖²`
+//! with `ψᵢ = s·fᵢ`:
 //! the complex data term is not fooled by phase that wraps, and M_G (0 on the
 //! `edge_fraction` of mask voxels with the largest magnitude gradient, 1 elsewhere) lets χ
 //! change where the anatomy does. Gauss-Newton outer iterations with the lagged-diffusivity
 //! weight `P = M_G/√(|∇x_k|² + ε)` solve `(λ Σ Dᵢ W² Dᵢ + ∇ᵀP∇) dx = −∇J(x_k)` by conjugate
 //! gradients; MEDI's approximation drops the `cos(Dx − ψ)` factor of the exact Hessian.
-//! With no magnitude in the problem M_G = 1: nonlinear TV.
+//! With no magnitude in the problem M_G = 1: nonlinear TV. The last term is MEDI+0's (Liu Z
+//! et al., MRM 2018): χ uniform over the ventricles' CSF (`Problem::csf`, found from R2* by
+//! the pipeline), which holds down the slow shading an ill-posed inversion leaves; without a
+//! CSF mask it is absent.
 //!
 //! The pipeline's field is in ppm and does not carry B0·TE to the solver, so `s` is a
 //! setting (default: 3 T, TE 20 ms); it only sets how nonlinear the data term is, as λ
-//! follows MEDI's convention (on the data term, χ in radians) whatever `s` is. The MEDI+0
-//! CSF term is not implemented: the problem carries no CSF mask.
+//! follows MEDI's convention (on the data term, χ in radians) whatever `s` is.
 //! Each CG step costs two FFT pairs per orientation (Dᵢ, then Dᵢ again after W²).
 
 use rayon::prelude::*;
@@ -49,6 +52,11 @@ pub struct Config {
     pub cg_iterations: usize,
     /// CG stops when the residual falls below this fraction of the right-hand side.
     pub cg_tolerance: f64,
+    /// λ_CSF of MEDI+0's term (x in radians, as λ); 0 turns it off. Used only where the
+    /// problem has a CSF mask (raw phase with magnitudes of ≥ 2 echoes).
+    pub csf_lambda: f64,
+    /// How the pipeline finds the CSF mask from R2*.
+    pub csf: crate::preprocess::csf::CsfConfig,
 }
 
 impl Default for Config {
@@ -74,17 +82,22 @@ impl Default for Config {
             tolerance: 0.1,
             cg_iterations: 50,
             cg_tolerance: 0.01,
+            csf_lambda: CSF_LAMBDA,
+            csf: Default::default(),
         }
     }
 }
+
+/// Default λ_CSF. MEDI's toolbox weighs the CSF term at a tenth of its data term's λ.
+const CSF_LAMBDA: f64 = 10.0;
 
 pub struct Medi {
     config: Config,
     /// How `auto` chose λ in the last solve (λ, corner found, the scan), for the sidecar.
     chosen: std::sync::Mutex<Option<Choice>>,
-    /// Gauss-Newton and total CG iterations of the last solve, and whether M_G came from a
-    /// magnitude.
-    last: std::sync::Mutex<(usize, usize, bool)>,
+    /// Gauss-Newton and total CG iterations of the last solve, whether M_G came from a
+    /// magnitude, and how many voxels MEDI+0's CSF term held uniform.
+    last: std::sync::Mutex<(usize, usize, bool, usize)>,
 }
 
 /// The pieces of the objective fixed for one solve.
@@ -96,6 +109,9 @@ struct Setup {
     grad: Gradient,
     lambda: f32,
     eps: f32,
+    /// MEDI+0's CSF voxels and λ_CSF; empty when the term is off.
+    csf: Vec<usize>,
+    csf_lambda: f32,
 }
 
 fn dot(a: &[f32], b: &[f32]) -> f64 {
@@ -111,7 +127,26 @@ impl Setup {
     #[cfg(test)]
     fn objective(&self, x: &[f32]) -> f64 {
         let (data, tv) = self.terms(x, self.eps);
-        0.5 * self.lambda as f64 * data + tv
+        let mean = self.csf_mean(x);
+        let csf: f64 = self.csf.iter().map(|&i| (x[i] as f64 - mean).powi(2)).sum();
+        0.5 * self.lambda as f64 * data + tv + 0.5 * self.csf_lambda as f64 * csf
+    }
+
+    /// x̄ over the CSF mask (0 without one).
+    fn csf_mean(&self, x: &[f32]) -> f64 {
+        if self.csf.is_empty() {
+            return 0.0;
+        }
+        self.csf.iter().map(|&i| x[i] as f64).sum::<f64>() / self.csf.len() as f64
+    }
+
+    /// Adds `λ_CSF (v − v̄)` over the CSF mask to `out`: the CSF term's gradient at v, and
+    /// (the term being quadratic) its Hessian applied to v.
+    fn add_csf(&self, v: &[f32], out: &mut [f32]) {
+        let mean = self.csf_mean(v) as f32;
+        for &i in &self.csf {
+            out[i] += self.csf_lambda * (v[i] - mean);
+        }
     }
 
     /// J's two terms at x: the data misfit `Σ W²(2 − 2cos(Dx − ψ))` and `Σ M_G √(|∇x|² + ε)`
@@ -173,6 +208,7 @@ impl Setup {
                 .zip(&back)
                 .for_each(|(o, &b)| *o += self.lambda * b);
         }
+        self.add_csf(x, &mut out);
         out
     }
 
@@ -187,6 +223,7 @@ impl Setup {
                 .zip(&back)
                 .for_each(|(o, &b)| *o += self.lambda * b);
         }
+        self.add_csf(v, &mut out);
         out
     }
 }
@@ -289,6 +326,13 @@ impl Medi {
                 c.edge_fraction
             )));
         }
+        if !(c.csf_lambda >= 0.0 && c.csf_lambda.is_finite()) {
+            return Err(Error::Config(format!(
+                "inversion.medi.csf_lambda must be 0 (off) or positive, got {}",
+                c.csf_lambda
+            )));
+        }
+        c.csf.check("inversion.medi.csf")?;
         if c.max_iterations == 0 || c.cg_iterations == 0 {
             return Err(Error::Config(
                 "inversion.medi: max_iterations and cg_iterations must be at least 1".into(),
@@ -335,6 +379,11 @@ impl Medi {
             grad,
             lambda: lambda as f32,
             eps: c.smoothing as f32,
+            csf: match problem.csf {
+                Some(csf) if c.csf_lambda > 0.0 => (0..csf.len()).filter(|&i| csf[i]).collect(),
+                _ => Vec::new(),
+            },
+            csf_lambda: c.csf_lambda as f32,
         })
     }
 
@@ -411,14 +460,15 @@ impl Method for Medi {
         let (x, outer, inner) = self.solve(&setup, n, self.config.max_iterations);
         tracing::debug!(outer, inner, "MEDI finished");
         *self.last.lock().unwrap_or_else(|e| e.into_inner()) =
-            (outer, inner, problem.magnitude.is_some());
+            (outer, inner, problem.magnitude.is_some(), setup.csf.len());
         let s = self.config.radians_per_ppm as f32;
         Ok(restrict(x.iter().map(|v| v / s).collect(), problem.mask))
     }
 
     fn parameters(&self) -> serde_json::Value {
         let mut v = serde_json::to_value(&self.config).expect("the config is plain data");
-        let (outer, inner, edges) = *self.last.lock().unwrap_or_else(|e| e.into_inner());
+        let (outer, inner, edges, csf) = *self.last.lock().unwrap_or_else(|e| e.into_inner());
+        v["csf_voxels"] = serde_json::json!(csf);
         v["iterations_run"] = serde_json::json!(outer);
         v["cg_iterations_run"] = serde_json::json!(inner);
         lambda::record(
@@ -451,16 +501,19 @@ mod tests {
         let f = vec![random(n, 1)];
         let magnitude = random(n, 2);
         let weight: Vec<f32> = random(n, 3).iter().map(|v| 1.0 + 0.5 * v).collect();
+        let csf: Vec<bool> = (0..n).map(|i| i % 5 == 0).collect();
         let mut p = problem(dims, &f, &[[0.0, 0.3, 0.954]], &mask);
         p.weight = Some(&weight);
         p.magnitude = Some(&magnitude);
+        p.csf = Some(&csf);
         let medi = Medi::new(Config {
             smoothing: 1e-2,
             lambda: Lambda::Value(3.0),
+            csf_lambda: 2.0,
             ..Config::default()
         });
         let setup = medi.setup(&p, 3.0).unwrap();
-        assert!(setup.edges.contains(&0.0));
+        assert!(setup.edges.contains(&0.0) && setup.csf.len() == 192);
         let x: Vec<f32> = random(n, 4).iter().map(|v| 0.5 * v).collect();
         let v = random(n, 5);
         let g = setup.gradient(&x, &setup.diffusivity(&x));
@@ -530,6 +583,57 @@ mod tests {
         assert!(
             e_medi < 0.8 * e_tv && e_plain < 1.15 * e_tv,
             "MEDI {e_medi} (no edges {e_plain}), TV {e_tv}"
+        );
+    }
+
+    #[test]
+    fn medi_plus_zero_holds_the_csf_uniform() {
+        let dims = [48, 48, 48];
+        let (chi, mask) = brain();
+        // A "ventricle" where χ is the brain's uniform 0.02 ppm.
+        let csf: Vec<bool> = (0..chi.len())
+            .map(|i| {
+                let p = [i % 48, (i / 48) % 48, i / 2304].map(|v| v as f64);
+                let r2 = (p[0] - 20.0).powi(2) + (p[1] - 31.0).powi(2) + (p[2] - 19.0).powi(2);
+                mask[i] && r2 < 9.0 && chi[i] == 0.02
+            })
+            .collect();
+        let b0 = [[0.0, 0.26, 0.966]];
+        let f = fields(&chi, &mask, dims, &b0, 0.01, 4);
+        let mut p = problem(dims, &f, &b0, &mask);
+        let magnitude: Vec<f32> = chi.iter().map(|&c| 1.0 - c).collect();
+        p.magnitude = Some(&magnitude);
+        p.csf = Some(&csf);
+        let run = |csf_lambda: f64| {
+            let medi = Medi::new(Config {
+                csf_lambda,
+                ..Config::default()
+            });
+            let x = medi.invert(&p).unwrap();
+            let v: Vec<f64> = (0..x.len())
+                .filter(|&i| csf[i])
+                .map(|i| x[i] as f64)
+                .collect();
+            let mean = v.iter().sum::<f64>() / v.len() as f64;
+            let sd = (v.iter().map(|a| (a - mean).powi(2)).sum::<f64>() / v.len() as f64).sqrt();
+            (
+                sd,
+                nrmse_demeaned(&x, &chi, &mask),
+                medi.parameters()["csf_voxels"].clone(),
+            )
+        };
+        let (sd_off, e_off, n_off) = run(0.0);
+        let (sd_on, e_on, n_on) = run(Config::default().csf_lambda);
+        assert_eq!(n_off, 0);
+        assert_eq!(n_on, csf.iter().filter(|&&c| c).count());
+        // Measured: spread 0.0090 → 0.0058 ppm, NRMSE 0.3735 → 0.3733.
+        assert!(
+            sd_on < 0.8 * sd_off,
+            "χ's spread in the CSF: {sd_on} with the term, {sd_off} without"
+        );
+        assert!(
+            e_on < 1.05 * e_off,
+            "NRMSE {e_on} with the term, {e_off} without"
         );
     }
 

@@ -64,6 +64,9 @@ pub struct Problem<'a> {
     /// The total field, given to the one-step methods ([`Method::one_step`]) by pipelines
     /// that have it (raw phase, total field maps); `None` otherwise.
     pub total: Option<TotalField<'a>>,
+    /// The ventricles' CSF, where MEDI+0 holds χ uniform; `None` when the pipeline found
+    /// none (field-map inputs, one echo, no ventricles).
+    pub csf: Option<&'a Mask>,
 }
 
 impl Problem<'_> {

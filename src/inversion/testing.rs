@@ -117,6 +117,7 @@ pub fn problem<'a>(
         weight: None,
         magnitude: None,
         total: None,
+        csf: None,
     }
 }
 

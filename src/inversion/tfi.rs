@@ -170,6 +170,7 @@ impl Method for Tfi {
             weight: weight_p.as_deref(),
             magnitude: None,
             total: None,
+            csf: None,
         };
         let chi = self.solver.invert_unrestricted(&padded)?;
         let residual = relative_residual(&padded, &chi);
@@ -319,6 +320,7 @@ mod tests {
             weight: None,
             magnitude: Some(&magnitude),
             total: None,
+            csf: None,
         };
         let medi = Medi::new(medi::Config::default())
             .invert(&two_step)
@@ -388,6 +390,7 @@ mod tests {
             weight: None,
             magnitude: None,
             total: None,
+            csf: None,
         };
         let err = |pad_mm| {
             let x = Tfi::new(Config {
@@ -420,6 +423,7 @@ mod tests {
             weight: None,
             magnitude: None,
             total: None,
+            csf: None,
         };
         let err = Tfi::new(Config::default()).invert(&p).unwrap_err();
         assert!(err.to_string().contains("one orientation"), "{err}");

@@ -85,6 +85,7 @@ mod tests {
             weight: None,
             magnitude: None,
             total: None,
+            csf: None,
         };
         let low = Tkd::new(Config { threshold: 0.05 })
             .invert(&problem)
@@ -117,6 +118,7 @@ mod tests {
             weight: None,
             magnitude: None,
             total: None,
+            csf: None,
         };
         let two = Problem {
             dims,
@@ -129,6 +131,7 @@ mod tests {
             weight: None,
             magnitude: None,
             total: None,
+            csf: None,
         };
         let tkd = Tkd::new(Config { threshold: 0.2 });
         let e1 = nrmse(&tkd.invert(&one).unwrap(), &chi, &mask);
@@ -152,6 +155,7 @@ mod tests {
             weight: None,
             magnitude: None,
             total: None,
+            csf: None,
         };
         let err = Tkd::new(Config { threshold: 0.9 })
             .invert(&p)

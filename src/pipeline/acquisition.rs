@@ -55,6 +55,9 @@ pub(super) struct LocalField {
     pub checks: Vec<qc::Check>,
     /// The total field, kept only for the one-step methods (TFI).
     pub total: Option<Total>,
+    /// The ventricles' CSF from R2*, for MEDI+0; only for raw phase with ≥ 2 echoes' magnitudes
+    /// when MEDI runs with its CSF term.
+    pub csf: Option<Mask>,
 }
 
 /// The total field (ppm, signal voids in-painted) on the work grid where it was measured
@@ -146,6 +149,7 @@ pub fn process(
             support: &t.support,
             weight: t.weight.as_deref(),
         }),
+        csf: local.csf.as_ref(),
     };
     let mut chi = method.invert(&problem)?;
     if let Some(v) = &local.void_chi {
@@ -348,6 +352,7 @@ pub fn process_set(
         weight: weight.as_deref(),
         magnitude: None,
         total: None,
+        csf: None,
     };
     let mut chi = method.invert(&problem)?;
     // Void sources were fitted per orientation; their χ is one tissue property, so average.
@@ -486,6 +491,7 @@ fn local_field(
                         magnitude_first: None,
                         checks: Vec::new(),
                         total: None,
+                        csf: None,
                     };
                     (local, None)
                 }
@@ -740,7 +746,7 @@ fn raw_local_field(
     );
 
     let e = &acq.entities;
-    let outputs = vec![
+    let mut outputs = vec![
         Output {
             path: deriv.path(e, Some("total"), "fieldmap"),
             volume: fit.field_hz,
@@ -766,6 +772,40 @@ fn raw_local_field(
             sidecar: json!({ "Type": "Brain", "Description": pre.background.mask_description() }),
         },
     ];
+    // MEDI+0's CSF: the low-R2* region deep in the brain mask, from the echoes' decay.
+    let medi = &config.inversion.medi;
+    let csf = match magnitude.as_deref() {
+        Some(mags)
+            if config.inversion.method == inversion::MethodName::Medi
+                && medi.csf_lambda > 0.0
+                && mags.len() >= 2 =>
+        {
+            let te: Vec<f64> = echo_times.to_vec();
+            let r2 = preprocess::csf::r2star(mags, &te, &mask);
+            let geometry = &rss.geometry;
+            preprocess::csf::csf_mask(
+                &r2,
+                &mask,
+                rss.dims,
+                geometry.voxel_size,
+                b0_tesla,
+                &medi.csf,
+            )
+        }
+        _ => None,
+    };
+    if let Some(c) = &csf {
+        outputs.push(Output {
+            path: deriv.path(e, Some("csf"), "mask"),
+            volume: mask_volume(&rss, c),
+            sidecar: json!({
+                "Type": "CSF",
+                "Description": "Ventricular CSF for MEDI+0's uniform-χ term: the largest connected region of R2* below the limit, at least the inset inside the brain mask",
+                "Parameters": medi.csf,
+                "MagneticFieldStrength": b0_tesla,
+            }),
+        });
+    }
     let total = keep_total.then(|| {
         let support = preprocess::mask::field_support(
             &mask,
@@ -794,6 +834,7 @@ fn raw_local_field(
         .map(|noise| weight_from_noise(&noise.data, &local.mask));
     Ok(LocalField {
         total,
+        csf,
         dims,
         field: local.field,
         mask: local.mask,
@@ -891,6 +932,7 @@ fn background_removal(
         magnitude_first: None,
         checks: Vec::new(),
         total: None,
+        csf: None,
         parameters: json!({
             "Input": "total field map",
             "BackgroundRemoval": background_parameters(bg, local.details),

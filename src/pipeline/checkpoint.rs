@@ -176,6 +176,7 @@ fn encode(l: &LocalField, key: &str, w: &mut impl Write) -> std::io::Result<()> 
             "weight": t.weight.as_ref().map(|v| a.f32(v)),
             "brain": a.mask(&t.brain),
         })),
+        "csf": l.csf.as_ref().map(|c| a.mask(c)),
     });
     manifest["arrays"] = Value::Array(std::mem::take(&mut a.list));
     let text = manifest.to_string();
@@ -323,6 +324,10 @@ fn decode(r: &mut impl Read, key: &str) -> Decoded<Option<LocalField>> {
             brain: masks(&m["total"]["brain"])?,
         }),
     };
+    let csf = match &m["csf"] {
+        Value::Null => None,
+        c => Some(masks(c)?),
+    };
     Ok(Some(LocalField {
         dims: serde_json::from_value(m["dims"].clone()).map_err(|e| e.to_string())?,
         field,
@@ -335,6 +340,7 @@ fn decode(r: &mut impl Read, key: &str) -> Decoded<Option<LocalField>> {
         magnitude_first,
         checks: checks(&m["checks"])?,
         total,
+        csf,
     }))
 }
 
@@ -404,8 +410,9 @@ mod tests {
                 field: values(0.9),
                 support: mask.iter().map(|m| !m).collect(),
                 weight: Some(values(0.4)),
-                brain: mask,
+                brain: mask.clone(),
             }),
+            csf: with_total.then(|| mask.iter().map(|m| !m).collect()),
         }
     }
 
@@ -443,6 +450,7 @@ mod tests {
             assert_eq!(bits(&x.volume.data), bits(&y.volume.data));
             assert_eq!(x.volume.geometry, y.volume.geometry);
         }
+        assert_eq!(a.csf, b.csf);
         assert_eq!(a.total.is_some(), b.total.is_some());
         if let (Some(x), Some(y)) = (&a.total, &b.total) {
             assert_eq!(x.field, y.field);

@@ -25,6 +25,7 @@
 
 pub mod background;
 pub mod bet;
+pub mod csf;
 pub mod echo_fit;
 pub mod mask;
 pub mod scale;
