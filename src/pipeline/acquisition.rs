@@ -780,17 +780,9 @@ fn raw_local_field(
                 && medi.csf_lambda > 0.0
                 && mags.len() >= 2 =>
         {
-            let te: Vec<f64> = echo_times.to_vec();
-            let r2 = preprocess::csf::r2star(mags, &te, &mask);
-            let geometry = &rss.geometry;
-            preprocess::csf::csf_mask(
-                &r2,
-                &mask,
-                rss.dims,
-                geometry.voxel_size,
-                b0_tesla,
-                &medi.csf,
-            )
+            let r2 = preprocess::csf::r2star(mags, &echo_times, &mask);
+            let voxel_size = rss.geometry.voxel_size;
+            preprocess::csf::csf_mask(&r2, &mask, rss.dims, voxel_size, b0_tesla, &medi.csf)
         }
         _ => None,
     };
