@@ -446,7 +446,8 @@ fn and_in_place(a: &mut [bool], b: &[bool]) {
     a.par_iter_mut().zip(b).for_each(|(x, &y)| *x = *x && y);
 }
 
-fn neighbours(idx: usize, dims: [usize; 3], mut f: impl FnMut(usize)) {
+/// Calls `f` with each of `idx`'s face neighbours (6-connectivity) inside the grid.
+pub(crate) fn neighbours(idx: usize, dims: [usize; 3], mut f: impl FnMut(usize)) {
     let [nx, ny, nz] = dims;
     let i = idx % nx;
     let j = (idx / nx) % ny;

@@ -9,6 +9,7 @@
 //! turn (gain 6, causal then anticausal recursion with pole `z = √3 − 2`, mirror
 //! boundaries); evaluation weighs the 4×4×4 coefficients around a point.
 
+use crate::preprocess::mask::neighbours;
 use rayon::prelude::*;
 
 /// The cubic B-spline's prefilter pole, √3 − 2.
@@ -201,38 +202,18 @@ pub fn extend(field: &[f32], mask: &[bool], dims: [usize; 3], depth: usize) -> V
 
 /// The unfilled voxels with a filled 6-neighbour, each with its filled neighbours' mean.
 fn fill_ring(values: &[f32], filled: &[bool], dims: [usize; 3]) -> Vec<(usize, f32)> {
-    let [nx, ny, nz] = dims;
     (0..values.len())
         .into_par_iter()
         .filter(|&p| !filled[p])
         .filter_map(|p| {
-            let (i, j, k) = (p % nx, (p / nx) % ny, p / (nx * ny));
             let mut sum = 0.0f64;
             let mut count = 0;
-            let mut take = |q: usize| {
+            neighbours(p, dims, |q| {
                 if filled[q] {
                     sum += values[q] as f64;
                     count += 1;
                 }
-            };
-            if i > 0 {
-                take(p - 1);
-            }
-            if i + 1 < nx {
-                take(p + 1);
-            }
-            if j > 0 {
-                take(p - nx);
-            }
-            if j + 1 < ny {
-                take(p + nx);
-            }
-            if k > 0 {
-                take(p - nx * ny);
-            }
-            if k + 1 < nz {
-                take(p + nx * ny);
-            }
+            });
             (count > 0).then(|| (p, (sum / count as f64) as f32))
         })
         .collect()
