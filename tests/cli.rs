@@ -55,6 +55,23 @@ fn simulate(dir: &Path, subjects: &str, dtype: &str) -> PathBuf {
     ds
 }
 
+/// Runs COSMOS on `ds` into `out` with registration by mutual information (config written
+/// to `dir`), and asserts that it succeeded.
+fn cosmos_registered_by_mutual_information(dir: &Path, ds: &Path, out: &Path) {
+    let config = dir.join("mi.yaml");
+    std::fs::write(&config, "registration:\n  similarity: mutual-information\n").unwrap();
+    let o = chimap(&[
+        ds.to_str().unwrap(),
+        out.to_str().unwrap(),
+        "participant",
+        "--method",
+        "cosmos",
+        "--config",
+        config.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+}
+
 fn files(dir: &Path) -> Vec<PathBuf> {
     walkdir::WalkDir::new(dir)
         .into_iter()
@@ -1547,18 +1564,7 @@ fn as_scanned_orientations_are_registered_before_cosmos() {
     // Asking for mutual information registers again (the transforms were found with NCC)
     // and finds the same B0 directions.
     std::fs::remove_file(&set_chi).unwrap();
-    let config = dir.path().join("mi.yaml");
-    std::fs::write(&config, "registration:\n  similarity: mutual-information\n").unwrap();
-    let o = chimap(&[
-        ds.to_str().unwrap(),
-        out.to_str().unwrap(),
-        "participant",
-        "--method",
-        "cosmos",
-        "--config",
-        config.to_str().unwrap(),
-    ]);
-    assert!(o.status.success(), "{}", stderr(&o));
+    cosmos_registered_by_mutual_information(dir.path(), &ds, &out);
     let side = io::read_json(&chimap::derivatives::sidecar_path(&set_chi)).unwrap();
     for r in side["Registration"].as_array().unwrap() {
         assert_eq!(r["Similarity"], "mutual-information", "{r}");
@@ -1817,19 +1823,8 @@ fn a_file_phantom_simulated_as_scanned_is_registered_back() {
         io::read_json(&ds.join("derivatives/chimap-truth/sub-1/anat/sub-1_acq-ori2_pose.json"))
             .unwrap();
     assert!((pose["RotationDegrees"].as_f64().unwrap() - 15.0).abs() < 0.01);
-    let config = dir.path().join("mi.yaml");
-    std::fs::write(&config, "registration:\n  similarity: mutual-information\n").unwrap();
     let out = dir.path().join("out");
-    let o = chimap(&[
-        ds.to_str().unwrap(),
-        out.to_str().unwrap(),
-        "participant",
-        "--method",
-        "cosmos",
-        "--config",
-        config.to_str().unwrap(),
-    ]);
-    assert!(o.status.success(), "{}", stderr(&o));
+    cosmos_registered_by_mutual_information(dir.path(), &ds, &out);
     let xfm =
         io::read_json(&out.join("sub-1/anat/sub-1_acq-ori2_from-orig_to-ref_mode-image_xfm.json"))
             .unwrap();
