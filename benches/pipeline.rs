@@ -104,7 +104,7 @@ fn pipeline_stages(dims: [usize; 3], dir: &Path) -> Vec<(String, f64)> {
 /// to one FFT pair there: whole solves for the closed forms and iLSQR, one iteration for
 /// TV-ADMM (ten iterations timed with the stopping test disabled).
 fn inversions(work: [usize; 3], t_work: f64, quick: bool) {
-    use chimap::inversion::{cfl2, cosmos, ilsqr, lambda, medi, rts, tv};
+    use chimap::inversion::{cfl2, cosmos, ilsqr, lambda, medi, rts, sstv, tv};
     let n: usize = work.iter().product();
     let c = work.map(|d| d as f64 / 2.0);
     let mask: Vec<bool> = (0..n)
@@ -191,6 +191,33 @@ fn inversions(work: [usize; 3], t_work: f64, quick: bool) {
         "  {:<28} {:>9.1} s  at the default limit of {full} iterations",
         "TV-ADMM, whole solve (max)",
         t * full as f64
+    );
+    // SS-TV: one iteration costs an FFT pair per radius on top of TV's; its grid is padded.
+    let sstv = sstv::SsTv::new(sstv::Config {
+        admm: tv::Config {
+            max_iterations: iterations,
+            tolerance: 1e-30,
+            ..sstv::Config::default().admm
+        },
+        ..Default::default()
+    });
+    let one_step = Problem {
+        total: Some(inversion::TotalField {
+            field: &x,
+            support: &mask,
+            weight: None,
+        }),
+        ..problem(1)
+    };
+    let t_ss = time(1, || sstv.invert(&one_step).unwrap()) / iterations as f64;
+    println!(
+        "  {:<28} {:>9.1} ms {:>9.2} ({:.1}× a TV-ADMM iteration; {} radii, {} mm padding)",
+        "SS-TV, one iteration",
+        t_ss * 1e3,
+        t_ss / t_work,
+        t_ss / t,
+        sstv::Config::default().radii_mm.len(),
+        sstv::Config::default().pad_mm
     );
     // RTS at the paper's limit of 20 iterations, the stopping test disabled (the worst case).
     let rts = rts::Rts::new(rts::Config {

@@ -1831,3 +1831,40 @@ fn a_file_phantom_simulated_as_scanned_is_registered_back() {
     let found = xfm["RotationDegrees"].as_f64().unwrap();
     assert!((found - 15.0).abs() < 0.5, "found {found:.2}° of 15°");
 }
+
+#[test]
+fn sstv_from_raw_phase_fills_the_whole_brain_mask() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out");
+    let o = chimap(&[
+        example().to_str().unwrap(),
+        out.to_str().unwrap(),
+        "participant",
+        "--participant-label",
+        "1",
+        "--method",
+        "sstv",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let anat = out.join("sub-1/anat");
+    let chi = read(&anat.join("sub-1_acq-ori1_desc-sstv_Chimap.nii.gz"));
+    let brain = read(&anat.join("sub-1_acq-ori1_desc-brain_mask.nii.gz"));
+    // A one-step method gives χ on the whole brain mask, none outside it.
+    let inside = brain.iter().filter(|&&b| b > 0.5).count();
+    let covered = chi
+        .iter()
+        .zip(&brain)
+        .filter(|(&c, &b)| b > 0.5 && c != 0.0 && c.is_finite())
+        .count();
+    assert!(
+        covered as f64 > 0.99 * inside as f64,
+        "{covered} of {inside}"
+    );
+    assert!(chi.iter().zip(&brain).all(|(&c, &b)| b > 0.5 || c == 0.0));
+    let side = io::read_json(&anat.join("sub-1_acq-ori1_desc-sstv_Chimap.json")).unwrap();
+    assert_eq!(side["Method"], "sstv");
+    let per_radius = side["MethodParameters"]["data_voxels_per_radius"]
+        .as_array()
+        .unwrap();
+    assert!(per_radius.iter().any(|v| v.as_u64().unwrap() > 0), "{side}");
+}

@@ -162,7 +162,8 @@ impl Method for Learned {
             | MethodName::Cosmos
             | MethodName::Rts
             | MethodName::Medi
-            | MethodName::Tfi => unreachable!("not a learned method"),
+            | MethodName::Tfi
+            | MethodName::Sstv => unreachable!("not a learned method"),
         };
         chi.flatten_all()
             .and_then(|t| t.to_vec1::<f32>())

@@ -11,6 +11,7 @@ pub mod lambda;
 pub mod learned;
 pub mod medi;
 pub mod rts;
+pub mod sstv;
 #[cfg(test)]
 mod testing;
 pub mod tfi;
@@ -188,6 +189,10 @@ pub enum MethodName {
     /// background sources and tissue χ together (TV-ADMM); needs raw phase or a total field
     /// map.
     Tfi,
+    /// Single-step TV (Chatnuntawech et al. 2017): one step from the total field, its
+    /// background annihilated by spherical-mean high-passes inside the data term; needs raw
+    /// phase or a total field map.
+    Sstv,
     /// Learned proximal gradient descent (Lai et al. 2020); needs `--weights`.
     Lpcnn,
     /// Looped U-net with GHPA (Chen et al. 2024); needs `--weights`.
@@ -208,6 +213,7 @@ impl MethodName {
             MethodName::Rts => "rts",
             MethodName::Medi => "medi",
             MethodName::Tfi => "tfi",
+            MethodName::Sstv => "sstv",
             MethodName::Lpcnn => "lpcnn",
             MethodName::Loopnet => "loopnet",
             MethodName::Unet => "unet",
@@ -245,6 +251,8 @@ pub struct Config {
     pub medi: medi::Config,
     /// Parameters of TFI.
     pub tfi: tfi::Config,
+    /// Parameters of SS-TV.
+    pub sstv: sstv::Config,
     /// Weights (safetensors) of the learned methods; required by them, no default.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub weights: Option<PathBuf>,
@@ -267,6 +275,7 @@ impl Default for Config {
             rts: rts::Config::default(),
             medi: medi::Config::default(),
             tfi: tfi::Config::default(),
+            sstv: sstv::Config::default(),
             weights: None,
             device: Default::default(),
             max_memory_gib: 3.0,
@@ -286,6 +295,7 @@ impl Config {
             MethodName::Rts => Box::new(rts::Rts::new(self.rts.clone())),
             MethodName::Medi => Box::new(medi::Medi::new(self.medi.clone())),
             MethodName::Tfi => Box::new(tfi::Tfi::new(self.tfi.clone())),
+            MethodName::Sstv => Box::new(sstv::SsTv::new(self.sstv.clone())),
             m => Box::new(learned::Learned::new(
                 m,
                 self.weights.clone(),

@@ -227,7 +227,7 @@ fn relative_residual(problem: &Problem, chi: &[f32]) -> f64 {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
     use crate::inversion::medi::{self, Medi};
     use crate::inversion::testing::{brain, nrmse_demeaned};
@@ -241,7 +241,7 @@ mod tests {
     /// and below the brain an air-filled "sinus" (−9 ppm against tissue) whose field reaches
     /// into the brain, as the background does in vivo. Returns (χ, brain mask, head mask:
     /// tissue with signal, the sinus excluded).
-    pub(super) fn head_with_sinus() -> (Vec<f32>, Vec<bool>, Vec<bool>) {
+    pub(in crate::inversion) fn head_with_sinus() -> (Vec<f32>, Vec<bool>, Vec<bool>) {
         let n = 48;
         let (mut chi, brain_mask) = brain();
         let mut head = vec![false; n * n * n];
@@ -268,7 +268,7 @@ mod tests {
 
     /// The field of `chi` as a scanner measures it: no periodic copies of the sources (the
     /// convolution runs on a grid twice as large, then is cropped).
-    pub(super) fn field_of(chi: &[f32], dims: [usize; 3], b0: [f64; 3]) -> Vec<f32> {
+    pub(in crate::inversion) fn field_of(chi: &[f32], dims: [usize; 3], b0: [f64; 3]) -> Vec<f32> {
         let big = dims.map(|d| 2 * d);
         let f = DipoleOperator::new(big, [1.0; 3], b0).forward(&pad(chi, dims, big, 0.0));
         crop(&f, big, dims)

@@ -184,7 +184,7 @@ impl TvAdmm {
         Ok(w2)
     }
 
-    /// ADMM with a given λ and iteration limit.
+    /// ADMM with a given λ and iteration limit: one data term per orientation.
     fn solve_with(
         &self,
         problem: &Problem,
@@ -192,141 +192,196 @@ impl TvAdmm {
         max_iterations: usize,
     ) -> Result<(Vec<f32>, usize)> {
         let c = &self.config;
-        let dims = problem.dims;
-        let n: usize = dims.iter().product();
-        let fft = Fft3::new(dims);
-        let grad = Gradient::new(dims, problem.voxel_size);
         let kernels = problem.kernels();
-        let rho1 = (c.rho_tv * lambda) as f32;
-        let lambda = lambda as f32;
-        let rho2 = c.rho_data as f32;
         let w2 = self.normalised_weight(problem)?;
+        let terms: Vec<DataTerm> = problem
+            .orientations
+            .iter()
+            .zip(&kernels)
+            .map(|(o, k)| DataTerm {
+                kernel: k,
+                target: o.field,
+                weight2: &w2,
+            })
+            .collect();
+        let settings = Settings {
+            lambda,
+            rho_tv: c.rho_tv * lambda,
+            rho_data: c.rho_data,
+            tolerance: c.tolerance,
+            max_iterations,
+            tv_weight: None,
+        };
+        Ok(admm(problem.dims, problem.voxel_size, &terms, &settings))
+    }
+}
 
-        let g2 = grad.energy_kernel(problem.voxel_size);
-        let mut inv_den: Vec<f32> = g2.iter().map(|&g| rho1 * g).collect();
-        for k in &kernels {
-            inv_den
-                .iter_mut()
-                .zip(k)
-                .for_each(|(s, &d)| *s += rho2 * d * d);
-        }
+/// One data term `½‖W(Kχ − b)‖²` of [`admm`]: K diagonal in k-space.
+pub(super) struct DataTerm<'a> {
+    /// K on the half spectrum of the grid.
+    pub kernel: &'a [f32],
+    /// b on the grid.
+    pub target: &'a [f32],
+    /// W² on the grid; zero where b is not data.
+    pub weight2: &'a [f32],
+}
+
+/// λ, the ADMM penalties and the stopping rule of one [`admm`] solve.
+pub(super) struct Settings<'a> {
+    pub lambda: f64,
+    /// ρ₁ on `z = ∇χ`.
+    pub rho_tv: f64,
+    /// ρ₂ on every `sᵢ = Kᵢχ`.
+    pub rho_data: f64,
+    pub tolerance: f64,
+    pub max_iterations: usize,
+    /// Per-voxel weight of ‖∇χ‖₁ (MEDI's edge mask M_G: 0 where the anatomy has an edge);
+    /// `None` = 1 everywhere.
+    pub tv_weight: Option<&'a [f32]>,
+}
+
+/// Minimises `Σᵢ ½‖Wᵢ(Kᵢχ − bᵢ)‖² + λ‖M∇χ‖₁` (M = `tv_weight`, 1 by default) over the whole grid by ADMM (see the module
+/// comment, with `Dᵢ` generalised to any real kernel `Kᵢ`); returns χ and the iterations run.
+pub(super) fn admm(
+    dims: [usize; 3],
+    voxel_size: [f64; 3],
+    terms: &[DataTerm],
+    settings: &Settings,
+) -> (Vec<f32>, usize) {
+    let n: usize = dims.iter().product();
+    let fft = Fft3::new(dims);
+    let grad = Gradient::new(dims, voxel_size);
+    let rho1 = settings.rho_tv as f32;
+    let lambda = settings.lambda as f32;
+    let rho2 = settings.rho_data as f32;
+
+    let g2 = grad.energy_kernel(voxel_size);
+    let mut inv_den: Vec<f32> = g2.iter().map(|&g| rho1 * g).collect();
+    for t in terms {
         inv_den
             .iter_mut()
-            .for_each(|s| *s = if *s > 0.0 { 1.0 / *s } else { 0.0 });
-
-        let fields: Vec<&[f32]> = problem.orientations.iter().map(|o| o.field).collect();
-        // Only the sums the χ-update needs are kept besides the duals: q = ρ₁(z + u) and
-        // rᵢ = ρ₂(sᵢ + vᵢ), refreshed in the passes that update z and sᵢ, so z and sᵢ never
-        // need arrays of their own.
-        let mut chi = vec![0.0f32; n];
-        let mut u = [vec![0.0f32; n], vec![0.0f32; n], vec![0.0f32; n]];
-        let mut q = u.clone();
-        let mut v: Vec<Vec<f32>> = vec![vec![0.0f32; n]; fields.len()];
-        let mut r: Vec<Vec<f32>> = vec![vec![0.0f32; n]; fields.len()];
-        let mut dchi: Vec<Vec<f32>> = vec![vec![0.0f32; n]; fields.len()];
-        // Buffers reused across iterations (fresh ones would fault in new pages each time).
-        // `previous` first holds ∇ᵀq, then, once swapped with `chi`, the last iterate.
-        let mut previous = vec![0.0f32; n];
-        let mut rhs = vec![C32::default(); fft.spectrum_len()];
-        let mut spec = rhs.clone();
-        let last = kernels.len() - 1;
-
-        let mut iterations = 0;
-        for it in 1..=max_iterations {
-            iterations = it;
-            // χ-update in k-space: the right-hand side, divided by the diagonal in the pass
-            // that adds the last orientation.
-            grad.adjoint_into(&q, &mut previous);
-            fft.forward_into(&previous, &mut rhs);
-            for (i, (r, k)) in r.iter().zip(&kernels).enumerate() {
-                fft.forward_into(r, &mut spec);
-                let divide = i == last;
-                rhs.par_chunks_mut(4096)
-                    .zip(spec.par_chunks(4096))
-                    .zip(k.par_chunks(4096))
-                    .zip(inv_den.par_chunks(4096))
-                    .for_each(|(((a, b), k), d)| {
-                        for (((a, b), &k), &d) in a.iter_mut().zip(b).zip(k).zip(d) {
-                            *a += b * k;
-                            if divide {
-                                *a *= d;
-                            }
-                        }
-                    });
-            }
-            for (d, k) in dchi.iter_mut().zip(&kernels) {
-                spec.par_iter_mut()
-                    .zip(&rhs)
-                    .zip(k)
-                    .for_each(|((s, a), &k)| *s = a * k);
-                fft.inverse_into(&mut spec, d);
-            }
-            std::mem::swap(&mut chi, &mut previous);
-            fft.inverse_into(&mut rhs, &mut chi);
-
-            // z-update: isotropic shrinkage of ∇χ − u; u += z − ∇χ; q = ρ₁(z + u). The
-            // gradient is used where it is computed, slab by slab, never stored; the change
-            // of χ for the stopping test is summed in the same pass.
-            let t = lambda / rho1;
-            let slab = dims[0] * dims[1];
-            let [ux, uy, uz] = &mut u;
-            let [qx, qy, qz] = &mut q;
-            let (change, norm) = ux
-                .par_chunks_mut(slab)
-                .zip(uy.par_chunks_mut(slab))
-                .zip(uz.par_chunks_mut(slab))
-                .zip(
-                    qx.par_chunks_mut(slab)
-                        .zip(qy.par_chunks_mut(slab))
-                        .zip(qz.par_chunks_mut(slab)),
-                )
-                .enumerate()
-                .map(|(k, (((ux, uy), uz), ((qx, qy), qz)))| {
-                    let (new, old) = (&chi[k * slab..], &previous[k * slab..]);
-                    let (mut change, mut norm) = (0.0f64, 0.0f64);
-                    grad.for_each_in_slab(&chi, k, |o, g| {
-                        change += ((new[o] - old[o]) as f64).powi(2);
-                        norm += (new[o] as f64).powi(2);
-                        let p = [g[0] - ux[o], g[1] - uy[o], g[2] - uz[o]];
-                        let m = (p[0] * p[0] + p[1] * p[1] + p[2] * p[2]).sqrt();
-                        let f = if m > t { 1.0 - t / m } else { 0.0 };
-                        for (a, (u, q)) in [
-                            (&mut ux[o], &mut qx[o]),
-                            (&mut uy[o], &mut qy[o]),
-                            (&mut uz[o], &mut qz[o]),
-                        ]
-                        .into_iter()
-                        .enumerate()
-                        {
-                            let z = f * p[a];
-                            *u += z - g[a];
-                            *q = rho1 * (z + *u);
-                        }
-                    });
-                    (change, norm)
-                })
-                .reduce(|| (0.0, 0.0), |x, y| (x.0 + y.0, x.1 + y.1));
-
-            // s-update (weighted data term), its dual, and r = ρ₂(s + v).
-            for i in 0..fields.len() {
-                v[i].par_iter_mut()
-                    .zip(r[i].par_iter_mut())
-                    .zip(&dchi[i])
-                    .zip(fields[i])
-                    .zip(&w2)
-                    .for_each(|((((v, r), &dx), &f), &w)| {
-                        let s = (w * f + rho2 * (dx - *v)) / (w + rho2);
-                        *v += s - dx;
-                        *r = rho2 * (s + *v);
-                    });
-            }
-
-            if norm > 0.0 && (change / norm).sqrt() < c.tolerance {
-                break;
-            }
-        }
-        Ok((chi, iterations))
+            .zip(t.kernel)
+            .for_each(|(s, &d)| *s += rho2 * d * d);
     }
+    inv_den
+        .iter_mut()
+        .for_each(|s| *s = if *s > 0.0 { 1.0 / *s } else { 0.0 });
+
+    // Only the sums the χ-update needs are kept besides the duals: q = ρ₁(z + u) and
+    // rᵢ = ρ₂(sᵢ + vᵢ), refreshed in the passes that update z and sᵢ, so z and sᵢ never
+    // need arrays of their own.
+    let mut chi = vec![0.0f32; n];
+    let mut u = [vec![0.0f32; n], vec![0.0f32; n], vec![0.0f32; n]];
+    let mut q = u.clone();
+    let mut v: Vec<Vec<f32>> = vec![vec![0.0f32; n]; terms.len()];
+    let mut r: Vec<Vec<f32>> = vec![vec![0.0f32; n]; terms.len()];
+    let mut kchi: Vec<Vec<f32>> = vec![vec![0.0f32; n]; terms.len()];
+    // Buffers reused across iterations (fresh ones would fault in new pages each time).
+    // `previous` first holds ∇ᵀq, then, once swapped with `chi`, the last iterate.
+    let mut previous = vec![0.0f32; n];
+    let mut rhs = vec![C32::default(); fft.spectrum_len()];
+    let mut spec = rhs.clone();
+    let last = terms.len() - 1;
+
+    let mut iterations = 0;
+    for it in 1..=settings.max_iterations {
+        iterations = it;
+        // χ-update in k-space: the right-hand side, divided by the diagonal in the pass
+        // that adds the last term.
+        grad.adjoint_into(&q, &mut previous);
+        fft.forward_into(&previous, &mut rhs);
+        for (i, (r, t)) in r.iter().zip(terms).enumerate() {
+            fft.forward_into(r, &mut spec);
+            let divide = i == last;
+            rhs.par_chunks_mut(4096)
+                .zip(spec.par_chunks(4096))
+                .zip(t.kernel.par_chunks(4096))
+                .zip(inv_den.par_chunks(4096))
+                .for_each(|(((a, b), k), d)| {
+                    for (((a, b), &k), &d) in a.iter_mut().zip(b).zip(k).zip(d) {
+                        *a += b * k;
+                        if divide {
+                            *a *= d;
+                        }
+                    }
+                });
+        }
+        for (d, t) in kchi.iter_mut().zip(terms) {
+            spec.par_iter_mut()
+                .zip(&rhs)
+                .zip(t.kernel)
+                .for_each(|((s, a), &k)| *s = a * k);
+            fft.inverse_into(&mut spec, d);
+        }
+        std::mem::swap(&mut chi, &mut previous);
+        fft.inverse_into(&mut rhs, &mut chi);
+
+        // z-update: isotropic shrinkage of ∇χ − u; u += z − ∇χ; q = ρ₁(z + u). The
+        // gradient is used where it is computed, slab by slab, never stored; the change
+        // of χ for the stopping test is summed in the same pass.
+        let t = lambda / rho1;
+        let slab = dims[0] * dims[1];
+        let [ux, uy, uz] = &mut u;
+        let [qx, qy, qz] = &mut q;
+        let (change, norm) = ux
+            .par_chunks_mut(slab)
+            .zip(uy.par_chunks_mut(slab))
+            .zip(uz.par_chunks_mut(slab))
+            .zip(
+                qx.par_chunks_mut(slab)
+                    .zip(qy.par_chunks_mut(slab))
+                    .zip(qz.par_chunks_mut(slab)),
+            )
+            .enumerate()
+            .map(|(k, (((ux, uy), uz), ((qx, qy), qz)))| {
+                let (new, old) = (&chi[k * slab..], &previous[k * slab..]);
+                let (mut change, mut norm) = (0.0f64, 0.0f64);
+                grad.for_each_in_slab(&chi, k, |o, g| {
+                    change += ((new[o] - old[o]) as f64).powi(2);
+                    norm += (new[o] as f64).powi(2);
+                    let p = [g[0] - ux[o], g[1] - uy[o], g[2] - uz[o]];
+                    let m = (p[0] * p[0] + p[1] * p[1] + p[2] * p[2]).sqrt();
+                    let t = settings
+                        .tv_weight
+                        .as_ref()
+                        .map_or(t, |w| t * w[k * slab + o]);
+                    let f = if m > t { 1.0 - t / m } else { 0.0 };
+                    for (a, (u, q)) in [
+                        (&mut ux[o], &mut qx[o]),
+                        (&mut uy[o], &mut qy[o]),
+                        (&mut uz[o], &mut qz[o]),
+                    ]
+                    .into_iter()
+                    .enumerate()
+                    {
+                        let z = f * p[a];
+                        *u += z - g[a];
+                        *q = rho1 * (z + *u);
+                    }
+                });
+                (change, norm)
+            })
+            .reduce(|| (0.0, 0.0), |x, y| (x.0 + y.0, x.1 + y.1));
+
+        // s-update (weighted data term), its dual, and r = ρ₂(s + v).
+        for (i, t) in terms.iter().enumerate() {
+            v[i].par_iter_mut()
+                .zip(r[i].par_iter_mut())
+                .zip(&kchi[i])
+                .zip(t.target)
+                .zip(t.weight2)
+                .for_each(|((((v, r), &dx), &f), &w)| {
+                    let s = (w * f + rho2 * (dx - *v)) / (w + rho2);
+                    *v += s - dx;
+                    *r = rho2 * (s + *v);
+                });
+        }
+
+        if norm > 0.0 && (change / norm).sqrt() < settings.tolerance {
+            break;
+        }
+    }
+    (chi, iterations)
 }
 
 impl Method for TvAdmm {

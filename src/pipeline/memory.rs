@@ -45,8 +45,11 @@ pub struct Work {
     pub magnitude: bool,
     /// Orientations inverted together (1 unless a joint method takes a set).
     pub orientations: usize,
-    /// Voxels of TFI's extended grid (the work grid grown by its padding), if TFI runs.
-    pub tfi_voxels: Option<usize>,
+    /// Voxels of a one-step method's extended grid (the work grid grown by its padding),
+    /// if TFI or SS-TV runs.
+    pub padded_voxels: Option<usize>,
+    /// SS-TV's data terms (one per radius).
+    pub sstv_radii: usize,
 }
 
 /// Peak bytes of one acquisition or set through preprocessing and `method`'s inversion.
@@ -104,8 +107,15 @@ fn inversion_bytes(work: &Work, method: MethodName, learned_activation_bytes: f6
         MethodName::Ilsqr => 4.0 * c + 10.0 * r,
         MethodName::Tv | MethodName::Rts | MethodName::Medi => 2.0 * c + 8.0 * r,
         MethodName::Tfi => {
-            let t = work.tfi_voxels.unwrap_or(work.work_voxels) as f64;
+            let t = work.padded_voxels.unwrap_or(work.work_voxels) as f64;
             3.0 * 16.0 * t + 6.0 * F32 * t
+        }
+        MethodName::Sstv => {
+            // Per radius: kernel (half spectrum), target, weight and ADMM's three arrays;
+            // χ, the last iterate, u, q and the padded inputs; two complex spectra.
+            let t = work.padded_voxels.unwrap_or(work.work_voxels) as f64;
+            let radii = work.sstv_radii as f64;
+            (5.5 * radii + 14.0) * F32 * t + 2.0 * 8.0 * t / 2.0
         }
         MethodName::Lpcnn | MethodName::Loopnet | MethodName::Unet => {
             (o + 1.0) * c + 8.0 * r + learned_activation_bytes
@@ -162,7 +172,8 @@ mod tests {
             echoes,
             magnitude: true,
             orientations: 1,
-            tfi_voxels: None,
+            padded_voxels: None,
+            sstv_radii: 0,
         }
     }
 
@@ -189,7 +200,7 @@ mod tests {
         assert!(estimate(&field, m, 0.0).bytes < small);
         // TFI's extended grid costs more than the work grid.
         let tfi = |t| Work {
-            tfi_voxels: Some(t),
+            padded_voxels: Some(t),
             ..raw(1 << 20, 4)
         };
         let (a, b) = (

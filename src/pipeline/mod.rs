@@ -21,6 +21,7 @@ use std::time::Instant;
 
 use crate::bids::{self, Discovery, Filter};
 use crate::derivatives::Derivatives;
+use crate::inversion::MethodName;
 use crate::{Error, Result};
 
 /// Everything a participant-level run needs, validated.
@@ -372,8 +373,14 @@ fn work_of(unit: &Unit, acquisitions: &[bids::Acquisition], config: &Config) -> 
         bids::Source::FieldMap { .. } => (0, false),
     };
     let work = acquisition::work_dims(acq.dims);
-    let tfi_voxels = (config.inversion.method == crate::inversion::MethodName::Tfi).then(|| {
-        crate::inversion::tfi::padded_dims(work, acq.voxel_size, config.inversion.tfi.pad_mm)
+    let inv = &config.inversion;
+    let pad_mm = match inv.method {
+        MethodName::Tfi => Some(inv.tfi.pad_mm),
+        MethodName::Sstv => Some(inv.sstv.pad_mm),
+        _ => None,
+    };
+    let padded_voxels = pad_mm.map(|pad_mm| {
+        crate::inversion::tfi::padded_dims(work, acq.voxel_size, pad_mm)
             .iter()
             .product()
     });
@@ -383,7 +390,8 @@ fn work_of(unit: &Unit, acquisitions: &[bids::Acquisition], config: &Config) -> 
         echoes,
         magnitude,
         orientations,
-        tfi_voxels,
+        padded_voxels,
+        sstv_radii: inv.sstv.radii_mm.len(),
     }
 }
 
