@@ -28,7 +28,7 @@ use super::{restrict, Method, Problem};
 use crate::physics::dipole_kernel;
 use crate::physics::fft::Fft3;
 use crate::physics::gradient::Gradient;
-use crate::preprocess::mask::squared_distance_to;
+use crate::preprocess::mask::{erode, squared_distance_to};
 use crate::preprocess::util::sphere_kernel_any;
 use crate::volume::{crop, pad};
 use crate::{Error, Mask, Result};
@@ -48,6 +48,8 @@ pub struct Config {
     /// Fraction of brain voxels, those of largest magnitude gradient, where ∇χ is not
     /// penalised (MEDI's edge mask); 0 = plain TV. Used when the input has a magnitude.
     pub edge_fraction: f64,
+    /// Edges are taken only this far (mm) inside the brain mask.
+    pub edge_inset_mm: f64,
     /// λ (ppm·mm, as TV's), the ADMM penalties and limits.
     pub admm: tv::Config,
 }
@@ -59,6 +61,7 @@ impl Default for Config {
             rim_mm: 1.0,
             pad_mm: 10.0,
             edge_fraction: 0.3,
+            edge_inset_mm: 0.0,
             admm: tv::Config {
                 lambda: Lambda::Value(3e-4),
                 ..tv::Config::default()
@@ -137,109 +140,23 @@ impl Method for SsTv {
             )));
         }
         let pdims = super::tfi::padded_dims(dims, vox, c.pad_mm);
-        let brain = pad(problem.mask, dims, pdims, false);
-
-        // The trusted brain: the mask less its rim. Each voxel's radius: the largest whose
-        // sphere fits inside it (exact distance transform, as V-SHARP).
-        let outside_brain: Mask = brain.iter().map(|&b| !b).collect();
-        let d2 = squared_distance_to(&outside_brain, pdims, vox, true);
-        let rim2 = (c.rim_mm * c.rim_mm) as f32;
-        let untrusted: Mask = d2.iter().map(|&d| d <= rim2 + 1e-6).collect();
-        let d2 = squared_distance_to(&untrusted, pdims, vox, true);
-        let mut radii = c.radii_mm.clone();
-        radii.sort_by(|a, b| b.total_cmp(a));
-        let fits = |r: f64| (r * r + 1e-6) as f32;
-        let band = |i: usize| {
-            let upper = if i == 0 {
-                f32::INFINITY
-            } else {
-                fits(radii[i - 1])
-            };
-            (fits(radii[i]), upper)
-        };
-
-        // W² from the field's reliability, mean 1 over the voxels of data.
-        let weight = pad(
-            &total
-                .weight
-                .map(|w| w.to_vec())
-                .unwrap_or_else(|| vec![1.0; n]),
-            dims,
+        let weight = total.weight.map(|w| pad(w, dims, pdims, 0.0));
+        let terms = Terms::new(
+            &pad(total.field, dims, pdims, 0.0),
+            weight.as_deref(),
+            &pad(problem.mask, dims, pdims, false),
             pdims,
-            0.0,
-        );
-        let data: Vec<bool> = d2
-            .iter()
-            .map(|&d| d > fits(radii[radii.len() - 1]))
-            .collect();
-        let (sum, count) = weight
-            .iter()
-            .zip(&data)
-            .filter(|(w, &m)| m && w.is_finite())
-            .fold((0.0f64, 0usize), |(s, k), (&w, _)| (s + w as f64, k + 1));
-        if count == 0 || sum <= 0.0 {
-            return Err(Error::Numerics(format!(
-                "SS-TV: no voxel of the brain mask lies {} mm inside it (rim_mm + the smallest \
-                 radius): the mask is too thin",
-                c.rim_mm + radii[radii.len() - 1]
-            )));
-        }
-        let scale = (count as f64 / sum) as f32;
-
-        let fft = Fft3::new(pdims);
-        let field: Vec<f32> = pad(total.field, dims, pdims, 0.0)
-            .iter()
-            .zip(&untrusted)
-            .map(|(&f, &u)| if u { 0.0 } else { f })
-            .collect();
-        let spec = fft.forward(&field);
-        let dipole = dipole_kernel(pdims, vox, problem.orientations[0].b0);
-        let (mut kernels, mut targets, mut weights, mut voxels) = (vec![], vec![], vec![], vec![]);
-        for i in 0..radii.len() {
-            let (lower, upper) = band(i);
-            let inside = |d: f32| d > lower && d <= upper;
-            let count = d2.iter().filter(|&&d| inside(d)).count();
-            voxels.push(count);
-            if count == 0 {
-                continue;
-            }
-            let s = sphere_kernel_any(&fft, vox, radii[i]);
-            let mut hp = spec.clone();
-            hp.iter_mut().zip(&s).for_each(|(c, &s)| *c *= 1.0 - s);
-            targets.push(fft.inverse(&mut hp));
-            kernels.push(
-                s.iter()
-                    .zip(&dipole)
-                    .map(|(&s, &d)| (1.0 - s) * d)
-                    .collect::<Vec<f32>>(),
-            );
-            weights.push(
-                d2.iter()
-                    .zip(&weight)
-                    .map(|(&d, &w)| {
-                        if inside(d) && w.is_finite() {
-                            (w.max(0.0) * scale).powi(2)
-                        } else {
-                            0.0
-                        }
-                    })
-                    .collect::<Vec<f32>>(),
-            );
-        }
-        let terms: Vec<DataTerm> = kernels
-            .iter()
-            .zip(&targets)
-            .zip(&weights)
-            .map(|((k, t), w)| DataTerm {
-                kernel: k,
-                target: t,
-                weight2: w,
-            })
-            .collect();
+            vox,
+            problem.orientations[0].b0,
+            c,
+        )?;
+        let voxels = terms.voxels.clone();
+        let terms = terms.data_terms();
         let tv_weight = match problem.magnitude {
             Some(m) if c.edge_fraction > 0.0 => {
                 let grad = Gradient::new(dims, vox);
-                let edges = super::medi::edge_mask(m, problem.mask, &grad, c.edge_fraction);
+                let inner = erode(problem.mask, dims, vox, c.edge_inset_mm);
+                let edges = super::medi::edge_mask(m, &inner, &grad, c.edge_fraction);
                 Some(pad(&edges, dims, pdims, 1.0))
             }
             _ => None,
@@ -259,6 +176,7 @@ impl Method for SsTv {
             Some(l) => (l, None),
             None => {
                 let scan = &c.admm.lambda_scan;
+                let fft = Fft3::new(pdims);
                 let mut points = Vec::new();
                 for l in scan.values() {
                     let (chi, _) = solve(l, scan.max_iterations);
@@ -294,6 +212,114 @@ impl Method for SsTv {
 
     fn one_step(&self) -> bool {
         true
+    }
+}
+
+/// SS-TV's data terms on the padded grid, one per radius that some voxel uses.
+struct Terms {
+    kernels: Vec<Vec<f32>>,
+    targets: Vec<Vec<f32>>,
+    weights: Vec<Vec<f32>>,
+    /// Voxels of data per configured radius (largest first), for the sidecar.
+    voxels: Vec<usize>,
+}
+
+impl Terms {
+    /// From the total field, its reliability (`None` = uniform) and the brain mask.
+    fn new(
+        field: &[f32],
+        weight: Option<&[f32]>,
+        brain: &[bool],
+        dims: [usize; 3],
+        vox: [f64; 3],
+        b0: [f64; 3],
+        c: &Config,
+    ) -> Result<Terms> {
+        // The trusted brain is the mask less its rim; each voxel's radius is the largest
+        // whose sphere fits inside it (exact distance transform, as V-SHARP).
+        let trusted = erode(brain, dims, vox, c.rim_mm);
+        let untrusted: Mask = trusted.iter().map(|&t| !t).collect();
+        let d2 = squared_distance_to(&untrusted, dims, vox, true);
+        let mut radii = c.radii_mm.clone();
+        radii.sort_by(|a, b| b.total_cmp(a));
+        let fits = |r: f64| (r * r + 1e-6) as f32;
+        let smallest = fits(radii[radii.len() - 1]);
+
+        // W², normalised to mean W = 1 over the voxels of data so λ keeps its meaning.
+        let w = |i: usize| weight.map_or(1.0, |w| w[i]);
+        let (sum, count) = (0..d2.len())
+            .filter(|&i| d2[i] > smallest && w(i).is_finite())
+            .fold((0.0f64, 0usize), |(s, k), i| {
+                (s + w(i).max(0.0) as f64, k + 1)
+            });
+        if count == 0 || sum <= 0.0 {
+            return Err(Error::Numerics(format!(
+                "SS-TV: no voxel of the brain mask lies {} mm inside it (rim_mm + the smallest \
+                 radius): the mask is too thin",
+                c.rim_mm + radii[radii.len() - 1]
+            )));
+        }
+        let scale = (count as f64 / sum) as f32;
+
+        let fft = Fft3::new(dims);
+        let trusted_field: Vec<f32> = field
+            .iter()
+            .zip(&trusted)
+            .map(|(&f, &t)| if t { f } else { 0.0 })
+            .collect();
+        let spec = fft.forward(&trusted_field);
+        let dipole = dipole_kernel(dims, vox, b0);
+        let mut terms = Terms {
+            kernels: vec![],
+            targets: vec![],
+            weights: vec![],
+            voxels: vec![],
+        };
+        for (i, &r) in radii.iter().enumerate() {
+            let upper = if i == 0 {
+                f32::INFINITY
+            } else {
+                fits(radii[i - 1])
+            };
+            let uses = |d: f32| d > fits(r) && d <= upper;
+            let count = d2.iter().filter(|&&d| uses(d)).count();
+            terms.voxels.push(count);
+            if count == 0 {
+                continue;
+            }
+            let s = sphere_kernel_any(&fft, vox, r);
+            let mut hp = spec.clone();
+            hp.iter_mut().zip(&s).for_each(|(c, &s)| *c *= 1.0 - s);
+            terms.targets.push(fft.inverse(&mut hp));
+            terms.kernels.push(
+                s.iter()
+                    .zip(&dipole)
+                    .map(|(&s, &d)| (1.0 - s) * d)
+                    .collect(),
+            );
+            terms.weights.push(
+                (0..d2.len())
+                    .map(|i| match w(i) {
+                        w if uses(d2[i]) && w.is_finite() => (w.max(0.0) * scale).powi(2),
+                        _ => 0.0,
+                    })
+                    .collect(),
+            );
+        }
+        Ok(terms)
+    }
+
+    fn data_terms(&self) -> Vec<DataTerm<'_>> {
+        self.kernels
+            .iter()
+            .zip(&self.targets)
+            .zip(&self.weights)
+            .map(|((k, t), w)| DataTerm {
+                kernel: k,
+                target: t,
+                weight2: w,
+            })
+            .collect()
     }
 }
 
