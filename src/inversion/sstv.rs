@@ -48,7 +48,11 @@ pub struct Config {
     /// Fraction of brain voxels, those of largest magnitude gradient, where ∇χ is not
     /// penalised (MEDI's edge mask); 0 = plain TV. Used when the input has a magnitude.
     pub edge_fraction: f64,
-    /// Edges are taken only this far (mm) inside the brain mask.
+    /// Edges are taken only this far (mm) inside the brain mask: at the mask's boundary the
+    /// magnitude's gradient is the brain's outline, and leaving it unpenalised let noise
+    /// into the rim (MNI head from raw phase: 27.8 % NRMSE at 0 mm, 27.0 % at 2 mm). On a
+    /// small brain whose structures reach its edge it costs (the 30 mm test brain: 0.22 at
+    /// 0 mm, 0.32 at 2 mm).
     pub edge_inset_mm: f64,
     /// λ (ppm·mm, as TV's), the ADMM penalties and limits.
     pub admm: tv::Config,
@@ -61,7 +65,7 @@ impl Default for Config {
             rim_mm: 1.0,
             pad_mm: 10.0,
             edge_fraction: 0.3,
-            edge_inset_mm: 0.0,
+            edge_inset_mm: 2.0,
             admm: tv::Config {
                 lambda: Lambda::Value(3e-4),
                 ..tv::Config::default()
@@ -477,10 +481,17 @@ mod tests {
         // A magnitude with the edges of χ, as MEDI assumes.
         let magnitude: Vec<f32> = chi.iter().map(|&c| 1.0 - 2.0 * c).collect();
         let plain = sstv(&problem(&local, &mask));
-        let edged = sstv(&Problem {
+        // This brain is 30 mm across and its structures reach its edge, so edges are taken
+        // up to the mask's boundary (with the default 2 mm inset: 0.32 against 0.34).
+        let edged = SsTv::new(Config {
+            edge_inset_mm: 0.0,
+            ..Config::default()
+        })
+        .invert(&Problem {
             magnitude: Some(&magnitude),
             ..problem(&local, &mask)
-        });
+        })
+        .unwrap();
         let (e0, e1) = (
             nrmse_demeaned(&plain, &chi, &mask),
             nrmse_demeaned(&edged, &chi, &mask),
