@@ -109,10 +109,11 @@ impl Method for SsTv {
                 c.edge_fraction
             )));
         }
-        if !(ok(c.rim_mm) && ok(c.pad_mm)) {
+        if !(ok(c.rim_mm) && ok(c.pad_mm) && ok(c.edge_inset_mm)) {
             return Err(Error::Config(format!(
-                "inversion.sstv: rim_mm ({}) and pad_mm ({}) must be 0 or more",
-                c.rim_mm, c.pad_mm
+                "inversion.sstv: rim_mm ({}), pad_mm ({}) and edge_inset_mm ({}) must be 0 or \
+                 more",
+                c.rim_mm, c.pad_mm, c.edge_inset_mm
             )));
         }
         tv::TvAdmm::in_section(c.admm.clone(), "inversion.sstv.admm").check_config()
@@ -595,6 +596,10 @@ mod tests {
             },
             Config {
                 edge_fraction: 1.0,
+                ..Config::default()
+            },
+            Config {
+                edge_inset_mm: -1.0,
                 ..Config::default()
             },
         ] {
