@@ -181,14 +181,14 @@ impl Method for SsTv {
             Some(l) => (l, None),
             None => {
                 let scan = &c.admm.lambda_scan;
-                let fft = Fft3::new(pdims);
+                let (fft, grad) = (Fft3::new(pdims), Gradient::new(pdims, vox));
                 let mut points = Vec::new();
                 for l in scan.values() {
                     let (chi, _) = solve(l, scan.max_iterations);
                     points.push(Point {
                         lambda: l,
                         residual: data_misfit(&fft, &terms, &chi),
-                        regulariser: weighted_tv(&chi, pdims, vox, tv_weight.as_deref()),
+                        regulariser: tv::total_variation(&grad, &chi, tv_weight.as_deref()),
                     });
                 }
                 let choice = Choice::from_scan(points, "SS-TV", "inversion.sstv.admm");
@@ -346,17 +346,6 @@ fn data_misfit(fft: &Fft3, terms: &[DataTerm], chi: &[f32]) -> f64 {
         })
         .sum();
     sum.sqrt()
-}
-
-/// `‖M_G∇χ‖₁`: the regulariser of the L-curve.
-fn weighted_tv(chi: &[f32], dims: [usize; 3], voxel_size: [f64; 3], weight: Option<&[f32]>) -> f64 {
-    let g = Gradient::new(dims, voxel_size).forward(chi);
-    (0..chi.len())
-        .map(|i| {
-            let m = ((g[0][i].powi(2) + g[1][i].powi(2) + g[2][i].powi(2)) as f64).sqrt();
-            m * weight.map_or(1.0, |w| w[i] as f64)
-        })
-        .sum()
 }
 
 #[cfg(test)]

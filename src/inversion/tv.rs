@@ -152,15 +152,10 @@ impl TvAdmm {
                     .map(|((&d, &f), &w)| (w * (d - f) * (d - f)) as f64)
                     .sum::<f64>();
             }
-            let g = grad.forward(&chi);
-            let tv: f64 = (0..chi.len())
-                .into_par_iter()
-                .map(|i| ((g[0][i].powi(2) + g[1][i].powi(2) + g[2][i].powi(2)) as f64).sqrt())
-                .sum();
             points.push(Point {
                 lambda: l,
                 residual: residual.sqrt(),
-                regulariser: tv,
+                regulariser: total_variation(&grad, &chi, None),
             });
         }
         Ok(points)
@@ -240,8 +235,21 @@ pub(super) struct Settings<'a> {
     pub tv_weight: Option<&'a [f32]>,
 }
 
-/// Minimises `Σᵢ ½‖Wᵢ(Kᵢχ − bᵢ)‖² + λ‖M∇χ‖₁` (M = `tv_weight`, 1 by default) over the whole grid by ADMM (see the module
-/// comment, with `Dᵢ` generalised to any real kernel `Kᵢ`); returns χ and the iterations run.
+/// `‖M∇χ‖₁` (isotropic), M a per-voxel weight or 1: the regulariser of the L-curves.
+pub(super) fn total_variation(grad: &Gradient, chi: &[f32], weight: Option<&[f32]>) -> f64 {
+    let g = grad.forward(chi);
+    (0..chi.len())
+        .into_par_iter()
+        .map(|i| {
+            let m = ((g[0][i].powi(2) + g[1][i].powi(2) + g[2][i].powi(2)) as f64).sqrt();
+            m * weight.map_or(1.0, |w| w[i] as f64)
+        })
+        .sum()
+}
+
+/// Minimises `Σᵢ ½‖Wᵢ(Kᵢχ − bᵢ)‖² + λ‖M∇χ‖₁` (M = `tv_weight`, 1 by default) over the
+/// whole grid by ADMM (see the module comment, with `Dᵢ` generalised to any real kernel
+/// `Kᵢ`); returns χ and the iterations run.
 pub(super) fn admm(
     dims: [usize; 3],
     voxel_size: [f64; 3],
