@@ -13,7 +13,7 @@ pub mod medi;
 pub mod rts;
 pub mod sstv;
 #[cfg(test)]
-mod testing;
+pub(crate) mod testing;
 pub mod tfi;
 pub mod tkd;
 pub mod tv;

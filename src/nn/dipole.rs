@@ -101,6 +101,51 @@ impl DipoleSet {
         Tensor::from_vec(out, dims, fields.device())
     }
 
+    /// TV-ADMM (`inversion::tv`, weight λ, its other settings at their defaults) of fields
+    /// `[N, B, D, H, W]` over all B directions inside `mask` `[N, 1, D, H, W]`: χ
+    /// `[N, 1, D, H, W]` on the fields' device, zero outside the mask. Data only.
+    pub fn tv(&self, fields: &Tensor, mask: &Tensor, lambda: f64) -> Result<Tensor> {
+        use crate::inversion::{tv, Method, Orientation, Problem};
+        let fields = self.as_5d(fields, self.len())?;
+        let host = |t: &Tensor| -> Result<Vec<f32>> {
+            t.detach()
+                .to_device(&candle_core::Device::Cpu)?
+                .flatten_all()?
+                .to_vec1::<f32>()
+        };
+        let (f, m) = (host(&fields)?, host(&self.as_5d(mask, 1)?)?);
+        let (nv, b) = (self.voxels(), self.len());
+        let solver = tv::TvAdmm::new(tv::Config {
+            lambda: crate::inversion::lambda::Lambda::Value(lambda),
+            ..tv::Config::default()
+        });
+        let mut out = Vec::with_capacity(m.len());
+        for (volume, mask) in f.chunks(nv * b).zip(m.chunks(nv)) {
+            let mask: crate::Mask = mask.iter().map(|&v| v > 0.5).collect();
+            let problem = Problem {
+                dims: self.dims(),
+                voxel_size: self.ops[0].voxel_size(),
+                orientations: volume
+                    .chunks(nv)
+                    .zip(self.ops.iter())
+                    .map(|(field, op)| Orientation { field, b0: op.b0() })
+                    .collect(),
+                mask: &mask,
+                weight: None,
+                magnitude: None,
+                total: None,
+                csf: None,
+            };
+            let chi = solver
+                .invert(&problem)
+                .map_err(|e| candle_core::Error::Msg(format!("TV warm start: {e}")))?;
+            out.extend(chi);
+        }
+        let mut dims = fields.dims().to_vec();
+        dims[1] = 1;
+        Tensor::from_vec(out, dims, fields.device())
+    }
+
     /// Checks the grid and channel count; accepts `[N, D, H, W]` for one channel.
     fn as_5d(&self, t: &Tensor, channels: usize) -> Result<Tensor> {
         let [nx, ny, nz] = self.dims();

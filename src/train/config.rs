@@ -125,8 +125,23 @@ pub struct TrainConfig {
     pub schedule: ScheduleConfig,
     /// Training batches whose targets give LP-CNN's z-score statistics.
     pub normalisation_batches: usize,
+    /// What the loss compares inside the mask.
+    pub loss: Loss,
     pub data: DataConfig,
     pub model: ModelsConfig,
+}
+
+/// The training loss, inside each sample's mask.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Loss {
+    /// Mean squared error against the target χ (the papers' loss).
+    #[default]
+    Mse,
+    /// The same after removing each sample's mean error in its mask. A local field does not
+    /// determine χ's mean over the mask (users reference it, and the scores are demeaned),
+    /// so the plain MSE spends the network on guessing that offset from the training prior.
+    Demeaned,
 }
 
 impl Default for TrainConfig {
@@ -140,6 +155,7 @@ impl Default for TrainConfig {
             optimizer: AdamConfig::default(),
             schedule: ScheduleConfig::default(),
             normalisation_batches: 8,
+            loss: Loss::Mse,
             data: DataConfig::default(),
             model: ModelsConfig::default(),
         }

@@ -12,7 +12,7 @@ use candle_core::{Device, Tensor};
 use candle_nn::VarMap;
 
 use super::adam::Adam;
-use super::config::{ModelKind, TrainConfig};
+use super::config::{Loss, ModelKind, TrainConfig};
 use super::init::seeded_var_builder;
 use super::synth::{Batch, Stream, Synth};
 use crate::evaluate::metrics::{nrmse_demeaned, Reference};
@@ -58,6 +58,30 @@ pub struct Trainer {
     device: Device,
     /// Wall and CPU seconds spent training so far, when the caller measured them.
     clock: Option<(f64, f64)>,
+}
+
+/// The loss of χ `x` against `target` inside `mask` (all `[N, 1, D, H, W]`): the squared
+/// error summed over the masks over their total voxel count; with [`Loss::Demeaned`], after
+/// removing each sample's mean error in its mask.
+fn masked_loss(
+    x: &Tensor,
+    target: &Tensor,
+    mask: &Tensor,
+    loss: Loss,
+) -> candle_core::Result<Tensor> {
+    let inside = mask.sum_all()?.to_scalar::<f32>()?.max(1.0) as f64;
+    let mut r = ((x - target)? * mask)?;
+    if loss == Loss::Demeaned {
+        let counts = mask.sum_keepdim((2, 3, 4))?.clamp(1.0, f64::INFINITY)?;
+        let mean = r.sum_keepdim((2, 3, 4))?.div(&counts)?;
+        r = (r - mean.broadcast_mul(mask)?)?;
+    }
+    r.sqr()?.sum_all()? / inside
+}
+
+/// LP-CNN's dipole operators for a batch's grid and B0 directions.
+fn operators(b: &Batch) -> DipoleSet {
+    DipoleSet::new(b.dims, b.voxel_size, &b.b0)
 }
 
 fn nn_err(e: candle_core::Error) -> Error {
@@ -242,12 +266,30 @@ impl Trainer {
 
     /// Scores the fixed validation set in evaluation mode.
     pub fn validate(&self) -> Result<Validation> {
+        self.score(|b| self.predict(b, false))
+    }
+
+    /// For LP-CNN, the same validation scores of its classic warm start `x₀` alone, so the
+    /// log shows whether the network improves on the solution it starts from; `None` for
+    /// the models without one.
+    pub fn validate_warm_start(&self) -> Result<Option<Validation>> {
+        let Net::Lp(net) = &self.net else {
+            return Ok(None);
+        };
+        self.score(|b| {
+            let (fields, mask) = self.tensors(b)?;
+            net.warm_start(&fields, &operators(b), &mask)? * &mask
+        })
+        .map(Some)
+    }
+
+    fn score(&self, predict: impl Fn(&Batch) -> candle_core::Result<Tensor>) -> Result<Validation> {
         let (mut loss, mut nrmse, mut hfen, mut ssim, mut count) = (0.0, 0.0, 0.0, 0.0, 0.0);
         for index in 0..self.cfg.validation_batches as u64 {
             let batch = self
                 .synth
                 .batch(Stream::Validation, index, self.cfg.batch_size);
-            let pred = self.predict(&batch, false).map_err(nn_err)?;
+            let pred = predict(&batch).map_err(nn_err)?;
             let pred: Vec<f32> = pred
                 .flatten_all()
                 .and_then(|t| t.to_vec1())
@@ -287,17 +329,20 @@ impl Trainer {
 
     /// χ `[N, 1, D, H, W]` for a batch.
     fn predict(&self, b: &Batch, train: bool) -> candle_core::Result<Tensor> {
+        let (fields, mask) = self.tensors(b)?;
+        match &self.net {
+            Net::Lp(net) => net.forward_t(&fields, &operators(b), &mask, train),
+            Net::Loop(net) => net.forward_t(&fields, train)?.chi * &mask,
+        }
+    }
+
+    /// A batch's fields `[N, B, D, H, W]` and mask `[N, 1, D, H, W]` on the device.
+    fn tensors(&self, b: &Batch) -> candle_core::Result<(Tensor, Tensor)> {
         let [d, h, w] = tensor_dims(b.dims);
         let dev = &self.device;
         let mask = Tensor::from_slice(&b.mask, (b.n, 1, d, h, w), dev)?;
         let fields = Tensor::from_slice(&b.fields, (b.n, b.b0.len(), d, h, w), dev)?;
-        match &self.net {
-            Net::Lp(net) => {
-                let ops = DipoleSet::new(b.dims, b.voxel_size, &b.b0);
-                net.forward_t(&fields, &ops, &mask, train)
-            }
-            Net::Loop(net) => net.forward_t(&fields, train)?.chi * &mask,
-        }
+        Ok((fields, mask))
     }
 
     /// MSE inside the masks (the papers' loss, restricted to where χ is defined); for a
@@ -308,10 +353,8 @@ impl Trainer {
         let dev = &self.device;
         let target = Tensor::from_slice(&b.chi, (b.n, 1, d, h, w), dev)?;
         let mask = Tensor::from_slice(&b.mask, (b.n, 1, d, h, w), dev)?;
-        let inside = b.mask.iter().sum::<f32>().max(1.0) as f64;
-        let mse = |x: &Tensor| -> candle_core::Result<Tensor> {
-            ((x - &target)? * &mask)?.sqr()?.sum_all()? / inside
-        };
+        let loss = self.cfg.loss;
+        let mse = |x: &Tensor| masked_loss(x, &target, &mask, loss);
         match &self.net {
             Net::Loop(net) if net.config().deep_supervision => {
                 let fields = Tensor::from_slice(&b.fields, (b.n, 1, d, h, w), dev)?;
@@ -523,6 +566,49 @@ mod tests {
     }
 
     /// The tiny training run of the suite: a few Adam steps on 16³ patches lower the loss.
+    /// The demeaned loss ignores a constant offset of one sample's χ inside its mask (and
+    /// only there), the plain MSE does not; without an offset both are the masked MSE.
+    #[test]
+    fn demeaned_loss_ignores_each_samples_offset_in_its_mask() {
+        use crate::nn::testing::{random_tensor, values};
+        let target = random_tensor((2, 1, 4, 5, 6), 3);
+        let x = random_tensor((2, 1, 4, 5, 6), 4);
+        let mask = random_tensor((2, 1, 4, 5, 6), 5)
+            .ge(0.0)
+            .unwrap()
+            .to_dtype(candle_core::DType::F32)
+            .unwrap();
+        let value = |x: &Tensor, l| {
+            masked_loss(x, &target, &mask, l)
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap()
+        };
+        // Offsets of +0.7 in sample 0 and −0.3 in sample 1, inside and outside the masks.
+        let offset = Tensor::new(&[0.7f32, -0.3], &Device::Cpu)
+            .unwrap()
+            .reshape((2, 1, 1, 1, 1))
+            .unwrap();
+        let shifted = x.broadcast_add(&offset).unwrap();
+        let (a, b) = (value(&x, Loss::Demeaned), value(&shifted, Loss::Demeaned));
+        assert!((a - b).abs() < 1e-5 * a, "{a} vs {b}");
+        assert!(value(&shifted, Loss::Mse) > value(&x, Loss::Mse) + 0.05);
+        // The demeaned loss is the MSE of the demeaned error, so never larger.
+        assert!(a <= value(&x, Loss::Mse));
+        // By hand for the plain MSE.
+        let (xv, tv, mv) = (values(&x), values(&target), values(&mask));
+        let n: f32 = mv.iter().sum();
+        let want: f32 = xv
+            .iter()
+            .zip(&tv)
+            .zip(&mv)
+            .map(|((a, b), m)| m * (a - b).powi(2))
+            .sum::<f32>()
+            / n;
+        let got = value(&x, Loss::Mse);
+        assert!((got - want).abs() < 1e-5 * want, "{got} vs {want}");
+    }
+
     #[test]
     fn a_few_adam_steps_lower_the_loss() {
         for kind in [ModelKind::Lpcnn, ModelKind::Unet] {
