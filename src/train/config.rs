@@ -142,6 +142,10 @@ pub enum Loss {
     /// determine χ's mean over the mask (users reference it, and the scores are demeaned),
     /// so the plain MSE spends the network on guessing that offset from the training prior.
     Demeaned,
+    /// Each sample's demeaned squared error over its demeaned target's energy (the square
+    /// of the demeaned NRMSE that scores a map), averaged over the batch: every sample
+    /// counts alike, where in an MSE the high-contrast ones (strong sources) dominate.
+    Nrmse,
 }
 
 impl Default for TrainConfig {
