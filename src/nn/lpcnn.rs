@@ -48,6 +48,10 @@ pub struct Config {
     pub warm_start: WarmStart,
     /// λ of the TV-ADMM warm start (ppm·mm, as `inversion.tv.lambda`).
     pub warm_start_lambda: f64,
+    /// Remove the prox correction's mean over each volume's mask. The field does not fix
+    /// χ's mean, so a correction trained on patches would otherwise learn patch-wide
+    /// offsets from their content, which on a head become tissue-dependent biases.
+    pub zero_mean_correction: bool,
 }
 
 /// The classic solution LP-CNN starts from. TV-ADMM costs a TV solve per volume (on the CPU,
@@ -77,6 +81,7 @@ impl Default for Config {
                 .lambda
                 .value()
                 .expect("TV's default λ is a value"),
+            zero_mean_correction: false,
         }
     }
 }
@@ -170,6 +175,12 @@ fn relu_conv(conv: &Conv3d, x: &Tensor, train: bool) -> Result<Tensor> {
     let c = conv.weight().dim(0)?;
     let ones = Tensor::ones(c, x.dtype(), x.device())?;
     conv.forward_affine_act(x, &ones, &ones.zeros_like()?, true)
+}
+
+/// The mean of `x` `[N, 1, D, H, W]` over each sample's 0/1 mask, `[N, 1, 1, 1, 1]`.
+fn masked_mean(x: &Tensor, mask: &Tensor) -> Result<Tensor> {
+    let count = mask.sum_keepdim((2, 3, 4))?.clamp(1.0, f64::INFINITY)?;
+    (x * mask)?.sum_keepdim((2, 3, 4))?.div(&count)
 }
 
 /// LP-CNN: the unrolled iterations around one shared [`Prox`].
@@ -313,10 +324,13 @@ impl LpCnn {
         let prox = |v: &Tensor| -> Result<Tensor> {
             let z = v.broadcast_sub(&mean)?.broadcast_div(&std)?;
             // Outside a plan's region the mask is zero, so any value does.
-            let out = match plan {
+            let mut out = match plan {
                 None => net(&z)?,
                 Some(p) => p.apply(&z, &net)?,
             };
+            if self.cfg.zero_mean_correction {
+                out = (&out - masked_mean(&out, mask)?.broadcast_mul(mask)?)?;
+            }
             v + out.broadcast_mul(&std)?
         };
         self.unrolled(fields, ops, mask, &prox)
@@ -505,6 +519,39 @@ mod tests {
                 assert!(residual(&x) > 10.0 * start, "{n} orientations summed");
             }
         }
+    }
+
+    /// With `zero_mean_correction`, each prox application leaves the mean over each
+    /// sample's mask unchanged (no gradient step: α → 0), whatever the network's weights.
+    #[test]
+    fn zero_mean_correction_keeps_each_samples_mean_in_its_mask() {
+        let cfg = Config {
+            zero_mean_correction: true,
+            alpha_init: 1e-9,
+            ..tiny()
+        };
+        let vm = VarMap::new();
+        let net = LpCnn::new(&cfg, VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu)).unwrap();
+        randomise_head(&vm);
+        let ops = DipoleSet::new([10, 8, 6], [1.0; 3], &directions(1));
+        let y = random_tensor((2, 1, 6, 8, 10), 11);
+        let mask = random_tensor((2, 1, 6, 8, 10), 12)
+            .ge(-0.5)
+            .unwrap()
+            .to_dtype(DType::F32)
+            .unwrap();
+        let x0 = (net.warm_start(&y, &ops, &mask).unwrap() * &mask).unwrap();
+        let x = net.forward_t(&y, &ops, &mask, false).unwrap();
+        let (m0, m) = (
+            values(&masked_mean(&x0, &mask).unwrap()),
+            values(&masked_mean(&x, &mask).unwrap()),
+        );
+        for (a, b) in m0.iter().zip(&m) {
+            assert!((a - b).abs() < 1e-5 * (1.0 + a.abs()), "{a} vs {b}");
+        }
+        // The network did change the map.
+        let d: f32 = values(&(x - x0).unwrap()).iter().map(|v| v.abs()).sum();
+        assert!(d > 1e-3, "{d}");
     }
 
     /// With `warm_start: tv`, x₀ is chimap's TV-ADMM of each batch item inside its own mask,
