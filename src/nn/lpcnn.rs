@@ -52,6 +52,11 @@ pub struct Config {
     /// χ's mean, so a correction trained on patches would otherwise learn patch-wide
     /// offsets from their content, which on a head become tissue-dependent biases.
     pub zero_mean_correction: bool,
+    /// Clip the prox's normalised input to ±this many training σ (`None`: no clip). Strong
+    /// sources (calcifications at −2 ppm are ≈ 20 σ) lie far outside what a small network
+    /// saw in training, and a ReLU network extrapolates linearly there; clipped, the residual
+    /// path carries them and the correction stays in its trained range.
+    pub prox_input_limit: Option<f64>,
 }
 
 /// The classic solution LP-CNN starts from. TV-ADMM costs a TV solve per volume (on the CPU,
@@ -82,6 +87,7 @@ impl Default for Config {
                 .value()
                 .expect("TV's default λ is a value"),
             zero_mean_correction: false,
+            prox_input_limit: None,
         }
     }
 }
@@ -216,6 +222,12 @@ impl LpCnn {
         if !(l > 0.0 && l.is_finite()) {
             candle_core::bail!("LP-CNN: warm_start_lambda must be positive, got {l}");
         }
+        if let Some(c) = cfg
+            .prox_input_limit
+            .filter(|c| !(*c > 0.0 && c.is_finite()))
+        {
+            candle_core::bail!("LP-CNN: prox_input_limit must be positive, got {c}");
+        }
         let p = cfg.alpha_init / ALPHA_MAX;
         let dropout_rng = DropoutRng::new(0);
         Ok(LpCnn {
@@ -322,7 +334,10 @@ impl LpCnn {
         let (mean, std) = (self.mean.detach(), self.std.detach());
         let net = |z: &Tensor| self.prox.forward_t(z, train);
         let prox = |v: &Tensor| -> Result<Tensor> {
-            let z = v.broadcast_sub(&mean)?.broadcast_div(&std)?;
+            let mut z = v.broadcast_sub(&mean)?.broadcast_div(&std)?;
+            if let Some(c) = self.cfg.prox_input_limit {
+                z = z.clamp(-c, c)?;
+            }
             // Outside a plan's region the mask is zero, so any value does.
             let mut out = match plan {
                 None => net(&z)?,
@@ -552,6 +567,43 @@ mod tests {
         // The network did change the map.
         let d: f32 = values(&(x - x0).unwrap()).iter().map(|v| v.abs()).sum();
         assert!(d > 1e-3, "{d}");
+    }
+
+    /// With `prox_input_limit`, the prox's correction of a voxel far beyond the limit is
+    /// that of a voxel at the limit: a strong source passes through the residual path.
+    #[test]
+    fn prox_input_limit_bounds_the_correction_of_strong_sources() {
+        let cfg = Config {
+            prox_input_limit: Some(3.0),
+            alpha_init: 1e-9,
+            iterations: 1,
+            ..tiny()
+        };
+        let vm = VarMap::new();
+        let net = LpCnn::new(&cfg, VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu)).unwrap();
+        randomise_head(&vm);
+        let ops = DipoleSet::new([10, 8, 6], [1.0; 3], &directions(1));
+        let mask = Tensor::ones((1, 1, 6, 8, 10), DType::F32, &Device::Cpu).unwrap();
+        // Fields whose TKD is far above 3 σ (σ = 1 before training) everywhere.
+        let correction = |scale: f64| {
+            let y = (Tensor::ones((1, 1, 6, 8, 10), DType::F32, &Device::Cpu).unwrap() * scale)
+                .unwrap();
+            let x0 = net.warm_start(&y, &ops, &mask).unwrap();
+            values(&(net.forward_t(&y, &ops, &mask, false).unwrap() - x0).unwrap())
+        };
+        let (a, b) = (correction(10.0), correction(100.0));
+        assert!(a.iter().any(|v| v.abs() > 1e-3));
+        for (a, b) in a.iter().zip(&b) {
+            assert!((a - b).abs() < 1e-4 * (1.0 + a.abs()), "{a} vs {b}");
+        }
+        assert!(LpCnn::new(
+            &Config {
+                prox_input_limit: Some(0.0),
+                ..tiny()
+            },
+            VarBuilder::from_varmap(&VarMap::new(), DType::F32, &Device::Cpu)
+        )
+        .is_err());
     }
 
     /// With `warm_start: tv`, x₀ is chimap's TV-ADMM of each batch item inside its own mask,
