@@ -1,7 +1,7 @@
 //! LP-CNN (Lai, Aggarwal, van Zijl, Li and Sulam, MICCAI 2020): a learned proximal gradient
 //! descent for multi-orientation dipole inversion.
 //!
-//! `x₀ = M · TKD(y)`, then for `k = 1..K`: `x ← M · prox(M · (x − α/N Σᵢ Dᵢᵀ (Dᵢ x − yᵢ)))`,
+//! `x₀ = M · TKD(y)` (or TV-ADMM, below), then for `k = 1..K`: `x ← M · prox(M · (x − α/N Σᵢ Dᵢᵀ (Dᵢ x − yᵢ)))`,
 //! with `M` the brain mask, `N` the number of orientations, one prox network shared by all
 //! iterations, and one learned step `α`.
 //!
@@ -14,7 +14,8 @@
 //!   `α Σ Dᵢᵀ yᵢ`), and the prox is `v + σ · net((v − μ)/σ)` with the net's last layer
 //!   initialised to zero: an untrained model is TKD plus K gradient steps, and training only
 //!   has to learn the correction (streaking, the cone), which a small network and a short
-//!   CPU run can do.
+//!   CPU run can do. With `warm_start: tv`, `x₀` is chimap's TV-ADMM instead: the shipped
+//!   model's, whose small prox then only corrects what TV gets wrong (`weights/lpcnn-default.md`).
 //!
 //! μ, σ are the statistics of the training targets, stored with the weights (`norm.mean`,
 //! `norm.std`). The same weights serve 1..N orientations.
@@ -26,6 +27,7 @@ use serde::{Deserialize, Serialize};
 use super::conv3d::Conv3d;
 use super::dipole::DipoleSet;
 use super::layers::{BatchNorm3d, Dropout3d, DropoutRng};
+use super::masked_mean;
 use super::tiling::{needed_voxels, Plan, Tiling};
 
 /// Architecture of LP-CNN; the default is the published one (≈ 446 k parameters).
@@ -181,12 +183,6 @@ fn relu_conv(conv: &Conv3d, x: &Tensor, train: bool) -> Result<Tensor> {
     let c = conv.weight().dim(0)?;
     let ones = Tensor::ones(c, x.dtype(), x.device())?;
     conv.forward_affine_act(x, &ones, &ones.zeros_like()?, true)
-}
-
-/// The mean of `x` `[N, 1, D, H, W]` over each sample's 0/1 mask, `[N, 1, 1, 1, 1]`.
-fn masked_mean(x: &Tensor, mask: &Tensor) -> Result<Tensor> {
-    let count = mask.sum_keepdim((2, 3, 4))?.clamp(1.0, f64::INFINITY)?;
-    (x * mask)?.sum_keepdim((2, 3, 4))?.div(&count)
 }
 
 /// LP-CNN: the unrolled iterations around one shared [`Prox`].

@@ -50,3 +50,13 @@ pub(crate) fn contiguous_f32<'a>(
 pub fn tensor_dims(dims: [usize; 3]) -> [usize; 3] {
     [dims[2], dims[1], dims[0]]
 }
+
+/// The mean of `x` `[N, 1, D, H, W]` over each sample's 0/1 mask, `[N, 1, 1, 1, 1]` (0 for
+/// an empty mask).
+pub fn masked_mean(
+    x: &candle_core::Tensor,
+    mask: &candle_core::Tensor,
+) -> candle_core::Result<candle_core::Tensor> {
+    let count = mask.sum_keepdim((2, 3, 4))?.clamp(1.0, f64::INFINITY)?;
+    (x * mask)?.sum_keepdim((2, 3, 4))?.div(&count)
+}

@@ -19,7 +19,7 @@ use crate::evaluate::metrics::{nrmse_demeaned, Reference};
 use crate::nn::dipole::DipoleSet;
 use crate::nn::loopnet::LoopNet;
 use crate::nn::lpcnn::LpCnn;
-use crate::nn::{tensor_dims, weights};
+use crate::nn::{masked_mean, tensor_dims, weights};
 use crate::simulate::rng::Rng;
 use crate::{Error, Result};
 
@@ -69,12 +69,9 @@ fn masked_loss(
     mask: &Tensor,
     loss: Loss,
 ) -> candle_core::Result<Tensor> {
-    let counts = mask.sum_keepdim((2, 3, 4))?.clamp(1.0, f64::INFINITY)?;
     // Each sample's values minus their mean in its mask, zero outside.
     let demean = |v: &Tensor| -> candle_core::Result<Tensor> {
-        let v = (v * mask)?;
-        let mean = v.sum_keepdim((2, 3, 4))?.div(&counts)?;
-        v - mean.broadcast_mul(mask)?
+        (v * mask)? - masked_mean(v, mask)?.broadcast_mul(mask)?
     };
     let r = (x - target)?;
     match loss {
