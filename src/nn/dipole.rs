@@ -17,6 +17,21 @@ use rayon::prelude::*;
 use crate::physics::fft::multiply_real;
 use crate::physics::DipoleOperator;
 
+/// A tensor's values on the host, detached (the classic solvers run there).
+fn host_values(t: &Tensor) -> Result<Vec<f32>> {
+    t.detach()
+        .to_device(&candle_core::Device::Cpu)?
+        .flatten_all()?
+        .to_vec1::<f32>()
+}
+
+/// `values` as `[N, 1, D, H, W]` on the device of `like` `[N, B, D, H, W]`.
+fn one_channel_like(values: Vec<f32>, like: &Tensor) -> Result<Tensor> {
+    let mut dims = like.dims().to_vec();
+    dims[1] = 1;
+    Tensor::from_vec(values, dims, like.device())
+}
+
 /// Dipole operators of one grid and voxel size, one per B0 direction.
 #[derive(Clone)]
 pub struct DipoleSet {
@@ -79,11 +94,7 @@ impl DipoleSet {
     /// `[N, 1, D, H, W]` on the fields' device. Data only: no gradient flows through it.
     pub fn tkd(&self, fields: &Tensor, threshold: f32) -> Result<Tensor> {
         let fields = self.as_5d(fields, self.len())?;
-        let host = fields
-            .detach()
-            .to_device(&candle_core::Device::Cpu)?
-            .flatten_all()?
-            .to_vec1::<f32>()?;
+        let host = host_values(&fields)?;
         let (nv, b) = (self.voxels(), self.len());
         let kernels: Vec<&[f32]> = self.ops.iter().map(|o| o.kernel()).collect();
         let mut out = Vec::with_capacity(host.len() / b);
@@ -96,9 +107,7 @@ impl DipoleSet {
                 threshold,
             ));
         }
-        let mut dims = fields.dims().to_vec();
-        dims[1] = 1;
-        Tensor::from_vec(out, dims, fields.device())
+        one_channel_like(out, &fields)
     }
 
     /// TV-ADMM (`inversion::tv`, weight λ, its other settings at their defaults) of fields
@@ -107,13 +116,7 @@ impl DipoleSet {
     pub fn tv(&self, fields: &Tensor, mask: &Tensor, lambda: f64) -> Result<Tensor> {
         use crate::inversion::{tv, Method, Orientation, Problem};
         let fields = self.as_5d(fields, self.len())?;
-        let host = |t: &Tensor| -> Result<Vec<f32>> {
-            t.detach()
-                .to_device(&candle_core::Device::Cpu)?
-                .flatten_all()?
-                .to_vec1::<f32>()
-        };
-        let (f, m) = (host(&fields)?, host(&self.as_5d(mask, 1)?)?);
+        let (f, m) = (host_values(&fields)?, host_values(&self.as_5d(mask, 1)?)?);
         let (nv, b) = (self.voxels(), self.len());
         let solver = tv::TvAdmm::new(tv::Config {
             lambda: crate::inversion::lambda::Lambda::Value(lambda),
@@ -141,9 +144,7 @@ impl DipoleSet {
                 .map_err(|e| candle_core::Error::Msg(format!("TV warm start: {e}")))?;
             out.extend(chi);
         }
-        let mut dims = fields.dims().to_vec();
-        dims[1] = 1;
-        Tensor::from_vec(out, dims, fields.device())
+        one_channel_like(out, &fields)
     }
 
     /// Checks the grid and channel count; accepts `[N, D, H, W]` for one channel.
