@@ -59,7 +59,14 @@ fn method(name: &str, weights: &Path) -> Box<dyn inversion::Method + Send + Sync
     let m: MethodName = clap::ValueEnum::from_str(name, true).expect("a method name");
     match m {
         MethodName::Lpcnn | MethodName::Loopnet | MethodName::Unet => Box::new(
-            Learned::new(m, Some(weights.to_path_buf()), DeviceChoice::Auto, 3.0).expect("weights"),
+            Learned::new(
+                m,
+                Some(weights.to_path_buf()),
+                DeviceChoice::Auto,
+                3.0,
+                None,
+            )
+            .expect("weights"),
         ),
         _ => inversion::Config {
             method: m,

@@ -261,6 +261,10 @@ pub struct Config {
     /// Memory for the learned methods' activations, in GiB (`--max-memory`), on the CPU or
     /// the GPU; larger volumes run in overlapping tiles.
     pub max_memory_gib: f64,
+    /// LP-CNN from raw phase or a total field map: start from SS-TV (`sstv` above) and fit
+    /// its field, which keeps the harmonic part of the local field that background removal
+    /// loses. `false`: LP-CNN fits the background-removed local field, as the other methods.
+    pub lpcnn_from_total: bool,
 }
 
 impl Default for Config {
@@ -279,6 +283,7 @@ impl Default for Config {
             weights: None,
             device: Default::default(),
             max_memory_gib: 3.0,
+            lpcnn_from_total: true,
         }
     }
 }
@@ -301,6 +306,7 @@ impl Config {
                 self.weights.clone(),
                 self.device,
                 self.max_memory_gib,
+                self.lpcnn_from_total.then(|| self.sstv.clone()),
             )?),
         };
         method.check_config()?;

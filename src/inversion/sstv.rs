@@ -66,8 +66,12 @@ impl Default for Config {
             pad_mm: 10.0,
             edge_fraction: 0.3,
             edge_inset_mm: 2.0,
+            // 50 iterations, not TV's 100: on the MNI head from raw phase the map is no worse
+            // for stopping early (26.1 % against 27.0 %; 26.4 against 27.0 % tilted, int16)
+            // and the inversion takes half the time.
             admm: tv::Config {
                 lambda: Lambda::Value(3e-4),
+                max_iterations: 50,
                 ..tv::Config::default()
             },
         }
@@ -349,7 +353,7 @@ fn data_misfit(fft: &Fft3, terms: &[DataTerm], chi: &[f32]) -> f64 {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::inversion::testing::{brain, nrmse_demeaned};
     use crate::inversion::tfi::tests::field_of;
@@ -359,12 +363,12 @@ mod tests {
     use crate::simulate::rng::centred_noise as random;
     use crate::volume::{Geometry, Volume};
 
-    const B0: [f64; 3] = [0.0, 0.26, 0.966];
+    pub(crate) const B0: [f64; 3] = [0.0, 0.26, 0.966];
     const DIMS: [usize; 3] = [48; 3];
 
     /// The test brain's χ (zero outside its mask), its mask, and the brain's own field in
     /// the mask with noise of 0.004 ppm.
-    fn brain_field() -> (Vec<f32>, Mask, Vec<f32>) {
+    pub(crate) fn brain_field() -> (Vec<f32>, Mask, Vec<f32>) {
         let (chi, mask) = brain();
         let chi: Vec<f32> = chi
             .iter()
@@ -381,7 +385,7 @@ mod tests {
         (chi, mask, field)
     }
 
-    fn problem<'a>(total: &'a [f32], mask: &'a Mask) -> Problem<'a> {
+    pub(crate) fn problem<'a>(total: &'a [f32], mask: &'a Mask) -> Problem<'a> {
         Problem {
             dims: DIMS,
             voxel_size: [1.0; 3],
@@ -405,12 +409,10 @@ mod tests {
         SsTv::new(Config::default()).invert(p).unwrap()
     }
 
-    #[test]
-    fn a_harmonic_background_changes_nothing() {
-        let (_, mask, local) = brain_field();
-        // Harmonic quadratics and a gradient, ±1 ppm over the brain: every voxel-sphere
-        // (symmetric under axis swaps) averages them to their centre value.
-        let total: Vec<f32> = (0..local.len())
+    /// `local` plus harmonic quadratics and a gradient, ±1 ppm over the brain: every
+    /// voxel-sphere (symmetric under axis swaps) averages them to their centre value.
+    pub(crate) fn with_background(local: &[f32], mask: &Mask) -> Vec<f32> {
+        (0..local.len())
             .map(|i| {
                 let p = [i % 48, (i / 48) % 48, i / 2304].map(|v| (v as f32 - 23.5) / 20.0);
                 let bg = 0.6 * (p[0] * p[0] - p[1] * p[1])
@@ -422,7 +424,13 @@ mod tests {
                     0.0
                 }
             })
-            .collect();
+            .collect()
+    }
+
+    #[test]
+    fn a_harmonic_background_changes_nothing() {
+        let (_, mask, local) = brain_field();
+        let total = with_background(&local, &mask);
         let (a, b) = (sstv(&problem(&local, &mask)), sstv(&problem(&total, &mask)));
         let peak = a.iter().fold(0.0f32, |m, v| m.max(v.abs()));
         let diff = a

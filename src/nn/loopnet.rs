@@ -13,12 +13,19 @@
 //! 2× nearest upsampling then a 1×1 conv to the level's channels, concatenated with the skip.
 //! Inputs of any size are zero-padded at the far end to a multiple of `2^(levels − 1)` and the
 //! outputs cropped back.
+//!
+//! The input is the local field (the papers'), or with `start: tv` chimap's TV-ADMM map of it,
+//! which the final skip then carries and the network corrects; the output conv starts at zero
+//! there, so an untrained network is TV. This is LP-CNN's TV warm start
+//! ([`super::lpcnn::WarmStart`]) brought to the U-nets: trained from the field they scored
+//! > 100 % on the MNI head at CPU budgets.
 
 use candle_core::{Module, ModuleT, Result, Tensor};
 use candle_nn::VarBuilder;
 use serde::{Deserialize, Serialize};
 
 use super::conv3d::Conv3d;
+use super::dipole::DipoleSet;
 use super::ghpa::Ghpa;
 use super::layers::BatchNorm3d;
 use super::pool::{max_pool2, upsample2};
@@ -42,6 +49,19 @@ pub struct Config {
     /// Training only: supervise every loop's output `t = 1..T` with weight `0.5^(T−t)`
     /// (IR2QSM's deep supervision), plus the fused output when `fuse` is on.
     pub deep_supervision: bool,
+    /// What the network sees and refines: the local field, or TV-ADMM's map of it.
+    pub start: Start,
+    /// λ of the TV-ADMM start (ppm·mm, as `inversion.tv.lambda`).
+    pub start_lambda: f64,
+}
+
+/// The network's input, which the final skip adds to its output.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Start {
+    #[default]
+    Field,
+    Tv,
 }
 
 impl Default for Config {
@@ -57,6 +77,11 @@ impl Default for Config {
             ghpa_map_size: 8,
             fuse: false,
             deep_supervision: false,
+            start: Start::Field,
+            start_lambda: crate::inversion::tv::Config::default()
+                .lambda
+                .value()
+                .expect("TV's default λ is a value"),
         }
     }
 }
@@ -189,7 +214,11 @@ impl LoopNet {
             enc,
             up,
             dec,
-            head: Conv3d::new(c[0], 1, 1, true, vb.pp("head"))?,
+            head: match cfg.start {
+                Start::Field => Conv3d::new(c[0], 1, 1, true, vb.pp("head"))?,
+                // Zero: an untrained network returns its TV start.
+                Start::Tv => Conv3d::zeroed(c[0], 1, 1, true, vb.pp("head"))?,
+            },
             fuse: (cfg.fuse && cfg.loops > 1)
                 .then(|| Conv3d::new(cfg.loops, 1, 1, true, vb.pp("fuse")))
                 .transpose()?,
@@ -198,6 +227,16 @@ impl LoopNet {
 
     pub fn config(&self) -> &Config {
         &self.cfg
+    }
+
+    /// The network's input from local fields `[N, 1, D, H, W]` (ppm), one orientation each
+    /// (`ops` holds one), and their 0/1 masks: the field, or TV-ADMM's map inside the mask.
+    /// Data only: no gradient flows through it.
+    pub fn input(&self, fields: &Tensor, ops: &DipoleSet, mask: &Tensor) -> Result<Tensor> {
+        match self.cfg.start {
+            Start::Field => Ok(fields.clone()),
+            Start::Tv => ops.tv(fields, mask, self.cfg.start_lambda),
+        }
     }
 
     /// Approximate memory of inference per input voxel: about 25 full-resolution f32
@@ -322,6 +361,37 @@ mod tests {
         let net =
             LoopNet::new(cfg, VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu)).unwrap();
         (vm, net)
+    }
+
+    /// With `start: tv` the input is TV-ADMM's map inside the mask, and an untrained
+    /// network returns it unchanged (LoopNet and the U-net alike); with the field as the
+    /// start, the input is the field.
+    #[test]
+    fn a_tv_start_feeds_tv_and_starts_as_tv() {
+        let ops = DipoleSet::new([16; 3], [1.0; 3], &[[0.0, 0.3, 0.954]]);
+        let field = random_tensor((1, 1, 16, 16, 16), 4);
+        let mask = Tensor::ones((1, 1, 16, 16, 16), DType::F32, &Device::Cpu).unwrap();
+        for cfg in [
+            tiny(2, true),
+            Config {
+                channels: vec![4, 8],
+                ..Config::unet()
+            },
+        ] {
+            let (_, plain) = build(&cfg);
+            let same = plain.input(&field, &ops, &mask).unwrap();
+            assert_eq!(values(&same), values(&field));
+            let (_, net) = build(&Config {
+                start: Start::Tv,
+                ..cfg
+            });
+            let x = net.input(&field, &ops, &mask).unwrap();
+            let tv = ops.tv(&field, &mask, net.config().start_lambda).unwrap();
+            assert_eq!(values(&x), values(&tv));
+            assert_ne!(values(&x), values(&field));
+            let out = net.forward_t(&x, false).unwrap().chi;
+            assert_eq!(values(&out), values(&x));
+        }
     }
 
     fn parameters(vm: &VarMap) -> usize {

@@ -260,7 +260,7 @@ impl LpCnn {
         mask: &Tensor,
         train: bool,
     ) -> Result<Tensor> {
-        self.run(fields, ops, mask, train, None)
+        self.run(fields, None, ops, mask, train, None)
     }
 
     /// Inference with the prox applied in overlapping tiles (the data term stays global);
@@ -275,7 +275,7 @@ impl LpCnn {
     ) -> Result<Tensor> {
         let (_, _, d, h, w) = mask.dims5()?;
         let plan = Plan::tiled(needed_voxels(mask)?, [d, h, w], *tiling);
-        self.run(fields, ops, mask, false, Some(&plan))
+        self.run(fields, None, ops, mask, false, Some(&plan))
     }
 
     /// Inference with the prox's activations bounded by `max_bytes`: the prox runs only
@@ -285,6 +285,31 @@ impl LpCnn {
     pub fn infer(
         &self,
         fields: &Tensor,
+        ops: &DipoleSet,
+        mask: &Tensor,
+        max_bytes: usize,
+    ) -> Result<Tensor> {
+        self.infer_planned(fields, None, ops, mask, max_bytes)
+    }
+
+    /// [`Self::infer`] from a given start `x₀` `[N, 1, D, H, W]` in place of the configured
+    /// warm start: e.g. SS-TV's map when the pipeline has the total field, which keeps the
+    /// harmonic part that background removal loses.
+    pub fn infer_from(
+        &self,
+        fields: &Tensor,
+        start: &Tensor,
+        ops: &DipoleSet,
+        mask: &Tensor,
+        max_bytes: usize,
+    ) -> Result<Tensor> {
+        self.infer_planned(fields, Some(start), ops, mask, max_bytes)
+    }
+
+    fn infer_planned(
+        &self,
+        fields: &Tensor,
+        start: Option<&Tensor>,
         ops: &DipoleSet,
         mask: &Tensor,
         max_bytes: usize,
@@ -299,7 +324,7 @@ impl LpCnn {
             1,
         );
         match plan {
-            Some(plan) => self.run(fields, ops, mask, false, Some(&plan)),
+            Some(plan) => self.run(fields, start, ops, mask, false, Some(&plan)),
             // No mask voxel: χ is zero everywhere.
             None => Tensor::zeros((n, 1, d, h, w), fields.dtype(), fields.device()),
         }
@@ -321,6 +346,7 @@ impl LpCnn {
     fn run(
         &self,
         fields: &Tensor,
+        start: Option<&Tensor>,
         ops: &DipoleSet,
         mask: &Tensor,
         train: bool,
@@ -344,7 +370,11 @@ impl LpCnn {
             }
             v + out.broadcast_mul(&std)?
         };
-        self.unrolled(fields, ops, mask, &prox)
+        let x0 = match start {
+            Some(x0) => x0.detach(),
+            None => self.warm_start(fields, ops, mask)?,
+        };
+        self.iterate(x0, fields, ops, mask, &prox)
     }
 
     /// `x₀`: the configured classic solution of all orientations. Data only: no gradient
@@ -364,10 +394,21 @@ impl LpCnn {
         mask: &Tensor,
         prox: &dyn Fn(&Tensor) -> Result<Tensor>,
     ) -> Result<Tensor> {
+        self.iterate(self.warm_start(fields, ops, mask)?, fields, ops, mask, prox)
+    }
+
+    fn iterate(
+        &self,
+        x0: Tensor,
+        fields: &Tensor,
+        ops: &DipoleSet,
+        mask: &Tensor,
+        prox: &dyn Fn(&Tensor) -> Result<Tensor>,
+    ) -> Result<Tensor> {
         // The mean over orientations keeps α's stability limit independent of N.
         let step = (self.alpha()? / ops.len() as f64)?;
         let aty = ops.adjoint(fields)?;
-        let mut x = (self.warm_start(fields, ops, mask)? * mask)?;
+        let mut x = (x0 * mask)?;
         for _ in 0..self.cfg.iterations {
             let grad = (ops.adjoint(&ops.forward(&x)?)? - &aty)?;
             let v = (x - grad.broadcast_mul(&step)?)?;
@@ -600,6 +641,32 @@ mod tests {
             VarBuilder::from_varmap(&VarMap::new(), DType::F32, &Device::Cpu)
         )
         .is_err());
+    }
+
+    /// `infer_from` with the configured warm start as the given start is `infer`; another
+    /// start changes the result.
+    #[test]
+    fn infer_from_a_given_start() {
+        let dims = [12, 12, 12];
+        let ops = DipoleSet::new(dims, [1.0; 3], &directions(1));
+        let vm = VarMap::new();
+        let net = LpCnn::new(
+            &tiny(),
+            VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu),
+        )
+        .unwrap();
+        let y = random_tensor((1, 1, 12, 12, 12), 5);
+        let mask = Tensor::ones((1, 1, 12, 12, 12), DType::F32, &Device::Cpu).unwrap();
+        let budget = usize::MAX / 2;
+        let x0 = net.warm_start(&y, &ops, &mask).unwrap();
+        let want = values(&net.infer(&y, &ops, &mask, budget).unwrap());
+        let got = values(&net.infer_from(&y, &x0, &ops, &mask, budget).unwrap());
+        assert_eq!(got, want);
+        let other = values(
+            &net.infer_from(&y, &(x0 * 2.0).unwrap(), &ops, &mask, budget)
+                .unwrap(),
+        );
+        assert!(other.iter().zip(&want).any(|(a, b)| (a - b).abs() > 1e-4));
     }
 
     /// With `warm_start: tv`, x₀ is chimap's TV-ADMM of each batch item inside its own mask,

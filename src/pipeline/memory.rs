@@ -46,7 +46,7 @@ pub struct Work {
     /// Orientations inverted together (1 unless a joint method takes a set).
     pub orientations: usize,
     /// Voxels of a one-step method's extended grid (the work grid grown by its padding),
-    /// if TFI or SS-TV runs.
+    /// if TFI or SS-TV runs (SS-TV also as LP-CNN's start from the total field).
     pub padded_voxels: Option<usize>,
     /// SS-TV's data terms (one per radius).
     pub sstv_radii: usize,
@@ -110,17 +110,26 @@ fn inversion_bytes(work: &Work, method: MethodName, learned_activation_bytes: f6
             let t = work.padded_voxels.unwrap_or(work.work_voxels) as f64;
             3.0 * 16.0 * t + 6.0 * F32 * t
         }
-        MethodName::Sstv => {
-            // Per radius: kernel (half spectrum), target, weight and ADMM's three arrays;
-            // χ, the last iterate, u, q and the padded inputs; two complex spectra.
-            let t = work.padded_voxels.unwrap_or(work.work_voxels) as f64;
-            let radii = work.sstv_radii as f64;
-            (5.5 * radii + 14.0) * F32 * t + 2.0 * 8.0 * t / 2.0
-        }
+        MethodName::Sstv => sstv_bytes(work),
         MethodName::Lpcnn | MethodName::Loopnet | MethodName::Unet => {
-            (o + 1.0) * c + 8.0 * r + learned_activation_bytes
+            let learned = (o + 1.0) * c + 8.0 * r + learned_activation_bytes;
+            // LP-CNN's SS-TV start (a padded grid is planned only then) runs, and is freed,
+            // before the network.
+            match (method, work.padded_voxels) {
+                (MethodName::Lpcnn, Some(_)) => learned.max(sstv_bytes(work)),
+                _ => learned,
+            }
         }
     }
+}
+
+/// SS-TV's buffers on its padded grid.
+fn sstv_bytes(work: &Work) -> f64 {
+    // Per radius: kernel (half spectrum), target, weight and ADMM's three arrays;
+    // χ, the last iterate, u, q and the padded inputs; two complex spectra.
+    let t = work.padded_voxels.unwrap_or(work.work_voxels) as f64;
+    let radii = work.sstv_radii as f64;
+    (5.5 * radii + 14.0) * F32 * t + 2.0 * 8.0 * t / 2.0
 }
 
 /// Bytes a learned method's activations take on `work`: its whole-volume need, up to the
@@ -208,6 +217,15 @@ mod tests {
             estimate(&tfi(4 << 20), MethodName::Tfi, 0.0).bytes,
         );
         assert!(b > a, "{a} {b}");
+        // LP-CNN with an SS-TV start (a padded grid planned) needs at least SS-TV's peak.
+        let sstv = Work {
+            padded_voxels: Some(2 << 20),
+            sstv_radii: 5,
+            ..raw(1 << 20, 4)
+        };
+        let lpcnn = estimate(&sstv, MethodName::Lpcnn, 0.0).bytes;
+        assert!(lpcnn >= estimate(&sstv, MethodName::Sstv, 0.0).bytes);
+        assert!(lpcnn > estimate(&raw(1 << 20, 4), MethodName::Lpcnn, 0.0).bytes);
     }
 
     #[test]
