@@ -206,11 +206,10 @@ pub fn run(args: &TrainArgs) -> Result<()> {
         t.config().steps_per_epoch,
         t.step()
     );
-    if let Some(v) = t.validate_warm_start()? {
+    if let Some((name, v)) = t.validate_warm_start()? {
         tracing::info!(
-            "validation of the warm start alone ({}): loss {:.3e}, NRMSE {:.1} %, HFEN {:.1} %, \
+            "validation of the warm start alone ({name}): loss {:.3e}, NRMSE {:.1} %, HFEN {:.1} %, \
              SSIM {:.3}: the network must beat these",
-            format!("{:?}", t.config().model.lpcnn.warm_start).to_lowercase(),
             v.loss,
             v.nrmse,
             v.hfen,

@@ -17,8 +17,8 @@ use super::init::seeded_var_builder;
 use super::synth::{Batch, Stream, Synth};
 use crate::evaluate::metrics::{nrmse_demeaned, Reference};
 use crate::nn::dipole::DipoleSet;
-use crate::nn::loopnet::LoopNet;
-use crate::nn::lpcnn::LpCnn;
+use crate::nn::loopnet::{LoopNet, Start};
+use crate::nn::lpcnn::{LpCnn, WarmStart};
 use crate::nn::{masked_mean, tensor_dims, weights};
 use crate::simulate::rng::Rng;
 use crate::{Error, Result};
@@ -287,18 +287,32 @@ impl Trainer {
         self.score(|b| self.predict(b, false))
     }
 
-    /// For LP-CNN, the same validation scores of its classic warm start `x₀` alone, so the
-    /// log shows whether the network improves on the solution it starts from; `None` for
-    /// the models without one.
-    pub fn validate_warm_start(&self) -> Result<Option<Validation>> {
-        let Net::Lp(net) = &self.net else {
-            return Ok(None);
+    /// The same validation scores of the classic solution the model starts from (LP-CNN's
+    /// warm start `x₀`, a U-net's TV start) alone, with its name, so the log shows whether
+    /// the network improves on it; `None` for the models that start from the field.
+    pub fn validate_warm_start(&self) -> Result<Option<(&'static str, Validation)>> {
+        let (name, start): (_, Box<dyn Fn(&Batch) -> candle_core::Result<Tensor>>) = match &self.net
+        {
+            Net::Lp(net) => (
+                match net.config().warm_start {
+                    WarmStart::Tkd => "tkd",
+                    WarmStart::Tv => "tv",
+                },
+                Box::new(move |b| {
+                    let (fields, mask) = self.tensors(b)?;
+                    net.warm_start(&fields, &operators(b), &mask)? * &mask
+                }),
+            ),
+            Net::Loop(net) if net.config().start == Start::Tv => (
+                "tv",
+                Box::new(move |b| {
+                    let (fields, mask) = self.tensors(b)?;
+                    net.input(&fields, &operators(b), &mask)? * &mask
+                }),
+            ),
+            Net::Loop(_) => return Ok(None),
         };
-        self.score(|b| {
-            let (fields, mask) = self.tensors(b)?;
-            net.warm_start(&fields, &operators(b), &mask)? * &mask
-        })
-        .map(Some)
+        Ok(Some((name, self.score(start)?)))
     }
 
     fn score(&self, predict: impl Fn(&Batch) -> candle_core::Result<Tensor>) -> Result<Validation> {
@@ -678,6 +692,27 @@ mod tests {
                 "{kind:?} {loss:?}: {before} -> {after}"
             );
         }
+    }
+
+    /// The log's bar: a U-net with a TV start scores its start's validation (an untrained
+    /// one is exactly TV, so both match); one that starts from the field has no bar.
+    #[test]
+    fn the_tv_start_is_validated_as_the_bar() {
+        let mut cfg = tiny(1);
+        cfg.model.unet.start = loopnet::Start::Tv;
+        let t = Trainer::new(ModelKind::Unet, &cfg, &Device::Cpu).unwrap();
+        let (name, bar) = t.validate_warm_start().unwrap().unwrap();
+        assert_eq!(name, "tv");
+        let net = t.validate().unwrap();
+        assert!(
+            (bar.nrmse - net.nrmse).abs() < 1e-6,
+            "{} {}",
+            bar.nrmse,
+            net.nrmse
+        );
+        cfg.model.unet.start = loopnet::Start::Field;
+        let t = Trainer::new(ModelKind::Unet, &cfg, &Device::Cpu).unwrap();
+        assert!(t.validate_warm_start().unwrap().is_none());
     }
 
     /// The loss of `batch` before and after ten Adam steps of `lr` on it alone.
