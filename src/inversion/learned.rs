@@ -27,8 +27,9 @@ pub struct Learned {
     device: Device,
     /// Activation memory allowed for the CNN parts before they run in tiles.
     max_memory: usize,
-    /// LP-CNN only: the SS-TV that gives its start and data when the pipeline has the total
-    /// field (`inversion.lpcnn_from_total`); `None` for the other methods or when off.
+    /// The SS-TV that gives the start (and LP-CNN's data) when the pipeline has the total
+    /// field (`inversion.learned_from_total`); `None` when off. U-nets that start from the
+    /// field (not TV's map) ignore it.
     total_start: Option<SsTv>,
     /// Whether the last inversion started from SS-TV, for the sidecar.
     started_from_total: std::sync::atomic::AtomicBool,
@@ -71,15 +72,13 @@ impl Learned {
             sha256,
             device: device::open(device)?,
             max_memory,
-            total_start: total_start
-                .filter(|_| kind == MethodName::Lpcnn)
-                .map(SsTv::new),
+            total_start: total_start.map(SsTv::new),
             started_from_total: Default::default(),
         })
     }
 
-    /// LP-CNN's start and data from the total field: SS-TV's χ, and its field `M · D χ`
-    /// inside the brain mask as the data term. SS-TV fits the total field with the background
+    /// The start from the total field, SS-TV's χ, and for LP-CNN its field `M · D χ` inside
+    /// the brain mask as the data term. SS-TV fits the total field with the background
     /// removed in the same step, so its field keeps the harmonic part of the local field that
     /// a separate background removal loses; fitting the background-removed field instead
     /// would pull the iterations back towards that loss (MNI head from raw phase: 28.1 %
@@ -189,10 +188,20 @@ impl Method for Learned {
                     .build(self.name(), dev, |vb| LoopNet::new(&cfg, vb))?;
                 // Single-orientation networks: the mean of the per-orientation estimates.
                 let mut sum: Option<Tensor> = None;
+                // A U-net that refines TV's map refines SS-TV's where the total field is given.
+                let sstv = match (&self.total_start, &p.total) {
+                    (Some(sstv), Some(_)) if cfg.start == loopnet::Start::Tv && n == 1 => {
+                        Some(sstv)
+                    }
+                    _ => None,
+                };
                 for (i, o) in p.orientations.iter().enumerate() {
                     let f = fields.narrow(1, i, 1).map_err(err)?;
                     let ops = DipoleSet::new(p.dims, p.voxel_size, &[o.b0]);
-                    let x = net.input(&f, &ops, &mask).map_err(err)?;
+                    let x = match sstv {
+                        Some(sstv) => self.start_from_total(sstv, p, &ops, &mask)?.0,
+                        None => net.input(&f, &ops, &mask).map_err(err)?,
+                    };
                     let chi = net.infer(&x, &mask, self.max_memory).map_err(err)?;
                     sum = Some(match sum {
                         None => chi,
@@ -235,7 +244,11 @@ impl Method for Learned {
                 self.started_from_total.load(std::sync::atomic::Ordering::Relaxed)
             }).map(|sstv| serde_json::json!({
                 "Start": "SS-TV of the total field (inversion.sstv)",
-                "Data": "field of the SS-TV χ inside the brain mask, in place of the background-removed local field",
+                "Data": if self.kind == MethodName::Lpcnn {
+                    "field of the SS-TV χ inside the brain mask, in place of the background-removed local field"
+                } else {
+                    "the SS-TV χ is the network's input, in place of TV's map of the background-removed local field"
+                },
                 "SsTv": sstv.parameters(),
             })),
         })
@@ -246,7 +259,7 @@ impl Method for Learned {
         self.kind == MethodName::Lpcnn
     }
 
-    /// LP-CNN wants the total field when it may start from SS-TV.
+    /// A learned method wants the total field when it may start from SS-TV.
     fn one_step(&self) -> bool {
         self.total_start.is_some()
     }
@@ -279,8 +292,9 @@ mod tests {
     /// From a total field, LP-CNN starts from SS-TV and fits SS-TV's field, so it keeps the
     /// harmonic part of the local field that background removal loses: it beats LP-CNN on
     /// the background-removed field of the same data, and the sidecar says which it did.
+    /// The shipped U-net (which refines TV's map) refines SS-TV's there, and gains as much.
     #[test]
-    fn lpcnn_starts_from_sstv_when_given_the_total_field() {
+    fn learned_methods_start_from_sstv_when_given_the_total_field() {
         use crate::inversion::sstv::tests::{brain_field, problem, with_background, B0};
         use crate::inversion::testing::nrmse_demeaned;
         use crate::preprocess::background::{remove_background, BackgroundConfig};
@@ -302,28 +316,38 @@ mod tests {
             }],
             ..problem(&total, &mask)
         };
-        let lpcnn = |from_total: bool| {
-            let sstv = from_total.then(sstv::Config::default);
-            Learned::new(MethodName::Lpcnn, None, DeviceChoice::Cpu, 3.0, sstv).unwrap()
-        };
-        let (on, off) = (lpcnn(true), lpcnn(false));
-        assert!(on.one_step() && !off.one_step());
-        let e_on = nrmse_demeaned(&on.invert(&p).unwrap(), &chi, &mask);
-        let e_off = nrmse_demeaned(&off.invert(&p).unwrap(), &chi, &mask);
-        eprintln!("LP-CNN from the total field {e_on:.3}, from the local field {e_off:.3}");
-        assert!(
-            e_on < 0.8 * e_off,
-            "from the total {e_on:.3}, local {e_off:.3}"
-        );
-        assert!(on.parameters()["StartedFromTotalField"]["SsTv"].is_object());
-        assert!(off.parameters()["StartedFromTotalField"].is_null());
-        // Without a total field (a local field map) it runs as `off` does.
-        let local_only = Problem { total: None, ..p };
-        let (a, b) = (
-            on.invert(&local_only).unwrap(),
-            off.invert(&local_only).unwrap(),
-        );
-        assert_eq!(a, b);
+        for kind in [MethodName::Lpcnn, MethodName::Unet] {
+            let method = |from_total: bool| {
+                let sstv = from_total.then(sstv::Config::default);
+                Learned::new(kind, None, DeviceChoice::Cpu, 3.0, sstv).unwrap()
+            };
+            let (on, off) = (method(true), method(false));
+            assert!(on.one_step() && !off.one_step());
+            let e_on = nrmse_demeaned(&on.invert(&p).unwrap(), &chi, &mask);
+            let e_off = nrmse_demeaned(&off.invert(&p).unwrap(), &chi, &mask);
+            let name = kind.as_str();
+            eprintln!("{name} from the total field {e_on:.3}, from the local field {e_off:.3}");
+            assert!(
+                e_on < 0.8 * e_off,
+                "{name}: total {e_on:.3}, local {e_off:.3}"
+            );
+            assert!(on.parameters()["StartedFromTotalField"]["SsTv"].is_object());
+            assert!(off.parameters()["StartedFromTotalField"].is_null());
+            // Without a total field (a local field map) it runs as `off` does.
+            let local_only = Problem {
+                orientations: vec![Orientation {
+                    field: &removed.field.data,
+                    b0: B0,
+                }],
+                total: None,
+                ..problem(&total, &mask)
+            };
+            let (a, b) = (
+                on.invert(&local_only).unwrap(),
+                off.invert(&local_only).unwrap(),
+            );
+            assert_eq!(a, b, "{name}");
+        }
     }
 
     /// With no `--weights`, each learned method runs its shipped default and names it in

@@ -261,10 +261,12 @@ pub struct Config {
     /// Memory for the learned methods' activations, in GiB (`--max-memory`), on the CPU or
     /// the GPU; larger volumes run in overlapping tiles.
     pub max_memory_gib: f64,
-    /// LP-CNN from raw phase or a total field map: start from SS-TV (`sstv` above) and fit
-    /// its field, which keeps the harmonic part of the local field that background removal
-    /// loses. `false`: LP-CNN fits the background-removed local field, as the other methods.
-    pub lpcnn_from_total: bool,
+    /// The learned methods from raw phase or a total field map (one orientation): start
+    /// from SS-TV (`sstv` above), LP-CNN fitting its field, which keeps the harmonic part of
+    /// the local field that background removal loses; the U-nets refine SS-TV's map where
+    /// they would TV's. `false`: they work from the background-removed local field, as the
+    /// other methods.
+    pub learned_from_total: bool,
 }
 
 impl Default for Config {
@@ -283,7 +285,7 @@ impl Default for Config {
             weights: None,
             device: Default::default(),
             max_memory_gib: 3.0,
-            lpcnn_from_total: true,
+            learned_from_total: true,
         }
     }
 }
@@ -306,7 +308,7 @@ impl Config {
                 self.weights.clone(),
                 self.device,
                 self.max_memory_gib,
-                self.lpcnn_from_total.then(|| self.sstv.clone()),
+                self.learned_from_total.then(|| self.sstv.clone()),
             )?),
         };
         method.check_config()?;

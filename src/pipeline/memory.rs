@@ -46,7 +46,7 @@ pub struct Work {
     /// Orientations inverted together (1 unless a joint method takes a set).
     pub orientations: usize,
     /// Voxels of a one-step method's extended grid (the work grid grown by its padding),
-    /// if TFI or SS-TV runs (SS-TV also as LP-CNN's start from the total field).
+    /// if TFI or SS-TV runs (SS-TV also as a learned method's start from the total field).
     pub padded_voxels: Option<usize>,
     /// SS-TV's data terms (one per radius).
     pub sstv_radii: usize,
@@ -113,11 +113,11 @@ fn inversion_bytes(work: &Work, method: MethodName, learned_activation_bytes: f6
         MethodName::Sstv => sstv_bytes(work),
         MethodName::Lpcnn | MethodName::Loopnet | MethodName::Unet => {
             let learned = (o + 1.0) * c + 8.0 * r + learned_activation_bytes;
-            // LP-CNN's SS-TV start (a padded grid is planned only then) runs, and is freed,
-            // before the network.
-            match (method, work.padded_voxels) {
-                (MethodName::Lpcnn, Some(_)) => learned.max(sstv_bytes(work)),
-                _ => learned,
+            // The SS-TV start (a padded grid is planned only then) runs, and is freed, before
+            // the network.
+            match work.padded_voxels {
+                Some(_) => learned.max(sstv_bytes(work)),
+                None => learned,
             }
         }
     }

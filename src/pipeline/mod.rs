@@ -377,9 +377,13 @@ fn work_of(unit: &Unit, acquisitions: &[bids::Acquisition], config: &Config) -> 
     let pad_mm = match inv.method {
         MethodName::Tfi => Some(inv.tfi.pad_mm),
         MethodName::Sstv => Some(inv.sstv.pad_mm),
-        // LP-CNN may start from SS-TV on one orientation's total field (raw phase, or a
-        // field map that is a total one); a multi-orientation set has none.
-        MethodName::Lpcnn if inv.lpcnn_from_total && orientations == 1 => Some(inv.sstv.pad_mm),
+        // A learned method may start from SS-TV on one orientation's total field (raw phase,
+        // or a field map that is a total one); a multi-orientation set has none.
+        MethodName::Lpcnn | MethodName::Loopnet | MethodName::Unet
+            if inv.learned_from_total && orientations == 1 =>
+        {
+            Some(inv.sstv.pad_mm)
+        }
         _ => None,
     };
     let padded_voxels = pad_mm.map(|pad_mm| {

@@ -98,6 +98,9 @@ fn masked_loss(
 }
 
 /// LP-CNN's dipole operators for a batch's grid and B0 directions.
+/// A prediction of χ for a batch, for [`Trainer::score`].
+type Predict<'a> = Box<dyn Fn(&Batch) -> candle_core::Result<Tensor> + 'a>;
+
 fn operators(b: &Batch) -> DipoleSet {
     DipoleSet::new(b.dims, b.voxel_size, &b.b0)
 }
@@ -291,8 +294,7 @@ impl Trainer {
     /// warm start `x₀`, a U-net's TV start) alone, with its name, so the log shows whether
     /// the network improves on it; `None` for the models that start from the field.
     pub fn validate_warm_start(&self) -> Result<Option<(&'static str, Validation)>> {
-        let (name, start): (_, Box<dyn Fn(&Batch) -> candle_core::Result<Tensor>>) = match &self.net
-        {
+        let (name, start): (_, Predict) = match &self.net {
             Net::Lp(net) => (
                 match net.config().warm_start {
                     WarmStart::Tkd => "tkd",
