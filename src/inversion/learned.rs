@@ -150,6 +150,8 @@ impl Method for Learned {
         let [d, h, w] = tensor_dims(p.dims);
         let nv = d * h * w;
         let n = p.orientations.len();
+        self.started_from_total
+            .store(false, std::sync::atomic::Ordering::Relaxed);
         let err = |e| numerics(self.name(), e);
         let mut data = Vec::with_capacity(n * nv);
         for o in &p.orientations {
@@ -167,7 +169,7 @@ impl Method for Learned {
                 let b0: Vec<[f64; 3]> = p.orientations.iter().map(|o| o.b0).collect();
                 let ops = DipoleSet::new(p.dims, p.voxel_size, &b0);
                 match (&self.total_start, &p.total) {
-                    (Some(sstv), Some(_)) => {
+                    (Some(sstv), Some(_)) if n == 1 => {
                         let (start, fit) = self.start_from_total(sstv, p, &ops, &mask)?;
                         net.infer_from(&fit, &start, &ops, &mask, self.max_memory)
                             .map_err(err)?
@@ -347,6 +349,7 @@ mod tests {
                 off.invert(&local_only).unwrap(),
             );
             assert_eq!(a, b, "{name}");
+            assert!(on.parameters()["StartedFromTotalField"].is_null(), "{name}");
         }
     }
 
