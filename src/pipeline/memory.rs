@@ -137,8 +137,8 @@ fn sstv_bytes(work: &Work) -> f64 {
 /// `nn::loopnet`); with other `--weights` only the budget bounds it.
 pub fn activations(work: &Work, config: &Config, budget: f64) -> f64 {
     let per_voxel = match config.inversion.method {
-        // 4 live tensors of the prox's 16 channels.
-        MethodName::Lpcnn => 4.0 * 4.0 * 16.0,
+        // 4 live tensors of the shipped prox's 8 channels.
+        MethodName::Lpcnn => 4.0 * 4.0 * 8.0,
         // ≈ 25 tensors of the first level's 8 channels.
         MethodName::Loopnet | MethodName::Unet => 4.0 * 25.0 * 8.0,
         _ => return 0.0,
