@@ -274,6 +274,11 @@ mod tests {
     use candle_core::DType;
     use candle_nn::{VarBuilder, VarMap};
 
+    /// A learned method on the CPU, with the default memory budget and no SS-TV start.
+    fn on_cpu(kind: MethodName, weights: Option<PathBuf>) -> crate::Result<Learned> {
+        Learned::new(kind, weights, DeviceChoice::Cpu, 3.0, None)
+    }
+
     /// One orientation, B0 along z, on an 8³ grid of 1 mm voxels.
     fn cube<'a>(field: &'a [f32], mask: &'a crate::Mask) -> Problem<'a> {
         Problem {
@@ -297,27 +302,21 @@ mod tests {
     /// The shipped U-net (which refines TV's map) refines SS-TV's there, and gains as much.
     #[test]
     fn learned_methods_start_from_sstv_when_given_the_total_field() {
-        use crate::inversion::sstv::tests::{brain_field, problem, with_background, B0};
+        use crate::inversion::sstv::tests::{brain_field, problem, vsharp, with_background, B0};
         use crate::inversion::testing::nrmse_demeaned;
-        use crate::preprocess::background::{remove_background, BackgroundConfig};
-        use crate::volume::{Geometry, Volume};
         let (chi, mask, local) = brain_field();
         let total = with_background(&local, &mask);
-        let removed = remove_background(
-            &Volume::new([48; 3], total.clone(), Geometry::from_voxel_size([1.0; 3])),
-            &mask,
-            B0,
-            None,
-            &BackgroundConfig::default(),
-        )
-        .unwrap();
-        let p = Problem {
+        let removed = vsharp(&total, &mask);
+        // The V-SHARP local field, with or without the total field beside it.
+        let two_step = |with_total: bool| Problem {
             orientations: vec![Orientation {
                 field: &removed.field.data,
                 b0: B0,
             }],
+            total: problem(&total, &mask).total.filter(|_| with_total),
             ..problem(&total, &mask)
         };
+        let p = two_step(true);
         for kind in [MethodName::Lpcnn, MethodName::Unet] {
             let method = |from_total: bool| {
                 let sstv = from_total.then(sstv::Config::default);
@@ -336,14 +335,7 @@ mod tests {
             assert!(on.parameters()["StartedFromTotalField"]["SsTv"].is_object());
             assert!(off.parameters()["StartedFromTotalField"].is_null());
             // Without a total field (a local field map) it runs as `off` does.
-            let local_only = Problem {
-                orientations: vec![Orientation {
-                    field: &removed.field.data,
-                    b0: B0,
-                }],
-                total: None,
-                ..problem(&total, &mask)
-            };
+            let local_only = two_step(false);
             let (a, b) = (
                 on.invert(&local_only).unwrap(),
                 off.invert(&local_only).unwrap(),
@@ -361,7 +353,7 @@ mod tests {
         let mask: Vec<bool> = (0..512).map(|i| i % 5 != 0).collect();
         let problem = cube(&field, &mask);
         for kind in [MethodName::Lpcnn, MethodName::Loopnet, MethodName::Unet] {
-            let method = Learned::new(kind, None, DeviceChoice::Cpu, 3.0, None).unwrap();
+            let method = on_cpu(kind, None).unwrap();
             let chi = method.invert(&problem).unwrap();
             assert!(chi
                 .iter()
@@ -376,16 +368,10 @@ mod tests {
             assert!(p["Architecture"].is_object(), "{p}");
             assert!(p["Training"]["Steps"].as_u64().unwrap() > 0, "{p}");
         }
-        let err = Learned::new(
-            MethodName::Unet,
-            Some("/no/such.safetensors".into()),
-            DeviceChoice::Cpu,
-            3.0,
-            None,
-        )
-        .err()
-        .unwrap()
-        .to_string();
+        let err = on_cpu(MethodName::Unet, Some("/no/such.safetensors".into()))
+            .err()
+            .unwrap()
+            .to_string();
         assert!(err.contains("/no/such.safetensors"), "{err}");
     }
 
@@ -408,19 +394,13 @@ mod tests {
         let field = crate::nn::testing::random(512, 1);
         let mask: Vec<bool> = (0..512).map(|i| i % 7 != 0).collect();
         let problem = cube(&field, &mask);
-        let chi = Learned::new(
-            MethodName::Unet,
-            Some(unet.clone()),
-            DeviceChoice::Cpu,
-            3.0,
-            None,
-        )
-        .unwrap()
-        .invert(&problem)
-        .unwrap();
+        let chi = on_cpu(MethodName::Unet, Some(unet.clone()))
+            .unwrap()
+            .invert(&problem)
+            .unwrap();
         assert_eq!(chi.len(), 512);
         assert!(chi.iter().zip(&mask).all(|(c, &m)| m || *c == 0.0));
-        let err = Learned::new(MethodName::Lpcnn, Some(unet), DeviceChoice::Cpu, 3.0, None)
+        let err = on_cpu(MethodName::Lpcnn, Some(unet))
             .unwrap()
             .invert(&problem)
             .unwrap_err()
@@ -429,14 +409,7 @@ mod tests {
             err.contains("unet.safetensors") && err.contains("LP-CNN"),
             "{err}"
         );
-        let method = Learned::new(
-            MethodName::Lpcnn,
-            Some(lp.clone()),
-            DeviceChoice::Cpu,
-            3.0,
-            None,
-        )
-        .unwrap();
+        let method = on_cpu(MethodName::Lpcnn, Some(lp.clone())).unwrap();
         let recorded = method.parameters()["WeightsSha256"]
             .as_str()
             .unwrap()
@@ -481,28 +454,16 @@ mod tests {
         let field = crate::nn::testing::random(512, 2);
         let mask = vec![true; 512];
         let problem = cube(&field, &mask);
-        let chi = Learned::new(
-            MethodName::Lpcnn,
-            Some(path.clone()),
-            DeviceChoice::Cpu,
-            3.0,
-            None,
-        )
-        .unwrap()
-        .invert(&problem)
-        .unwrap();
+        let chi = on_cpu(MethodName::Lpcnn, Some(path.clone()))
+            .unwrap()
+            .invert(&problem)
+            .unwrap();
         assert!(chi.iter().all(|c| c.is_finite()) && chi.iter().any(|&c| c != 0.0));
-        let err = Learned::new(
-            MethodName::Loopnet,
-            Some(path),
-            DeviceChoice::Cpu,
-            3.0,
-            None,
-        )
-        .unwrap()
-        .invert(&problem)
-        .unwrap_err()
-        .to_string();
+        let err = on_cpu(MethodName::Loopnet, Some(path))
+            .unwrap()
+            .invert(&problem)
+            .unwrap_err()
+            .to_string();
         assert!(
             err.contains("small.safetensors") && err.contains("--method lpcnn"),
             "{err}"

@@ -359,7 +359,7 @@ pub(crate) mod tests {
     use crate::inversion::tfi::tests::field_of;
     use crate::inversion::tv::TvAdmm;
     use crate::inversion::{Orientation, TotalField};
-    use crate::preprocess::background::{remove_background, BackgroundConfig};
+    use crate::preprocess::background::{remove_background, BackgroundConfig, LocalField};
     use crate::simulate::rng::centred_noise as random;
     use crate::volume::{Geometry, Volume};
 
@@ -427,6 +427,14 @@ pub(crate) mod tests {
             .collect()
     }
 
+    /// `field`'s local field by chimap's default background removal (V-SHARP), on the
+    /// test brain's grid.
+    pub(crate) fn vsharp(field: &[f32], mask: &Mask) -> LocalField {
+        let grid = Geometry::from_voxel_size([1.0; 3]);
+        let field = Volume::new(DIMS, field.to_vec(), grid);
+        remove_background(&field, mask, B0, None, &BackgroundConfig::default()).unwrap()
+    }
+
     #[test]
     fn a_harmonic_background_changes_nothing() {
         let (_, mask, local) = brain_field();
@@ -444,14 +452,7 @@ pub(crate) mod tests {
     fn sstv_keeps_what_background_removal_then_tv_loses() {
         let (chi, mask, local) = brain_field();
         let one = sstv(&problem(&local, &mask));
-        let removed = remove_background(
-            &Volume::new(DIMS, local.clone(), Geometry::from_voxel_size([1.0; 3])),
-            &mask,
-            B0,
-            None,
-            &BackgroundConfig::default(),
-        )
-        .unwrap();
+        let removed = vsharp(&local, &mask);
         let two_step = Problem {
             orientations: vec![Orientation {
                 field: &removed.field.data,
