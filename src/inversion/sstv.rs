@@ -70,7 +70,7 @@ impl Default for Config {
             // for stopping early (26.1 % against 27.0 %; 26.4 against 27.0 % tilted, int16)
             // and the inversion takes half the time.
             admm: tv::Config {
-                lambda: Lambda::Value(3e-4),
+                lambda: Lambda::Value(tv::DEFAULT_LAMBDA),
                 max_iterations: 50,
                 ..tv::Config::default()
             },

@@ -39,10 +39,13 @@ pub struct Config {
     pub max_iterations: usize,
 }
 
+/// TV's default λ (ppm·mm), also the default of SS-TV and of the learned methods' TV starts.
+pub const DEFAULT_LAMBDA: f64 = 3e-4;
+
 impl Default for Config {
     fn default() -> Self {
         Config {
-            lambda: Lambda::Value(3e-4),
+            lambda: Lambda::Value(DEFAULT_LAMBDA),
             lambda_scan: Scan::default(),
             rho_tv: 100.0,
             rho_data: 1.0,

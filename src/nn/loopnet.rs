@@ -78,10 +78,7 @@ impl Default for Config {
             fuse: false,
             deep_supervision: false,
             start: Start::Field,
-            start_lambda: crate::inversion::tv::Config::default()
-                .lambda
-                .value()
-                .expect("TV's default λ is a value"),
+            start_lambda: crate::inversion::tv::DEFAULT_LAMBDA,
         }
     }
 }

@@ -84,10 +84,7 @@ impl Default for Config {
             alpha_init: 4.0,
             warm_start_threshold: 0.15,
             warm_start: WarmStart::Tkd,
-            warm_start_lambda: crate::inversion::tv::Config::default()
-                .lambda
-                .value()
-                .expect("TV's default λ is a value"),
+            warm_start_lambda: crate::inversion::tv::DEFAULT_LAMBDA,
             zero_mean_correction: false,
             prox_input_limit: None,
         }
