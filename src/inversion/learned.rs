@@ -77,30 +77,15 @@ impl Learned {
         })
     }
 
-    /// The start from the total field, SS-TV's χ, and for LP-CNN its field `M · D χ` inside
-    /// the brain mask as the data term. SS-TV fits the total field with the background
-    /// removed in the same step, so its field keeps the harmonic part of the local field that
-    /// a separate background removal loses; fitting the background-removed field instead
-    /// would pull the iterations back towards that loss (MNI head from raw phase: 28.1 %
-    /// against 27.1 %, `weights/lpcnn-default.md`).
-    fn start_from_total(
-        &self,
-        sstv: &SsTv,
-        p: &Problem,
-        ops: &DipoleSet,
-        mask: &Tensor,
-    ) -> Result<(Tensor, Tensor)> {
-        let err = |e| numerics(self.name(), e);
+    /// The start from the total field: SS-TV's χ. SS-TV fits the total field with the
+    /// background removed in the same step, so its map keeps the harmonic part of the local
+    /// field that a separate background removal loses.
+    fn sstv_start(&self, sstv: &SsTv, p: &Problem) -> Result<Tensor> {
         let [d, h, w] = tensor_dims(p.dims);
         let chi = sstv.invert(p)?;
-        let start = Tensor::from_vec(chi, (1, 1, d, h, w), &self.device).map_err(err)?;
-        let fit = ops
-            .forward(&start)
-            .and_then(|f| f.broadcast_mul(mask))
-            .map_err(err)?;
         self.started_from_total
             .store(true, std::sync::atomic::Ordering::Relaxed);
-        Ok((start, fit))
+        Tensor::from_vec(chi, (1, 1, d, h, w), &self.device).map_err(|e| numerics(self.name(), e))
     }
 }
 
@@ -170,7 +155,15 @@ impl Method for Learned {
                 let ops = DipoleSet::new(p.dims, p.voxel_size, &b0);
                 match (&self.total_start, &p.total) {
                     (Some(sstv), Some(_)) if n == 1 => {
-                        let (start, fit) = self.start_from_total(sstv, p, &ops, &mask)?;
+                        // Its data term is SS-TV's own field of the brain, `M · D χ`: fitting
+                        // the background-removed field instead pulled the map back towards
+                        // what removal loses (MNI head from raw phase: 28.1 % against
+                        // 27.1 %, `weights/lpcnn-default.md`).
+                        let start = self.sstv_start(sstv, p)?;
+                        let fit = ops
+                            .forward(&start)
+                            .and_then(|f| f.broadcast_mul(&mask))
+                            .map_err(err)?;
                         net.infer_from(&fit, &start, &ops, &mask, self.max_memory)
                             .map_err(err)?
                     }
@@ -201,7 +194,7 @@ impl Method for Learned {
                     let f = fields.narrow(1, i, 1).map_err(err)?;
                     let ops = DipoleSet::new(p.dims, p.voxel_size, &[o.b0]);
                     let x = match sstv {
-                        Some(sstv) => self.start_from_total(sstv, p, &ops, &mask)?.0,
+                        Some(sstv) => self.sstv_start(sstv, p)?,
                         None => net.input(&f, &ops, &mask).map_err(err)?,
                     };
                     let chi = net.infer(&x, &mask, self.max_memory).map_err(err)?;
