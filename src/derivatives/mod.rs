@@ -151,13 +151,18 @@ impl Derivatives {
     }
 
     /// Takes the lock of one acquisition's outputs (`entities` name it), waiting while another
-    /// run holds it, and removes what killed runs left half-written in its folder.
+    /// run holds it, and removes what killed runs left half-written in its folder and in the
+    /// `--work-dir` (a run killed while keeping its local field there leaves a temporary file
+    /// that the run taking over must clear: the start-up sweep ran before it existed).
     pub fn lock(&self, entities: &Entities) -> Result<(Lock, Wait)> {
         let dir = self.folder(entities);
         std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
         let name = entities.prefix();
         let got = Lock::acquire(&dir.join(format!(".{name}.lock")), &name)?;
         partial::remove_stale_in(&dir);
+        if let Some(work) = &self.work_dir {
+            partial::remove_stale_in(work);
+        }
         Ok(got)
     }
 
@@ -274,6 +279,30 @@ mod tests {
             acq: Some("ori1".into()),
             ..Default::default()
         }
+    }
+
+    /// Taking an acquisition's lock clears a dead writer's temporary file from the
+    /// `--work-dir` too, and leaves a live writer's alone.
+    #[test]
+    fn the_lock_clears_dead_writers_files_from_the_work_dir() {
+        let (src, out, work) = (
+            tempfile::tempdir().unwrap(),
+            tempfile::tempdir().unwrap(),
+            tempfile::tempdir().unwrap(),
+        );
+        let d = Derivatives::create(&out.path().join("d"), src.path(), "chimap")
+            .unwrap()
+            .with_work_dir(Some(work.path().to_path_buf()));
+        // Written after the start-up sweep, as by a run killed mid-way.
+        let host = partial::host_name();
+        let dead = work
+            .path()
+            .join(format!(".x.partial-{host}-99999999-0.local-field"));
+        std::fs::write(&dead, b"half").unwrap();
+        let live = partial::partial_path(&work.path().join("y"), ".local-field");
+        std::fs::write(&live, b"half").unwrap();
+        let _lock = d.lock(&entities()).unwrap();
+        assert!(!dead.exists() && live.exists());
     }
 
     #[test]

@@ -78,20 +78,18 @@ pub fn writer(file_name: &str) -> Option<(String, u32)> {
         return None;
     }
     let (_, tail) = file_name.rsplit_once(MARK)?;
-    // The tail is `<host>-<pid>-<n>[.ext]`; hosts may hold '-' but never the extension's '.'
-    // after the counter, so split the counter's extension off first.
-    let tail = match tail.rsplit_once('-') {
-        Some((head, last)) => {
-            let n: String = last.chars().take_while(|c| c.is_ascii_digit()).collect();
-            if n.is_empty() {
-                return None;
-            }
-            head
-        }
-        None => return None,
-    };
-    let (host, pid) = tail.rsplit_once('-')?;
-    Some((host.to_string(), pid.parse().ok()?))
+    // The tail is `<host>-<pid>-<n><ext>`. Hosts may hold '-' (names from other tools) and
+    // so may the extension (`.local-field`): the counter is the last `-<digits>` followed by
+    // the end or the extension's '.', with a numeric pid before it.
+    tail.rmatch_indices('-').find_map(|(i, _)| {
+        let (head, last) = (&tail[..i], &tail[i + 1..]);
+        let digits = last.len() - last.trim_start_matches(|c: char| c.is_ascii_digit()).len();
+        let counter = digits > 0 && (digits == last.len() || last[digits..].starts_with('.'));
+        let (host, pid) = head.rsplit_once('-')?;
+        counter
+            .then(|| pid.parse().ok().map(|pid| (host.to_string(), pid)))
+            .flatten()
+    })
 }
 
 /// Whether `path` is a temporary file whose writer is gone: a process of this machine that no
@@ -157,6 +155,14 @@ mod tests {
         assert!(writer("sub-1_Chimap.nii.gz").is_none());
         assert!(writer(".hidden").is_none());
         assert!(writer(".a.partial-host-x-1").is_none());
+        // An extension with a '-' (the --work-dir's local fields).
+        let p = partial_path(Path::new("/w/.sub-1_ab12.local-field"), ".local-field");
+        let name = p.file_name().unwrap().to_str().unwrap().to_string();
+        assert_eq!(writer(&name).unwrap(), (host_name(), std::process::id()));
+        assert_eq!(
+            writer(".x.partial-vm-23499-14.local-field").unwrap(),
+            ("vm".to_string(), 23499)
+        );
     }
 
     #[test]
