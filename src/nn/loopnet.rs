@@ -53,6 +53,14 @@ pub struct Config {
     pub start: Start,
     /// λ of the TV-ADMM start (ppm·mm, as `inversion.tv.lambda`).
     pub start_lambda: f64,
+    /// One set of batch norms per loop (the convolutions stay shared). The loops see
+    /// different statistics (the first loop's reverse connections are zeros), so norms
+    /// shared across loops keep running statistics that fit no loop, and the evaluation
+    /// mode of a trained LoopNet drifts from its training mode. Absent from weights and
+    /// configurations written before it existed, which shared them: hence `false` when
+    /// absent, while [`Config::default`] turns it on.
+    #[serde(default)]
+    pub norm_per_loop: bool,
 }
 
 /// The network's input, which the final skip adds to its output.
@@ -79,6 +87,7 @@ impl Default for Config {
             deep_supervision: false,
             start: Start::Field,
             start_lambda: crate::inversion::tv::DEFAULT_LAMBDA,
+            norm_per_loop: true,
         }
     }
 }
@@ -105,41 +114,67 @@ impl Config {
     pub fn stride(&self) -> usize {
         1 << (self.channels.len() - 1)
     }
+
+    /// Sets of batch norms in each conv block: one per loop, or one shared.
+    fn norm_sets(&self) -> usize {
+        if self.norm_per_loop {
+            self.loops
+        } else {
+            1
+        }
+    }
 }
 
-/// Two [conv 3³, BN, ReLU], then optionally `x + GHPA(x)`.
+/// Two [conv 3³, BN, ReLU], then optionally `x + GHPA(x)`; with `norms > 1` sets of batch
+/// norms, loop `t` uses set `t` (the last set for later loops).
 #[derive(Clone, Debug)]
 struct Block {
     c1: Conv3d,
-    b1: BatchNorm3d,
+    b1: Vec<BatchNorm3d>,
     c2: Conv3d,
-    b2: BatchNorm3d,
+    b2: Vec<BatchNorm3d>,
     ghpa: Option<Ghpa>,
 }
 
 impl Block {
-    fn new(cin: usize, cout: usize, ghpa: Option<usize>, vb: VarBuilder) -> Result<Self> {
+    fn new(
+        cin: usize,
+        cout: usize,
+        ghpa: Option<usize>,
+        norms: usize,
+        vb: VarBuilder,
+    ) -> Result<Self> {
+        // One set keeps the names of weights written before per-loop norms.
+        let bn = |name: &str| -> Result<Vec<BatchNorm3d>> {
+            if norms == 1 {
+                return Ok(vec![BatchNorm3d::new(cout, vb.pp(name))?]);
+            }
+            (0..norms)
+                .map(|t| BatchNorm3d::new(cout, vb.pp(name).pp(t)))
+                .collect()
+        };
         Ok(Block {
             c1: Conv3d::new(cin, cout, 3, false, vb.pp("conv1"))?,
-            b1: BatchNorm3d::new(cout, vb.pp("bn1"))?,
+            b1: bn("bn1")?,
             c2: Conv3d::new(cout, cout, 3, false, vb.pp("conv2"))?,
-            b2: BatchNorm3d::new(cout, vb.pp("bn2"))?,
+            b2: bn("bn2")?,
             ghpa: ghpa
                 .map(|s| Ghpa::new(cout, s, vb.pp("ghpa")))
                 .transpose()?,
         })
     }
-}
 
-impl ModuleT for Block {
-    fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+    /// The block in loop `t` (from 0).
+    fn forward_t(&self, x: &Tensor, train: bool, t: usize) -> Result<Tensor> {
+        let b1 = &self.b1[t.min(self.b1.len() - 1)];
+        let b2 = &self.b2[t.min(self.b2.len() - 1)];
         let h = if train {
-            let h = self.b1.forward_t(&self.c1.forward(x)?, train)?.relu()?;
-            self.b2.forward_t(&self.c2.forward(&h)?, train)?.relu()?
+            let h = b1.forward_t(&self.c1.forward(x)?, train)?.relu()?;
+            b2.forward_t(&self.c2.forward(&h)?, train)?.relu()?
         } else {
             // Inference: batch norms folded into the convolutions, ReLU fused.
-            let (s1, t1) = self.b1.scale_shift()?;
-            let (s2, t2) = self.b2.scale_shift()?;
+            let (s1, t1) = b1.scale_shift()?;
+            let (s2, t2) = b2.scale_shift()?;
             let h = self.c1.forward_affine_act(x, &s1, &t1, true)?;
             self.c2.forward_affine_act(&h, &s2, &t2, true)?
         };
@@ -187,7 +222,13 @@ impl LoopNet {
         let mut enc = Vec::new();
         for l in 0..levels {
             let cin = if l == 0 { 1 } else { c[l - 1] } + feedback(l);
-            enc.push(Block::new(cin, c[l], ghpa(l), vb.pp(format!("enc.{l}")))?);
+            enc.push(Block::new(
+                cin,
+                c[l],
+                ghpa(l),
+                cfg.norm_sets(),
+                vb.pp(format!("enc.{l}")),
+            )?);
         }
         let mut up = Vec::new();
         let mut dec = Vec::new();
@@ -203,6 +244,7 @@ impl LoopNet {
                 2 * c[l],
                 c[l],
                 ghpa(l),
+                cfg.norm_sets(),
                 vb.pp(format!("dec.{l}")),
             )?);
         }
@@ -286,7 +328,7 @@ impl LoopNet {
         let levels = self.cfg.channels.len();
         let mut feedback: Vec<Option<Tensor>> = vec![None; levels - 1];
         let mut outs = Vec::with_capacity(self.cfg.loops);
-        for _ in 0..self.cfg.loops {
+        for t in 0..self.cfg.loops {
             let mut skips = Vec::with_capacity(levels - 1);
             let mut f = xp.clone();
             for l in 0..levels {
@@ -307,14 +349,14 @@ impl LoopNet {
                     };
                     f = Tensor::cat(&[&f, &fb], 1)?;
                 }
-                f = self.enc[l].forward_t(&f, train)?;
+                f = self.enc[l].forward_t(&f, train, t)?;
                 if l + 1 < levels {
                     skips.push(f.clone());
                 }
             }
             for l in (0..levels - 1).rev() {
                 let u = self.up[l].forward(&upsample2(&f)?)?;
-                f = self.dec[l].forward_t(&Tensor::cat(&[&u, &skips[l]], 1)?, train)?;
+                f = self.dec[l].forward_t(&Tensor::cat(&[&u, &skips[l]], 1)?, train, t)?;
                 feedback[l] = Some(f.clone());
             }
             outs.push((self.head.forward(&f)? + &xp)?);
@@ -459,13 +501,69 @@ mod tests {
 
     #[test]
     fn loops_share_weights() {
-        let count = |loops| parameters(&build(&tiny(loops, true)).0);
-        assert_eq!(count(2), count(5));
+        let shared = |loops| {
+            parameters(
+                &build(&Config {
+                    norm_per_loop: false,
+                    ..tiny(loops, true)
+                })
+                .0,
+            )
+        };
+        assert_eq!(shared(2), shared(5));
         // The reverse connections add input channels once, not per loop.
-        assert!(count(1) < count(2));
+        assert!(shared(1) < shared(2));
+        // Per-loop norms add one set of norms per loop, and nothing else.
+        let count = |loops| parameters(&build(&tiny(loops, true)).0);
+        let per_set = count(3) - count(2);
+        assert!(per_set > 0);
+        assert_eq!(count(5) - count(2), 3 * per_set);
+        assert_eq!(count(2) - shared(2), per_set);
         // The published sizes: the U-net baseline is a few hundred thousand parameters.
         let unet = parameters(&build(&Config::unet()).0);
         assert!((100_000..2_000_000).contains(&unet), "{unet}");
+    }
+
+    /// Per-loop norms let the evaluation mode match the training mode: after the running
+    /// statistics have settled on one batch, evaluating that batch gives what training mode
+    /// gives. Norms shared by the loops settle on a mix of the loops' statistics and do not.
+    #[test]
+    fn per_loop_norms_make_evaluation_match_training() {
+        // Two levels and 16³: every norm sees ≥ 1 024 samples, so the unbiased running
+        // variance is within 0.1 % of the batch's.
+        let x = random_tensor((2, 1, 16, 16, 16), 5);
+        let gap = |norm_per_loop: bool| {
+            let (_, net) = build(&Config {
+                channels: vec![4, 8],
+                norm_per_loop,
+                ..tiny(3, false)
+            });
+            // Momentum 0.1 from running variances of 1: 300 passes to settle on channels
+            // whose variance is far below 1.
+            let mut train = Vec::new();
+            for _ in 0..300 {
+                train = values(&net.forward_t(&x, true).unwrap().chi);
+            }
+            let eval = values(&net.forward_t(&x, false).unwrap().chi);
+            let xs = values(&x);
+            let d: f32 = train.iter().zip(&eval).map(|(a, b)| (a - b).powi(2)).sum();
+            // Relative to the network's own part (the final skip adds the input).
+            let own: f32 = train.iter().zip(&xs).map(|(a, b)| (a - b).powi(2)).sum();
+            (d / own).sqrt()
+        };
+        let (per_loop, shared) = (gap(true), gap(false));
+        eprintln!("evaluation against training mode: per loop {per_loop:.1e}, shared {shared:.1e}");
+        assert!(per_loop < 0.02, "{per_loop}");
+        assert!(shared > 10.0 * per_loop, "{shared} vs {per_loop}");
+    }
+
+    /// Configurations and weights written before per-loop norms shared them.
+    #[test]
+    fn an_absent_norm_per_loop_means_shared() {
+        let old: Config = serde_json::from_str(r#"{"loops": 2}"#).unwrap();
+        assert!(!old.norm_per_loop);
+        assert_eq!(old.channels, Config::default().channels);
+        assert!(Config::default().norm_per_loop);
     }
 
     #[test]
