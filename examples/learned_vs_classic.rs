@@ -84,7 +84,7 @@ fn scores(x: &[f32], truth: &[f32], mask: &[bool], dims: [usize; 3]) -> [f64; 3]
 
 fn print(name: &str, s: [f64; 3], seconds: f64) {
     println!(
-        "| {name:<22} | {:>6.1} | {:>6.1} | {:>6.3} | {:>7.1} |",
+        "| {name:<22} | {:>6.2} | {:>6.2} | {:>6.3} | {:>7.1} |",
         s[0], s[1], s[2], seconds
     );
 }
