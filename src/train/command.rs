@@ -32,6 +32,15 @@ pub struct TrainArgs {
     /// validation row; `--resume OUT/checkpoint.safetensors` continues the run exactly.
     #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
     pub time_budget: Option<f64>,
+    /// Stop after this much CPU time of this process (all threads), e.g. `45m`: a budget that
+    /// means the same on a busy shared node as on an idle one, for comparing models fairly.
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    pub cpu_budget: Option<f64>,
+    /// Lower the learning rate linearly from the schedule's value to zero over this run's
+    /// budget (--time-budget or --cpu-budget), so the run ends converged at its budget
+    /// rather than mid-schedule. A run resumed with --anneal anneals again over its own budget.
+    #[arg(long)]
+    pub anneal: bool,
     /// Minutes between checkpoints within an epoch (one is also written after each epoch).
     #[arg(long, value_name = "MINUTES", default_value_t = 5.0)]
     pub checkpoint_minutes: f64,
@@ -176,6 +185,17 @@ pub fn run(args: &TrainArgs) -> Result<()> {
         .as_deref()
         .map(TrainConfig::from_file)
         .transpose()?;
+    if args.anneal && args.time_budget.is_none() && args.cpu_budget.is_none() {
+        return Err(Error::Usage(
+            "--anneal lowers the learning rate over a budget; add --time-budget or --cpu-budget"
+                .into(),
+        ));
+    }
+    if args.cpu_budget.is_some() && process_cpu_seconds().is_none() {
+        return Err(Error::Usage(
+            "this system does not report the process's CPU time; use --time-budget instead".into(),
+        ));
+    }
     let device = crate::nn::device::open(args.device)?;
     tracing::info!("training on {}", crate::nn::device::name(&device));
     let mut t = match &args.resume {
@@ -235,14 +255,28 @@ pub fn run(args: &TrainArgs) -> Result<()> {
     let mut bar = Progress::new(t.total_steps() - t.step());
     let mut epoch_loss = (0.0, 0usize);
     let mut out_of_time = false;
+    let spent = || {
+        let cpu = match (process_cpu_seconds(), cpu_at_start) {
+            (Some(now), Some(start)) => now - start,
+            _ => 0.0,
+        };
+        budget_spent(
+            args.time_budget,
+            args.cpu_budget,
+            started.elapsed().as_secs_f64(),
+            cpu,
+        )
+    };
     while t.step() < t.total_steps() {
         let epoch = t.epoch();
+        if args.anneal {
+            t.set_lr_scale(anneal_scale(spent()));
+        }
+        let lr = t.learning_rate();
         let loss = t.train_step()?;
         epoch_loss = (epoch_loss.0 + loss, epoch_loss.1 + 1);
         bar.tick(epoch, loss);
-        out_of_time = args
-            .time_budget
-            .is_some_and(|b| started.elapsed().as_secs_f64() >= b);
+        out_of_time = spent() >= 1.0;
         let epoch_end =
             t.step() % t.config().steps_per_epoch as u64 == 0 || t.step() == t.total_steps();
         if epoch_end || out_of_time {
@@ -251,7 +285,7 @@ pub fn run(args: &TrainArgs) -> Result<()> {
             let row = Row {
                 epoch: epoch + 1,
                 step: t.step(),
-                lr: t.config().learning_rate(epoch),
+                lr,
                 train_loss: epoch_loss.0 / epoch_loss.1.max(1) as f64,
                 val,
                 seconds: prior + started.elapsed().as_secs_f64(),
@@ -297,6 +331,19 @@ pub fn run(args: &TrainArgs) -> Result<()> {
     write_summary(out, &t, rows.last())?;
     tracing::info!("weights written to {}", out.join(FINAL).display());
     Ok(())
+}
+
+/// Fraction of this run's budget spent after `wall` and `cpu` seconds: the larger of the
+/// two where both budgets are set, 0 where none is.
+fn budget_spent(wall_budget: Option<f64>, cpu_budget: Option<f64>, wall: f64, cpu: f64) -> f64 {
+    let wall = wall_budget.map_or(0.0, |b| wall / b);
+    let cpu = cpu_budget.map_or(0.0, |b| cpu / b);
+    wall.max(cpu)
+}
+
+/// Factor on the learning rate after `spent` of the budget: linear from 1 to 0.
+fn anneal_scale(spent: f64) -> f64 {
+    (1.0 - spent).clamp(0.0, 1.0)
 }
 
 fn write_log(out: &Path, rows: &[Row]) -> Result<()> {
@@ -457,6 +504,8 @@ mod tests {
             device: crate::nn::device::DeviceChoice::Cpu,
             // Out of time after the first step.
             time_budget: Some(1e-9),
+            cpu_budget: None,
+            anneal: false,
             checkpoint_minutes: 5.0,
             print_default_config: false,
         };
@@ -497,6 +546,85 @@ mod tests {
         assert!(summary["CpuHours"].as_f64().unwrap() > 0.0);
     }
 
+    #[test]
+    fn the_budget_spent_is_the_larger_fraction_and_annealing_is_linear() {
+        assert_eq!(budget_spent(None, None, 1e6, 1e6), 0.0);
+        assert_eq!(budget_spent(Some(100.0), None, 25.0, 90.0), 0.25);
+        assert_eq!(budget_spent(None, Some(100.0), 25.0, 90.0), 0.9);
+        assert_eq!(budget_spent(Some(100.0), Some(200.0), 60.0, 100.0), 0.6);
+        assert_eq!(anneal_scale(0.0), 1.0);
+        assert_eq!(anneal_scale(0.25), 0.75);
+        assert_eq!(anneal_scale(1.5), 0.0);
+    }
+
+    /// --anneal reaches the optimiser: with the whole budget spent at the first step the
+    /// learning rate is zero, the log says so and the weights stay as initialised; without
+    /// a budget it is a usage error.
+    #[test]
+    fn annealing_over_a_spent_budget_stops_learning() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg_path = dir.path().join("train.yaml");
+        let yaml =
+            "epochs: 1\nsteps_per_epoch: 3\nvalidation_batches: 1\nnormalisation_batches: 1\n\
+                    data:\n  patch: 16\nmodel:\n  unet:\n    channels: [4, 8]\n    loops: 1\n";
+        std::fs::write(&cfg_path, yaml).unwrap();
+        let args = |out: &Path, anneal: bool, budget: Option<f64>| TrainArgs {
+            model: Some(ModelKind::Unet),
+            config: Some(cfg_path.clone()),
+            resume: None,
+            out: Some(out.to_path_buf()),
+            device: crate::nn::device::DeviceChoice::Cpu,
+            time_budget: budget,
+            cpu_budget: None,
+            anneal,
+            checkpoint_minutes: 5.0,
+            print_default_config: false,
+        };
+        let err = run(&args(&dir.path().join("none"), true, None)).unwrap_err();
+        assert!(err.to_string().contains("--time-budget"), "{err}");
+        let log_lr = |out: &Path| -> Vec<f64> {
+            std::fs::read_to_string(out.join(LOG))
+                .unwrap()
+                .lines()
+                .filter_map(Row::parse)
+                .map(|r| r.lr)
+                .collect()
+        };
+        let weights = |out: &Path| crate::nn::weights::read(&out.join(LATEST)).unwrap().0;
+        let (plain, annealed) = (dir.path().join("plain"), dir.path().join("annealed"));
+        run(&args(&plain, false, Some(1e-9))).unwrap();
+        run(&args(&annealed, true, Some(1e-9))).unwrap();
+        assert_eq!(log_lr(&annealed), vec![0.0]);
+        assert!(log_lr(&plain)[0] > 0.0);
+        // Same seed, same first batch: only the step size differs.
+        let initial = dir.path().join("initial.safetensors");
+        Trainer::new(
+            ModelKind::Unet,
+            &TrainConfig::from_file(&cfg_path).unwrap(),
+            &candle_core::Device::Cpu,
+        )
+        .unwrap()
+        .save_weights(&initial)
+        .unwrap();
+        let values =
+            |t: &candle_core::Tensor| -> Vec<f32> { t.flatten_all().unwrap().to_vec1().unwrap() };
+        let (p, a) = (weights(&plain), weights(&annealed));
+        let i = crate::nn::weights::read(&initial).unwrap().0;
+        let mut moved = 0;
+        for (name, v) in &a {
+            if !crate::train::adam::is_trainable(name) {
+                continue;
+            }
+            assert_eq!(
+                values(v),
+                values(&i[name]),
+                "{name} moved with a zero learning rate"
+            );
+            moved += usize::from(values(&p[name]) != values(&i[name]));
+        }
+        assert!(moved > 0, "the plain run moved no weight");
+    }
+
     /// The command end to end on a tiny configuration, then resumed for one more epoch.
     #[test]
     fn writes_weights_log_plot_and_resumes() {
@@ -513,6 +641,8 @@ mod tests {
             out: Some(out.clone()),
             device: crate::nn::device::DeviceChoice::Cpu,
             time_budget: None,
+            cpu_budget: None,
+            anneal: false,
             checkpoint_minutes: 5.0,
             print_default_config: false,
         };

@@ -58,6 +58,8 @@ pub struct Trainer {
     device: Device,
     /// Wall and CPU seconds spent training so far, when the caller measured them.
     clock: Option<(f64, f64)>,
+    /// Factor on the scheduled learning rate (1 unless the caller anneals over a budget).
+    lr_scale: f64,
 }
 
 /// The loss of χ `x` against `target` inside `mask` (all `[N, 1, D, H, W]`), as [`Loss`]
@@ -143,6 +145,7 @@ impl Trainer {
             step: 0,
             device: device.clone(),
             clock: None,
+            lr_scale: 1.0,
         };
         if kind == ModelKind::Lpcnn {
             let (mean, std) = t.target_statistics();
@@ -239,6 +242,17 @@ impl Trainer {
         &self.cfg
     }
 
+    /// The learning rate of the next step: the schedule's for this epoch times the scale.
+    pub fn learning_rate(&self) -> f64 {
+        self.cfg.learning_rate(self.epoch()) * self.lr_scale
+    }
+
+    /// Multiplies the scheduled learning rate by `scale` (in [0, 1]) from the next step on;
+    /// not saved in checkpoints, since it follows the caller's budget, not the run.
+    pub fn set_lr_scale(&mut self, scale: f64) {
+        self.lr_scale = scale.clamp(0.0, 1.0);
+    }
+
     /// Optimiser steps done.
     pub fn step(&self) -> u64 {
         self.step
@@ -267,7 +281,7 @@ impl Trainer {
 
     /// One optimiser step on the next training batch; returns its loss (before the step).
     pub fn train_step(&mut self) -> Result<f64> {
-        let lr = self.cfg.learning_rate(self.epoch());
+        let lr = self.learning_rate();
         let batch = self
             .synth
             .batch(Stream::Train, self.step, self.cfg.batch_size);
