@@ -347,23 +347,10 @@ impl Medi {
         let c = &self.config;
         let s = c.radians_per_ppm as f32;
         let grad = Gradient::new(problem.dims, problem.voxel_size);
-        // W², normalised to mean W = 1 in the mask so λ means the same for any weight scale.
-        let w = problem.data_weight();
-        let (sum, count) = w
-            .iter()
-            .zip(problem.mask)
-            .filter(|(_, &m)| m)
-            .fold((0.0f64, 0usize), |(a, k), (&w, _)| (a + w as f64, k + 1));
-        if count == 0 || sum <= 0.0 {
-            return Err(Error::Numerics(
-                "MEDI: the mask or the weight is empty".into(),
-            ));
-        }
-        let scale = (count as f64 / sum) as f32;
-        let w2 = w.iter().map(|w| (w * scale).powi(2)).collect();
+        let w2 = problem.squared_unit_weight("MEDI")?;
         let edges = match problem.magnitude {
             Some(m) => edge_mask(m, problem.mask, &grad, c.edge_fraction),
-            None => vec![1.0; w.len()],
+            None => vec![1.0; w2.len()],
         };
         Ok(Setup {
             ops: (0..problem.orientations.len())

@@ -96,6 +96,16 @@ impl Problem<'_> {
         }
     }
 
+    /// W² with W scaled to mean 1 in the mask, so λ means the same whatever the weight's
+    /// units; an error naming `method` when the mask or the weight is empty.
+    pub fn squared_unit_weight(&self, method: &str) -> Result<Vec<f32>> {
+        let w = self.data_weight();
+        let inside = w.iter().zip(self.mask).filter(|(_, &m)| m).map(|(&w, _)| w);
+        let scale = unit_mean_scale(inside)
+            .ok_or_else(|| Error::Numerics(format!("{method}: the mask or the weight is empty")))?;
+        Ok(w.iter().map(|w| (w * scale).powi(2)).collect())
+    }
+
     /// Fails with a clear message unless every orientation's field has the grid's size.
     fn check(&self, method: &str) -> Result<()> {
         let n: usize = self.dims.iter().product();
@@ -332,9 +342,44 @@ pub fn reference_to_mean(chi: &mut [f32], mask: &Mask, reference: &Mask) -> f64 
     mean
 }
 
+/// The factor that scales `weights` (non-negative) to mean 1; `None` when there are none or
+/// they sum to zero. The one rule by which every weighted solver keeps λ unit-free.
+pub(crate) fn unit_mean_scale(weights: impl Iterator<Item = f32>) -> Option<f32> {
+    let (sum, count) = weights.fold((0.0f64, 0usize), |(s, k), w| (s + w as f64, k + 1));
+    (count > 0 && sum > 0.0).then(|| (count as f64 / sum) as f32)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_data_weight_is_scaled_to_mean_one_in_the_mask() {
+        assert_eq!(unit_mean_scale([1.0f32, 3.0].into_iter()), Some(0.5));
+        assert_eq!(unit_mean_scale(std::iter::empty()), None);
+        assert_eq!(unit_mean_scale([0.0f32, 0.0].into_iter()), None);
+        let fields = [vec![0.0f32; 4]];
+        let mask = vec![true, true, false, true];
+        let weight = [2.0f32, 4.0, 100.0, f32::NAN];
+        let p = Problem {
+            weight: Some(&weight),
+            ..testing::problem([4, 1, 1], &fields, &[[0.0, 0.0, 1.0]], &mask)
+        };
+        // Inside the mask W = (2, 4, 0 for NaN): mean 2, so (W/2)²; 0 outside the mask.
+        assert_eq!(
+            p.squared_unit_weight("X").unwrap(),
+            vec![1.0, 4.0, 0.0, 0.0]
+        );
+        let empty = vec![false; 4];
+        let err = testing::problem([4, 1, 1], &fields, &[[0.0, 0.0, 1.0]], &empty)
+            .squared_unit_weight("X")
+            .unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("X: the mask or the weight is empty"),
+            "{err}"
+        );
+    }
 
     #[test]
     fn unusable_solver_settings_fail_when_the_method_is_built() {

@@ -256,19 +256,16 @@ impl Terms {
 
         // W², normalised to mean W = 1 over the voxels of data so λ keeps its meaning.
         let w = |i: usize| weight.map_or(1.0, |w| w[i]);
-        let (sum, count) = (0..d2.len())
+        let data = (0..d2.len())
             .filter(|&i| d2[i] > smallest && w(i).is_finite())
-            .fold((0.0f64, 0usize), |(s, k), i| {
-                (s + w(i).max(0.0) as f64, k + 1)
-            });
-        if count == 0 || sum <= 0.0 {
+            .map(|i| w(i).max(0.0));
+        let Some(scale) = super::unit_mean_scale(data) else {
             return Err(Error::Numerics(format!(
                 "SS-TV: no voxel of the brain mask lies {} mm inside it (rim_mm + the smallest \
                  radius): the mask is too thin",
                 c.rim_mm + radii[radii.len() - 1]
             )));
-        }
-        let scale = (count as f64 / sum) as f32;
+        };
 
         let fft = Fft3::new(dims);
         let trusted_field: Vec<f32> = field

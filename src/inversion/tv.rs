@@ -140,7 +140,7 @@ impl TvAdmm {
     /// solve) and ‖∇χ‖₁ of each λ's map.
     fn l_curve(&self, problem: &Problem) -> Result<Vec<Point>> {
         let scan = &self.config.lambda_scan;
-        let w2 = self.normalised_weight(problem)?;
+        let w2 = problem.squared_unit_weight("TV-ADMM")?;
         let grad = Gradient::new(problem.dims, problem.voxel_size);
         let mut points = Vec::new();
         for l in scan.values() {
@@ -164,24 +164,6 @@ impl TvAdmm {
         Ok(points)
     }
 
-    /// W², normalised to mean 1 in the mask so λ means the same for any weight scale.
-    fn normalised_weight(&self, problem: &Problem) -> Result<Vec<f32>> {
-        let mut w2 = problem.data_weight();
-        let (sum, count) = w2
-            .iter()
-            .zip(problem.mask)
-            .filter(|(_, &m)| m)
-            .fold((0.0f64, 0usize), |(s, k), (&w, _)| (s + w as f64, k + 1));
-        if count == 0 || sum <= 0.0 {
-            return Err(Error::Numerics(
-                "TV-ADMM: the mask or the weight is empty".into(),
-            ));
-        }
-        let scale = (count as f64 / sum) as f32;
-        w2.iter_mut().for_each(|w| *w = (*w * scale).powi(2));
-        Ok(w2)
-    }
-
     /// ADMM with a given λ and iteration limit: one data term per orientation.
     fn solve_with(
         &self,
@@ -191,7 +173,7 @@ impl TvAdmm {
     ) -> Result<(Vec<f32>, usize)> {
         let c = &self.config;
         let kernels = problem.kernels();
-        let w2 = self.normalised_weight(problem)?;
+        let w2 = problem.squared_unit_weight("TV-ADMM")?;
         let terms: Vec<DataTerm> = problem
             .orientations
             .iter()
