@@ -24,6 +24,8 @@ pub struct Learned {
     weights: Weights,
     /// Hex SHA-256 of the weights, so that a Chimap names exactly the model behind it.
     sha256: String,
+    /// The weights' metadata (architecture, provenance), read once when the method is built.
+    meta: std::collections::HashMap<String, String>,
     device: Device,
     /// Activation memory allowed for the CNN parts before they run in tiles.
     max_memory: usize,
@@ -66,10 +68,25 @@ impl Learned {
             }
         };
         let sha256 = weights.sha256();
+        // Read now, so that weights of another model fail before any processing.
+        let meta = weights.metadata()?;
+        if let Some(model) = meta.get(weights::MODEL_KEY) {
+            if model != kind.as_str() {
+                return Err(Error::input(
+                    &weights.label,
+                    format!(
+                        "holds {model} weights, not {}; pass --method {model} or {} weights",
+                        kind.as_str(),
+                        kind.as_str()
+                    ),
+                ));
+            }
+        }
         Ok(Learned {
             kind,
             weights,
             sha256,
+            meta,
             device: device::open(device)?,
             max_memory,
             total_start: total_start.map(SsTv::new),
@@ -91,23 +108,10 @@ impl Learned {
 
 impl Learned {
     /// The architecture recorded in the weights' metadata by `chimap train` (None for a
-    /// file without it: the published architecture is assumed); a file made for another
-    /// method is an input error.
+    /// file without it: the published architecture is assumed).
     fn architecture<C: serde::de::DeserializeOwned>(&self) -> Result<Option<C>> {
-        let meta = self.weights.metadata()?;
-        if let Some(model) = meta.get(weights::MODEL_KEY) {
-            if model != self.kind.as_str() {
-                return Err(Error::input(
-                    &self.weights.label,
-                    format!(
-                        "holds {model} weights, not {}; pass --method {model} or {} weights",
-                        self.kind.as_str(),
-                        self.kind.as_str()
-                    ),
-                ));
-            }
-        }
-        meta.get(weights::MODEL_CONFIG_KEY)
+        self.meta
+            .get(weights::MODEL_CONFIG_KEY)
             .map(|json| {
                 serde_json::from_str(json).map_err(|e| {
                     Error::input(
@@ -223,8 +227,8 @@ impl Method for Learned {
 
     /// Which weights, exactly (name, sha256), what architecture, and how they were trained.
     fn parameters(&self) -> serde_json::Value {
-        let meta = self.weights.metadata().unwrap_or_default();
-        let architecture = meta
+        let architecture = self
+            .meta
             .get(weights::MODEL_CONFIG_KEY)
             .and_then(|j| serde_json::from_str::<serde_json::Value>(j).ok());
         serde_json::json!({
@@ -234,7 +238,7 @@ impl Method for Learned {
             "ModelCard": self.weights.shipped.map(|s| s.card()),
             "WeightsSha256": self.sha256,
             "Architecture": architecture,
-            "Training": Provenance::from_metadata(&meta).to_json(),
+            "Training": Provenance::from_metadata(&self.meta).to_json(),
             "StartedFromTotalField": self.total_start.as_ref().filter(|_| {
                 self.started_from_total.load(std::sync::atomic::Ordering::Relaxed)
             }).map(|sstv| serde_json::json!({
@@ -417,7 +421,8 @@ mod tests {
     }
 
     /// Weights written by `chimap train` carry their architecture: a reduced LP-CNN runs
-    /// without configuration, and a file for another method is refused by name.
+    /// without configuration, and a file for another method is refused by name when the
+    /// method is built.
     #[test]
     fn reads_the_architecture_from_the_weights_metadata() {
         let dir = tempfile::tempdir().unwrap();
@@ -452,10 +457,10 @@ mod tests {
             .invert(&problem)
             .unwrap();
         assert!(chi.iter().all(|c| c.is_finite()) && chi.iter().any(|&c| c != 0.0));
+        // Refused when the method is built, before any processing.
         let err = on_cpu(MethodName::Loopnet, Some(path))
-            .unwrap()
-            .invert(&problem)
-            .unwrap_err()
+            .err()
+            .expect("lpcnn weights accepted for loopnet")
             .to_string();
         assert!(
             err.contains("small.safetensors") && err.contains("--method lpcnn"),
