@@ -246,25 +246,23 @@ pub fn run(args: &TrainArgs) -> Result<()> {
         }
     });
     let cpu_at_start = process_cpu_seconds();
-    let cpu_now = || match (process_cpu_seconds(), cpu_at_start) {
-        (Some(now), Some(start)) => prior_cpu + now - start,
+    // CPU seconds of this invocation (NaN where the system does not report them).
+    let cpu_this_run = || match (process_cpu_seconds(), cpu_at_start) {
+        (Some(now), Some(start)) => now - start,
         _ => f64::NAN,
     };
+    let cpu_now = || prior_cpu + cpu_this_run();
     let every = std::time::Duration::from_secs_f64(args.checkpoint_minutes.max(0.1) * 60.0);
     let mut last_checkpoint = Instant::now();
     let mut bar = Progress::new(t.total_steps() - t.step());
     let mut epoch_loss = (0.0, 0usize);
     let mut out_of_time = false;
     let spent = || {
-        let cpu = match (process_cpu_seconds(), cpu_at_start) {
-            (Some(now), Some(start)) => now - start,
-            _ => 0.0,
-        };
         budget_spent(
             args.time_budget,
             args.cpu_budget,
             started.elapsed().as_secs_f64(),
-            cpu,
+            cpu_this_run(),
         )
     };
     while t.step() < t.total_steps() {
