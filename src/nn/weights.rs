@@ -120,6 +120,8 @@ pub struct Provenance {
     /// The training configuration (YAML), with its data section.
     pub config: Option<String>,
     pub chimap_version: Option<String>,
+    /// The trained U-net a LoopNet started as (`chimap train --grow-from`).
+    pub grown_from: Option<String>,
 }
 
 impl Provenance {
@@ -131,6 +133,7 @@ impl Provenance {
             wall_hours: number(WALL_SECONDS_KEY).map(|s| s / 3600.0),
             config: meta.get(TRAIN_CONFIG_KEY).cloned(),
             chimap_version: meta.get(VERSION_KEY).cloned(),
+            grown_from: meta.get(GROWN_FROM_KEY).cloned(),
         }
     }
 
@@ -148,6 +151,7 @@ impl Provenance {
             "Data": config.as_ref().and_then(|c| c.get("data")).cloned(),
             "Seed": config.as_ref().and_then(|c| c.get("seed")).cloned(),
             "ChimapVersion": self.chimap_version,
+            "GrownFrom": self.grown_from,
         })
     }
 }
@@ -163,6 +167,9 @@ pub const TRAIN_CONFIG_KEY: &str = "chimap.train.config";
 pub const VERSION_KEY: &str = "chimap.version";
 pub const WALL_SECONDS_KEY: &str = "chimap.train.wall_seconds";
 pub const CPU_SECONDS_KEY: &str = "chimap.train.cpu_seconds";
+/// The U-net weights a LoopNet was grown from, with their step and sha256; the training time
+/// keys then include the U-net's.
+pub const GROWN_FROM_KEY: &str = "chimap.train.grown_from";
 
 /// Writes named tensors and string metadata as one safetensors file, atomically.
 pub fn save(

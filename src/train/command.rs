@@ -21,6 +21,11 @@ pub struct TrainArgs {
     /// Continue the run saved in this checkpoint (OUT/checkpoint.safetensors).
     #[arg(long, value_name = "CKPT")]
     pub resume: Option<PathBuf>,
+    /// Train a LoopNet that starts as this trained U-net (its weights or checkpoint, same
+    /// channels and start): the LoopNet's training continues the U-net's step, schedule and
+    /// clock instead of starting from random weights.
+    #[arg(long, value_name = "UNET.safetensors", conflicts_with = "resume")]
+    pub grow_from: Option<PathBuf>,
     /// Output folder: checkpoint, log, loss plot, final weights.
     #[arg(long, value_name = "DIR")]
     pub out: Option<PathBuf>,
@@ -198,9 +203,17 @@ pub fn run(args: &TrainArgs) -> Result<()> {
     }
     let device = crate::nn::device::open(args.device)?;
     tracing::info!("training on {}", crate::nn::device::name(&device));
-    let mut t = match &args.resume {
-        Some(ckpt) => Trainer::resume(ckpt, args.model, cfg.as_ref(), &device)?,
-        None => {
+    let mut t = match (&args.resume, &args.grow_from) {
+        (Some(ckpt), _) => Trainer::resume(ckpt, args.model, cfg.as_ref(), &device)?,
+        (None, Some(unet)) => {
+            if args.model.is_some_and(|k| k != ModelKind::Loopnet) {
+                return Err(Error::Usage(
+                    "--grow-from grows a LoopNet from a U-net; use --model loopnet".into(),
+                ));
+            }
+            Trainer::grow(unet, &cfg.unwrap_or_default(), &device)?
+        }
+        (None, None) => {
             let kind = args.model.ok_or_else(|| {
                 Error::Usage("chimap train needs --model lpcnn|loopnet|unet (or --resume)".into())
             })?;
@@ -237,14 +250,14 @@ pub fn run(args: &TrainArgs) -> Result<()> {
         );
     }
     let started = Instant::now();
-    let prior = rows.last().map_or(0.0, |r| r.seconds);
-    let prior_cpu = rows.last().map_or(0.0, |r| {
-        if r.cpu_seconds.is_finite() {
-            r.cpu_seconds
-        } else {
-            0.0
-        }
-    });
+    // Training time before this invocation: the log's, or a grown net's U-net's.
+    let (prior, prior_cpu) = rows
+        .last()
+        .map(|r| (r.seconds, r.cpu_seconds))
+        .or(t.clock())
+        .map_or((0.0, 0.0), |(wall, cpu)| {
+            (wall, if cpu.is_finite() { cpu } else { 0.0 })
+        });
     let cpu_at_start = process_cpu_seconds();
     // CPU seconds of this invocation (NaN where the system does not report them).
     let cpu_this_run = || match (process_cpu_seconds(), cpu_at_start) {
@@ -498,6 +511,7 @@ mod tests {
             model: Some(ModelKind::Lpcnn),
             config: Some(cfg_path),
             resume: None,
+            grow_from: None,
             out: Some(out.clone()),
             device: crate::nn::device::DeviceChoice::Cpu,
             // Out of time after the first step.
@@ -528,6 +542,7 @@ mod tests {
             model: None,
             config: None,
             resume: Some(out.join(CHECKPOINT)),
+            grow_from: None,
             time_budget: None,
             ..args
         };
@@ -570,6 +585,7 @@ mod tests {
             model: Some(ModelKind::Unet),
             config: Some(cfg_path.clone()),
             resume: None,
+            grow_from: None,
             out: Some(out.to_path_buf()),
             device: crate::nn::device::DeviceChoice::Cpu,
             time_budget: budget,
@@ -636,6 +652,7 @@ mod tests {
             model: Some(ModelKind::Unet),
             config: Some(cfg_path),
             resume: None,
+            grow_from: None,
             out: Some(out.clone()),
             device: crate::nn::device::DeviceChoice::Cpu,
             time_budget: None,
@@ -657,6 +674,7 @@ mod tests {
             model: None,
             config: Some(more),
             resume: Some(out.join(CHECKPOINT)),
+            grow_from: None,
             ..args
         };
         run(&resumed).unwrap();

@@ -23,7 +23,9 @@ use crate::nn::{masked_mean, tensor_dims, weights};
 use crate::simulate::rng::Rng;
 use crate::{Error, Result};
 
-use weights::{CPU_SECONDS_KEY, STEP_KEY, TRAIN_CONFIG_KEY, VERSION_KEY, WALL_SECONDS_KEY};
+use weights::{
+    CPU_SECONDS_KEY, GROWN_FROM_KEY, STEP_KEY, TRAIN_CONFIG_KEY, VERSION_KEY, WALL_SECONDS_KEY,
+};
 /// State of LP-CNN's dropout generator, so a resumed run draws the same masks.
 const DROPOUT_KEY: &str = "chimap.train.dropout_rng";
 /// Stream of the seed that starts the dropout generator (batches use 1 and 2).
@@ -60,6 +62,8 @@ pub struct Trainer {
     clock: Option<(f64, f64)>,
     /// Factor on the scheduled learning rate (1 unless the caller anneals over a budget).
     lr_scale: f64,
+    /// The U-net this LoopNet started as ([`Trainer::grow`]), for the weights' provenance.
+    grown_from: Option<String>,
 }
 
 /// The loss of χ `x` against `target` inside `mask` (all `[N, 1, D, H, W]`), as [`Loss`]
@@ -107,6 +111,24 @@ fn operators(b: &Batch) -> DipoleSet {
     DipoleSet::new(b.dims, b.voxel_size, &b.b0)
 }
 
+/// The U-net's name for a LoopNet variable: per-loop norm sets (`bn1.<t>.`) share the
+/// U-net's one set (`bn1.`).
+fn unet_variable(name: &str) -> String {
+    let parts: Vec<&str> = name.split('.').collect();
+    parts
+        .iter()
+        .enumerate()
+        .filter(|&(i, p)| {
+            let per_loop = i > 0
+                && matches!(parts[i - 1], "bn1" | "bn2")
+                && p.chars().all(|c| c.is_ascii_digit());
+            !per_loop
+        })
+        .map(|(_, p)| *p)
+        .collect::<Vec<_>>()
+        .join(".")
+}
+
 fn nn_err(e: candle_core::Error) -> Error {
     Error::Numerics(format!("training: {e}"))
 }
@@ -146,6 +168,7 @@ impl Trainer {
             device: device.clone(),
             clock: None,
             lr_scale: 1.0,
+            grown_from: None,
         };
         if kind == ModelKind::Lpcnn {
             let (mean, std) = t.target_statistics();
@@ -213,6 +236,7 @@ impl Trainer {
             .restore(&tensors, step)
             .map_err(|e| bad(e.to_string()))?;
         t.step = step;
+        t.grown_from = meta.get(GROWN_FROM_KEY).cloned();
         if let Net::Lp(lp) = &t.net {
             match meta.get(DROPOUT_KEY) {
                 Some(state) => {
@@ -232,6 +256,82 @@ impl Trainer {
             }
         }
         Ok(t)
+    }
+
+    /// A LoopNet run that starts as the trained U-net in `source` (its weights or a
+    /// checkpoint), so that LoopNet's training time adds to the U-net's rather than
+    /// repeating it. With one loop and no GHPA a LoopNet is that U-net, so: every loop gets
+    /// the U-net's convolutions and (with `norm_per_loop`) its norms; the extracting path's
+    /// inputs from the reverse connections get zero weights. The grown net then returns
+    /// the U-net's χ exactly and learns to use the reverse connections from there.
+    /// The step (hence the schedule and the batches), the training clock and the
+    /// provenance continue the U-net's; Adam starts afresh, since half its moments would
+    /// be for weights the U-net does not have.
+    pub fn grow(source: &Path, cfg: &TrainConfig, device: &Device) -> Result<Self> {
+        let (tensors, meta) = weights::read(source)?;
+        let bad = |msg: String| Error::input(source, msg);
+        match meta.get(weights::MODEL_KEY).map(String::as_str) {
+            Some("unet") => {}
+            other => {
+                return Err(bad(format!(
+                    "holds {}, not a U-net; --grow-from takes the weights or checkpoint of                      `chimap train --model unet`",
+                    other.map_or("no chimap model".to_string(), |m| format!("a {m}"))
+                )))
+            }
+        }
+        let unet: crate::nn::loopnet::Config = meta
+            .get(weights::MODEL_CONFIG_KEY)
+            .and_then(|j| serde_json::from_str(j).ok())
+            .ok_or_else(|| bad("lacks a readable U-net configuration in its metadata".into()))?;
+        let target = &cfg.model.loopnet;
+        if unet.channels != target.channels || unet.start != target.start {
+            return Err(bad(format!(
+                "is a U-net of channels {:?} starting from {:?}; model.loopnet has {:?} from                  {:?}: set model.loopnet.channels and start to the U-net's",
+                unet.channels, unet.start, target.channels, target.start
+            )));
+        }
+        let mut t = Trainer::new(ModelKind::Loopnet, cfg, device)?;
+        {
+            let data = t.vm.data().lock().expect("var map lock");
+            for (name, var) in data.iter() {
+                let from = unet_variable(name);
+                let v = tensors.get(&from).ok_or_else(|| {
+                    bad(format!(
+                        "has no {from} for the LoopNet's {name}: only a LoopNet without GHPA                          and loop fusion can start as a U-net"
+                    ))
+                })?;
+                let v = match (v.dims(), var.dims()) {
+                    // Conv weights [out, in, ...]: the reverse connection's inputs come last.
+                    (s, d) if s.len() == 5 && d.len() == 5 && s[1] < d[1] && s[0] == d[0] => {
+                        v.pad_with_zeros(1, 0, d[1] - s[1])
+                    }
+                    _ => Ok(v.clone()),
+                }
+                .and_then(|v| v.to_device(device))
+                .map_err(nn_err)?;
+                var.set(&v)
+                    .map_err(|e| bad(format!("{from} → {name}: {e}")))?;
+            }
+        }
+        t.step = meta.get(STEP_KEY).and_then(|s| s.parse().ok()).unwrap_or(0);
+        let number = |k: &str| meta.get(k).and_then(|v| v.parse::<f64>().ok());
+        if let Some(wall) = number(WALL_SECONDS_KEY) {
+            t.clock = Some((wall, number(CPU_SECONDS_KEY).unwrap_or(f64::NAN)));
+        }
+        let file = source.file_name().unwrap_or_default().to_string_lossy();
+        t.grown_from = Some(format!(
+            "unet {} at step {} (sha256 {})",
+            file,
+            t.step,
+            weights::sha256_hex(source)?
+        ));
+        Ok(t)
+    }
+
+    /// Wall and CPU seconds of training so far, as last recorded (a grown run starts with
+    /// its U-net's).
+    pub fn clock(&self) -> Option<(f64, f64)> {
+        self.clock
     }
 
     pub fn kind(&self) -> ModelKind {
@@ -492,6 +592,11 @@ impl Trainer {
             (STEP_KEY.to_string(), self.step.to_string()),
         ])
         .into_iter()
+        .chain(
+            self.grown_from
+                .iter()
+                .map(|g| (GROWN_FROM_KEY.to_string(), g.clone())),
+        )
         .chain(self.clock.into_iter().flat_map(|(wall, cpu)| {
             // CPU time is NaN where the system does not report it: then it is left out.
             [(WALL_SECONDS_KEY, wall), (CPU_SECONDS_KEY, cpu)]
@@ -614,6 +719,94 @@ mod tests {
             err.contains("checkpoint.safetensors") && err.contains("--model lpcnn"),
             "{err}"
         );
+    }
+
+    /// A LoopNet grown from a trained U-net returns that U-net's χ exactly (loop 2 sees the
+    /// reverse connections through zero weights, every loop has the U-net's norms),
+    /// continues its step and clock, records where it came from, and then learns: the
+    /// reverse connections' weights move off zero. Other files are refused by name.
+    #[test]
+    fn a_loopnet_grown_from_a_unet_starts_as_that_unet() {
+        let dir = tempfile::tempdir().unwrap();
+        let unet_file = dir.path().join("unet.safetensors");
+        let cfg = tiny(1);
+        let mut unet = Trainer::new(ModelKind::Unet, &cfg, &Device::Cpu).unwrap();
+        for _ in 0..2 {
+            unet.train_step().unwrap();
+        }
+        unet.set_clock(30.0, 20.0);
+        unet.save_weights(&unet_file).unwrap();
+        let mut grown_cfg = cfg.clone();
+        grown_cfg.model.loopnet = loopnet::Config {
+            loops: 2,
+            ghpa: false,
+            norm_per_loop: true,
+            ..cfg.model.unet.clone()
+        };
+        let mut grown = Trainer::grow(&unet_file, &grown_cfg, &Device::Cpu).unwrap();
+        assert_eq!((grown.step(), grown.clock()), (2, Some((30.0, 20.0))));
+        let x = crate::nn::testing::random_tensor((1, 1, 12, 16, 8), 7);
+        let chi = |t: &Trainer| match &t.net {
+            Net::Loop(n) => crate::nn::testing::values(&n.forward_t(&x, false).unwrap().chi),
+            Net::Lp(_) => unreachable!(),
+        };
+        let (want, got) = (chi(&unet), chi(&grown));
+        let scale = want.iter().map(|v| v.abs()).fold(0.0f32, f32::max);
+        assert!(scale > 0.0);
+        for (a, b) in want.iter().zip(&got) {
+            assert!((a - b).abs() <= 1e-5 * scale, "{a} vs {b}");
+        }
+        let meta = {
+            let f = dir.path().join("grown.safetensors");
+            grown.save_weights(&f).unwrap();
+            weights::metadata(&f).unwrap()
+        };
+        let from = &meta[GROWN_FROM_KEY];
+        assert!(
+            from.starts_with("unet unet.safetensors at step 2 (sha256 "),
+            "{from}"
+        );
+        // The reverse connection enters enc.0.conv1 after the input's one channel.
+        let reverse = |t: &Trainer| -> f32 {
+            let w = t.vm.data().lock().unwrap()["enc.0.conv1.weight"]
+                .as_tensor()
+                .clone();
+            let w = w.narrow(1, 1, 4).unwrap();
+            crate::nn::testing::values(&w).iter().map(|v| v.abs()).sum()
+        };
+        assert_eq!(reverse(&grown), 0.0);
+        grown.train_step().unwrap();
+        assert!(reverse(&grown) > 0.0);
+        // Not a U-net, or a U-net of other channels: refused, the file named.
+        let lp_file = dir.path().join("lpcnn.safetensors");
+        Trainer::new(ModelKind::Lpcnn, &tiny(1), &Device::Cpu)
+            .unwrap()
+            .save_weights(&lp_file)
+            .unwrap();
+        let err = Trainer::grow(&lp_file, &grown_cfg, &Device::Cpu)
+            .err()
+            .unwrap();
+        assert!(
+            err.to_string().contains("lpcnn.safetensors")
+                && err.to_string().contains("not a U-net"),
+            "{err}"
+        );
+        grown_cfg.model.loopnet.channels = vec![8, 16];
+        let err = Trainer::grow(&unet_file, &grown_cfg, &Device::Cpu)
+            .err()
+            .unwrap();
+        assert!(err.to_string().contains("model.loopnet.channels"), "{err}");
+    }
+
+    #[test]
+    fn unet_names_of_loopnet_variables_drop_the_loop_index_of_norms() {
+        assert_eq!(
+            unet_variable("enc.0.bn1.1.running_mean"),
+            "enc.0.bn1.running_mean"
+        );
+        assert_eq!(unet_variable("dec.2.bn2.0.weight"), "dec.2.bn2.weight");
+        assert_eq!(unet_variable("enc.1.conv1.weight"), "enc.1.conv1.weight");
+        assert_eq!(unet_variable("head.bias"), "head.bias");
     }
 
     /// The demeaned and NRMSE losses ignore a constant offset of one sample's χ inside its
