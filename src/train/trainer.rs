@@ -111,6 +111,25 @@ fn operators(b: &Batch) -> DipoleSet {
     DipoleSet::new(b.dims, b.voxel_size, &b.b0)
 }
 
+/// A U-net tensor `v` widened to the LoopNet's `dims`: conv weights `[out, in, ...]` gain
+/// the reverse connection's inputs, which come last, as zeros (or, with `fill_mean`, as
+/// the tensor's mean); other tensors are unchanged.
+fn widened(v: &Tensor, dims: &[usize], fill_mean: bool) -> candle_core::Result<Tensor> {
+    let s = v.dims();
+    if !(s.len() == 5 && dims.len() == 5 && s[0] == dims[0] && s[1] < dims[1]) {
+        return Ok(v.clone());
+    }
+    let extra = v.narrow(1, 0, 1)?.repeat((1, dims[1] - s[1], 1, 1, 1))?;
+    let extra = if fill_mean {
+        extra
+            .ones_like()?
+            .affine(v.mean_all()?.to_scalar::<f32>()? as f64, 0.0)?
+    } else {
+        extra.zeros_like()?
+    };
+    Tensor::cat(&[v, &extra], 1)
+}
+
 /// The U-net's name for a LoopNet variable: per-loop norm sets (`bn1.<t>.`) share the
 /// U-net's one set (`bn1.`).
 fn unet_variable(name: &str) -> String {
@@ -265,18 +284,21 @@ impl Trainer {
     /// inputs from the reverse connections get zero weights. The grown net then returns
     /// the U-net's χ exactly and learns to use the reverse connections from there.
     /// The step (hence the schedule and the batches), the training clock and the
-    /// provenance continue the U-net's; Adam starts afresh, since half its moments would
-    /// be for weights the U-net does not have.
+    /// provenance continue the U-net's. From a checkpoint Adam continues too (a fresh Adam
+    /// moves every converged weight by about the learning rate in its first steps): the new
+    /// weights' first moments start at zero and their second moments at their tensor's
+    /// mean. From a weights file, which has no moments, Adam starts afresh.
     pub fn grow(source: &Path, cfg: &TrainConfig, device: &Device) -> Result<Self> {
         let (tensors, meta) = weights::read(source)?;
         let bad = |msg: String| Error::input(source, msg);
         match meta.get(weights::MODEL_KEY).map(String::as_str) {
             Some("unet") => {}
             other => {
+                let held = other.map_or("no chimap model".to_string(), |m| format!("a {m}"));
                 return Err(bad(format!(
-                    "holds {}, not a U-net; --grow-from takes the weights or checkpoint of                      `chimap train --model unet`",
-                    other.map_or("no chimap model".to_string(), |m| format!("a {m}"))
-                )))
+                    "holds {held}, not a U-net; --grow-from takes the weights or checkpoint \
+                     of `chimap train --model unet`"
+                )));
             }
         }
         let unet: crate::nn::loopnet::Config = meta
@@ -286,34 +308,46 @@ impl Trainer {
         let target = &cfg.model.loopnet;
         if unet.channels != target.channels || unet.start != target.start {
             return Err(bad(format!(
-                "is a U-net of channels {:?} starting from {:?}; model.loopnet has {:?} from                  {:?}: set model.loopnet.channels and start to the U-net's",
+                "is a U-net of channels {:?} starting from {:?}; model.loopnet has {:?} from \
+                 {:?}: set model.loopnet.channels and start to the U-net's",
                 unet.channels, unet.start, target.channels, target.start
             )));
         }
+        let step: u64 = meta.get(STEP_KEY).and_then(|s| s.parse().ok()).unwrap_or(0);
         let mut t = Trainer::new(ModelKind::Loopnet, cfg, device)?;
+        let mut moments = HashMap::new();
         {
             let data = t.vm.data().lock().expect("var map lock");
             for (name, var) in data.iter() {
                 let from = unet_variable(name);
                 let v = tensors.get(&from).ok_or_else(|| {
                     bad(format!(
-                        "has no {from} for the LoopNet's {name}: only a LoopNet without GHPA                          and loop fusion can start as a U-net"
+                        "has no {from} for the LoopNet's {name}: only a LoopNet without GHPA \
+                         and loop fusion can start as a U-net"
                     ))
                 })?;
-                let v = match (v.dims(), var.dims()) {
-                    // Conv weights [out, in, ...]: the reverse connection's inputs come last.
-                    (s, d) if s.len() == 5 && d.len() == 5 && s[1] < d[1] && s[0] == d[0] => {
-                        v.pad_with_zeros(1, 0, d[1] - s[1])
-                    }
-                    _ => Ok(v.clone()),
-                }
-                .and_then(|v| v.to_device(device))
-                .map_err(nn_err)?;
-                var.set(&v)
+                let widen = |v: &Tensor, fill: bool| {
+                    widened(v, var.dims(), fill).and_then(|v| v.to_device(device))
+                };
+                var.set(&widen(v, false).map_err(nn_err)?)
                     .map_err(|e| bad(format!("{from} → {name}: {e}")))?;
+                if !super::adam::is_trainable(name) {
+                    continue;
+                }
+                let (m, v) = (format!("adam.m.{from}"), format!("adam.v.{from}"));
+                if let (Some(m), Some(v)) = (tensors.get(&m), tensors.get(&v)) {
+                    moments.insert(format!("adam.m.{name}"), widen(m, false).map_err(nn_err)?);
+                    moments.insert(format!("adam.v.{name}"), widen(v, true).map_err(nn_err)?);
+                }
             }
         }
-        t.step = meta.get(STEP_KEY).and_then(|s| s.parse().ok()).unwrap_or(0);
+        // A weights file has no moments: Adam starts afresh there.
+        if !moments.is_empty() {
+            t.adam
+                .restore(&moments, step)
+                .map_err(|e| bad(format!("its Adam moments: {e}")))?;
+        }
+        t.step = step;
         let number = |k: &str| meta.get(k).and_then(|v| v.parse::<f64>().ok());
         if let Some(wall) = number(WALL_SECONDS_KEY) {
             t.clock = Some((wall, number(CPU_SECONDS_KEY).unwrap_or(f64::NAN)));
@@ -775,8 +809,44 @@ mod tests {
             crate::nn::testing::values(&w).iter().map(|v| v.abs()).sum()
         };
         assert_eq!(reverse(&grown), 0.0);
+        assert_eq!(grown.adam.steps(), 0, "a weights file has no moments");
         grown.train_step().unwrap();
         assert!(reverse(&grown) > 0.0);
+        // From a checkpoint Adam continues: the U-net's moments, the new inputs' first
+        // moments zero and second moments their tensor's mean.
+        let ckpt = dir.path().join("checkpoint.safetensors");
+        unet.save_checkpoint(&ckpt).unwrap();
+        let from_ckpt = Trainer::grow(&ckpt, &grown_cfg, &Device::Cpu).unwrap();
+        assert_eq!(from_ckpt.adam.steps(), 2);
+        let moment = |t: &Trainer, key: &str| -> Tensor {
+            t.adam
+                .state()
+                .into_iter()
+                .find(|(k, _)| k == key)
+                .unwrap()
+                .1
+        };
+        for which in ["m", "v"] {
+            let key = format!("adam.{which}.enc.0.conv1.weight");
+            let (was, now) = (moment(&unet, &key), moment(&from_ckpt, &key));
+            let kept = crate::nn::testing::values(&now.narrow(1, 0, 1).unwrap());
+            assert_eq!(kept, crate::nn::testing::values(&was));
+            let added = crate::nn::testing::values(&now.narrow(1, 1, 4).unwrap());
+            let want = if which == "m" {
+                0.0
+            } else {
+                was.mean_all().unwrap().to_scalar::<f32>().unwrap()
+            };
+            assert!(
+                want >= 0.0 && added.iter().all(|&a| a == want),
+                "{which}: {want}"
+            );
+        }
+        assert_eq!(
+            values_of(&moment(&from_ckpt, "adam.v.enc.0.bn1.1.weight")),
+            values_of(&moment(&unet, "adam.v.enc.0.bn1.weight")),
+            "each loop's norms continue the U-net's moments"
+        );
         // Not a U-net, or a U-net of other channels: refused, the file named.
         let lp_file = dir.path().join("lpcnn.safetensors");
         Trainer::new(ModelKind::Lpcnn, &tiny(1), &Device::Cpu)
@@ -796,6 +866,10 @@ mod tests {
             .err()
             .unwrap();
         assert!(err.to_string().contains("model.loopnet.channels"), "{err}");
+    }
+
+    fn values_of(t: &Tensor) -> Vec<f32> {
+        crate::nn::testing::values(t)
     }
 
     #[test]
