@@ -45,6 +45,10 @@ struct Args {
     /// Orientation counts scored on the phantom.
     #[arg(long, default_value = "1", value_delimiter = ',')]
     orientations: Vec<usize>,
+    /// Memory for the network's activations (GiB); less runs it in smaller tiles, as
+    /// `chimap --max-memory` does.
+    #[arg(long, default_value_t = 3.0)]
+    max_memory: f64,
 }
 
 /// Published 7 T head-orientation B0 directions (image frame), from the data README.
@@ -55,7 +59,7 @@ const DIRECTIONS: [[f64; 3]; 4] = [
     [0.0021, -0.2207, 0.9753],
 ];
 
-fn method(name: &str, weights: &Path) -> Box<dyn inversion::Method + Send + Sync> {
+fn method(name: &str, weights: &Path, gib: f64) -> Box<dyn inversion::Method + Send + Sync> {
     let m: MethodName = clap::ValueEnum::from_str(name, true).expect("a method name");
     match m {
         MethodName::Lpcnn | MethodName::Loopnet | MethodName::Unet => Box::new(
@@ -63,7 +67,7 @@ fn method(name: &str, weights: &Path) -> Box<dyn inversion::Method + Send + Sync
                 m,
                 Some(weights.to_path_buf()),
                 DeviceChoice::Auto,
-                3.0,
+                gib,
                 None,
             )
             .expect("weights"),
@@ -105,7 +109,7 @@ fn main() {
         };
         let synth = Synth::new(&cfg, 0x05ee_d0ff).expect("synthetic data");
         for name in methods.iter().filter(|n| *n != "cosmos") {
-            let m = method(name, &args.weights);
+            let m = method(name, &args.weights, args.max_memory);
             let (mut sum, t0) = ([0.0; 3], std::time::Instant::now());
             for i in 0..args.synthetic {
                 let b = synth.batch(Stream::Validation, i as u64, 1);
@@ -220,7 +224,7 @@ fn main() {
             if n == 1 && name == "cosmos" {
                 continue;
             }
-            let m = method(name, &args.weights);
+            let m = method(name, &args.weights, args.max_memory);
             let problem = Problem {
                 dims,
                 voxel_size: vs,
