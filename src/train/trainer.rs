@@ -119,14 +119,14 @@ fn widened(v: &Tensor, dims: &[usize], fill_mean: bool) -> candle_core::Result<T
     if !(s.len() == 5 && dims.len() == 5 && s[0] == dims[0] && s[1] < dims[1]) {
         return Ok(v.clone());
     }
-    let extra = v.narrow(1, 0, 1)?.repeat((1, dims[1] - s[1], 1, 1, 1))?;
-    let extra = if fill_mean {
-        extra
-            .ones_like()?
-            .affine(v.mean_all()?.to_scalar::<f32>()? as f64, 0.0)?
+    let mut shape = s.to_vec();
+    shape[1] = dims[1] - s[1];
+    let fill = if fill_mean {
+        v.mean_all()?.to_scalar::<f32>()?
     } else {
-        extra.zeros_like()?
+        0.0
     };
+    let extra = Tensor::full(fill, shape, v.device())?;
     Tensor::cat(&[v, &extra], 1)
 }
 
@@ -761,6 +761,7 @@ mod tests {
     /// reverse connections' weights move off zero. Other files are refused by name.
     #[test]
     fn a_loopnet_grown_from_a_unet_starts_as_that_unet() {
+        use crate::nn::testing::{random_tensor, values};
         let dir = tempfile::tempdir().unwrap();
         let unet_file = dir.path().join("unet.safetensors");
         let cfg = tiny(1);
@@ -779,9 +780,9 @@ mod tests {
         };
         let mut grown = Trainer::grow(&unet_file, &grown_cfg, &Device::Cpu).unwrap();
         assert_eq!((grown.step(), grown.clock()), (2, Some((30.0, 20.0))));
-        let x = crate::nn::testing::random_tensor((1, 1, 12, 16, 8), 7);
+        let x = random_tensor((1, 1, 12, 16, 8), 7);
         let chi = |t: &Trainer| match &t.net {
-            Net::Loop(n) => crate::nn::testing::values(&n.forward_t(&x, false).unwrap().chi),
+            Net::Loop(n) => values(&n.forward_t(&x, false).unwrap().chi),
             Net::Lp(_) => unreachable!(),
         };
         let (want, got) = (chi(&unet), chi(&grown));
@@ -806,7 +807,7 @@ mod tests {
                 .as_tensor()
                 .clone();
             let w = w.narrow(1, 1, 4).unwrap();
-            crate::nn::testing::values(&w).iter().map(|v| v.abs()).sum()
+            values(&w).iter().map(|v| v.abs()).sum()
         };
         assert_eq!(reverse(&grown), 0.0);
         assert_eq!(grown.adam.steps(), 0, "a weights file has no moments");
@@ -829,9 +830,9 @@ mod tests {
         for which in ["m", "v"] {
             let key = format!("adam.{which}.enc.0.conv1.weight");
             let (was, now) = (moment(&unet, &key), moment(&from_ckpt, &key));
-            let kept = crate::nn::testing::values(&now.narrow(1, 0, 1).unwrap());
-            assert_eq!(kept, crate::nn::testing::values(&was));
-            let added = crate::nn::testing::values(&now.narrow(1, 1, 4).unwrap());
+            let kept = values(&now.narrow(1, 0, 1).unwrap());
+            assert_eq!(kept, values(&was));
+            let added = values(&now.narrow(1, 1, 4).unwrap());
             let want = if which == "m" {
                 0.0
             } else {
@@ -843,8 +844,8 @@ mod tests {
             );
         }
         assert_eq!(
-            values_of(&moment(&from_ckpt, "adam.v.enc.0.bn1.1.weight")),
-            values_of(&moment(&unet, "adam.v.enc.0.bn1.weight")),
+            values(&moment(&from_ckpt, "adam.v.enc.0.bn1.1.weight")),
+            values(&moment(&unet, "adam.v.enc.0.bn1.weight")),
             "each loop's norms continue the U-net's moments"
         );
         // Not a U-net, or a U-net of other channels: refused, the file named.
@@ -866,10 +867,6 @@ mod tests {
             .err()
             .unwrap();
         assert!(err.to_string().contains("model.loopnet.channels"), "{err}");
-    }
-
-    fn values_of(t: &Tensor) -> Vec<f32> {
-        crate::nn::testing::values(t)
     }
 
     #[test]
