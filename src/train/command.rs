@@ -596,6 +596,13 @@ mod tests {
         };
         let err = run(&args(&dir.path().join("none"), true, None)).unwrap_err();
         assert!(err.to_string().contains("--time-budget"), "{err}");
+        // --grow-from grows a LoopNet: another --model is a usage error.
+        let grow = TrainArgs {
+            grow_from: Some(dir.path().join("unet.safetensors")),
+            ..args(&dir.path().join("grown"), false, None)
+        };
+        let err = run(&grow).unwrap_err();
+        assert!(err.to_string().contains("--model loopnet"), "{err}");
         let log_lr = |out: &Path| -> Vec<f64> {
             std::fs::read_to_string(out.join(LOG))
                 .unwrap()
