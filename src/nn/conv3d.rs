@@ -611,6 +611,24 @@ impl Conv3d {
         &self.weight
     }
 
+    /// This convolution over only the first `cin` input channels: what it gives on an
+    /// input whose other channels are zero, without convolving those zeros (LoopNet's first
+    /// loop, whose reverse connections are zeros). Gradients reach the full weight.
+    pub fn leading(&self, cin: usize) -> Result<Conv3d> {
+        let all = self.weight.dim(1)?;
+        if cin == all {
+            return Ok(self.clone());
+        }
+        if cin == 0 || cin > all {
+            candle_core::bail!("conv3d: {cin} leading input channels of {all}");
+        }
+        Ok(Conv3d {
+            weight: self.weight.narrow(1, 0, cin)?,
+            bias: self.bias.clone(),
+            pad: self.pad,
+        })
+    }
+
     pub fn bias(&self) -> Option<&Tensor> {
         self.bias.as_ref()
     }
@@ -933,6 +951,45 @@ mod tests {
             let v = y.get(0).unwrap().get(co).unwrap().flatten_all().unwrap();
             assert!(v.to_vec1::<f32>().unwrap().iter().all(|&v| v == b[co]));
         }
+    }
+
+    /// Convolving the leading channels alone is convolving the input padded with zero
+    /// channels, for values, the weight's gradient (zero on the skipped channels) and the
+    /// folded inference path.
+    #[test]
+    fn leading_channels_match_zero_padded_channels() {
+        let vm = candle_nn::VarMap::new();
+        let vb = VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu);
+        let conv = Conv3d::new(5, 3, 3, true, vb.pp("c")).unwrap();
+        let x = random_tensor((2, 2, 5, 4, 6), 11);
+        let padded = x.pad_with_zeros(1, 0, 3).unwrap();
+        let part = conv.leading(2).unwrap();
+        let (got, want) = (part.forward(&x).unwrap(), conv.forward(&padded).unwrap());
+        assert_eq!(got.dims(), want.dims());
+        let close = |a: &[f32], b: &[f32]| a.iter().zip(b).all(|(a, b)| (a - b).abs() < 1e-5);
+        assert!(close(&values(&got), &values(&want)));
+        let weight = vm.data().lock().unwrap()["c.weight"].clone();
+        let r = random_tensor(want.dims(), 12);
+        let grad = |y: &Tensor| {
+            let g = (y * &r).unwrap().sum_all().unwrap().backward().unwrap();
+            values(g.get(weight.as_tensor()).unwrap())
+        };
+        let (g_part, g_full) = (grad(&got), grad(&want));
+        assert!(close(&g_part, &g_full));
+        // Input channels 2..5 of every [out, in] kernel got no gradient.
+        assert!(g_part
+            .chunks(27)
+            .enumerate()
+            .filter(|(i, _)| i % 5 >= 2)
+            .all(|(_, k)| k.iter().all(|&v| v == 0.0)));
+        assert!(g_part.iter().any(|&v| v != 0.0));
+        let (scale, shift) = (random_tensor(3, 13), random_tensor(3, 14));
+        let folded = part.forward_affine_act(&x, &scale, &shift, true).unwrap();
+        let whole = conv
+            .forward_affine_act(&padded, &scale, &shift, true)
+            .unwrap();
+        assert!(close(&values(&folded), &values(&whole)));
+        assert!(conv.leading(6).is_err() && conv.leading(0).is_err());
     }
 
     #[test]

@@ -164,18 +164,20 @@ impl Block {
         })
     }
 
-    /// The block in loop `t` (from 0).
+    /// The block in loop `t` (from 0). An input with fewer channels than the block takes
+    /// stands for one whose missing (last) channels are zeros.
     fn forward_t(&self, x: &Tensor, train: bool, t: usize) -> Result<Tensor> {
         let b1 = &self.b1[t.min(self.b1.len() - 1)];
         let b2 = &self.b2[t.min(self.b2.len() - 1)];
+        let c1 = self.c1.leading(x.dim(1)?)?;
         let h = if train {
-            let h = b1.forward_t(&self.c1.forward(x)?, train)?.relu()?;
+            let h = b1.forward_t(&c1.forward(x)?, train)?.relu()?;
             b2.forward_t(&self.c2.forward(&h)?, train)?.relu()?
         } else {
             // Inference: batch norms folded into the convolutions, ReLU fused.
             let (s1, t1) = b1.scale_shift()?;
             let (s2, t2) = b2.scale_shift()?;
-            let h = self.c1.forward_affine_act(x, &s1, &t1, true)?;
+            let h = c1.forward_affine_act(x, &s1, &t1, true)?;
             self.c2.forward_affine_act(&h, &s2, &t2, true)?
         };
         match &self.ghpa {
@@ -316,7 +318,7 @@ impl LoopNet {
 
     /// χ from a local field `[N, 1, D, H, W]` (any size; padded internally).
     pub fn forward_t(&self, x: &Tensor, train: bool) -> Result<Output> {
-        let (n, _, d, h, w) = x.dims5()?;
+        let (_, _, d, h, w) = x.dims5()?;
         let s = self.cfg.stride();
         let mut xp = x.clone();
         for (axis, len) in [(2, d), (3, h), (4, w)] {
@@ -335,19 +337,10 @@ impl LoopNet {
                 if l > 0 {
                     f = max_pool2(&f)?;
                 }
-                if self.cfg.loops > 1 && l + 1 < levels {
-                    let fb = match &feedback[l] {
-                        Some(t) => t.clone(),
-                        None => {
-                            let (_, _, a, b, c) = f.dims5()?;
-                            Tensor::zeros(
-                                (n, self.cfg.channels[l], a, b, c),
-                                f.dtype(),
-                                f.device(),
-                            )?
-                        }
-                    };
-                    f = Tensor::cat(&[&f, &fb], 1)?;
+                // The first loop's reverse connections are zeros: its blocks skip them
+                // (about a tenth of a 2-loop LoopNet's convolution FLOPs).
+                if let Some(fb) = feedback.get(l).and_then(Option::as_ref) {
+                    f = Tensor::cat(&[&f, fb], 1)?;
                 }
                 f = self.enc[l].forward_t(&f, train, t)?;
                 if l + 1 < levels {
@@ -564,6 +557,27 @@ mod tests {
         assert!(!old.norm_per_loop);
         assert_eq!(old.channels, Config::default().channels);
         assert!(Config::default().norm_per_loop);
+    }
+
+    /// The first loop skips its zero reverse connections: the weights that read them do
+    /// not change its output, and do change the next loop's.
+    #[test]
+    fn the_first_loop_does_not_read_the_reverse_weights() {
+        let (vm, net) = build(&tiny(2, false));
+        let x = random_tensor((1, 1, 8, 8, 8), 2);
+        let before = net.forward_t(&x, false).unwrap();
+        {
+            let data = vm.data().lock().unwrap();
+            let w = &data["enc.0.conv1.weight"];
+            // enc.0 reads the field (channel 0), then the reverse connection (1..).
+            let (cout, cin) = (w.dim(0).unwrap(), w.dim(1).unwrap());
+            let field = w.narrow(1, 0, 1).unwrap();
+            let other = random_tensor((cout, cin - 1, 3, 3, 3), 9);
+            w.set(&Tensor::cat(&[&field, &other], 1).unwrap()).unwrap();
+        }
+        let after = net.forward_t(&x, false).unwrap();
+        assert_eq!(values(&before.loops[0]), values(&after.loops[0]));
+        assert_ne!(values(&before.loops[1]), values(&after.loops[1]));
     }
 
     #[test]
