@@ -190,8 +190,19 @@ pub fn read(
     HashMap<String, String>,
 )> {
     let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
-    let meta = metadata_of_bytes(path, &bytes)?;
-    let tensors = candle_core::safetensors::load_buffer(&bytes, &Device::Cpu)
+    parse(path, &bytes)
+}
+
+/// The tensors (on the CPU) and metadata of safetensors bytes; `path` names them in errors.
+pub fn parse(
+    path: &Path,
+    bytes: &[u8],
+) -> Result<(
+    HashMap<String, candle_core::Tensor>,
+    HashMap<String, String>,
+)> {
+    let meta = metadata_of_bytes(path, bytes)?;
+    let tensors = candle_core::safetensors::load_buffer(bytes, &Device::Cpu)
         .map_err(|e| Error::input(path, format!("not a readable safetensors file ({e})")))?;
     Ok((tensors, meta))
 }

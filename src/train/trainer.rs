@@ -289,7 +289,9 @@ impl Trainer {
     /// weights' first moments start at zero and their second moments at their tensor's
     /// mean. From a weights file, which has no moments, Adam starts afresh.
     pub fn grow(source: &Path, cfg: &TrainConfig, device: &Device) -> Result<Self> {
-        let (tensors, meta) = weights::read(source)?;
+        // Read once: the recorded sha256 is that of the tensors loaded.
+        let bytes = std::fs::read(source).map_err(|e| Error::io(source, e))?;
+        let (tensors, meta) = weights::parse(source, &bytes)?;
         let bad = |msg: String| Error::input(source, msg);
         match meta.get(weights::MODEL_KEY).map(String::as_str) {
             Some("unet") => {}
@@ -357,7 +359,7 @@ impl Trainer {
             "unet {} at step {} (sha256 {})",
             file,
             t.step,
-            weights::sha256_hex(source)?
+            weights::sha256_of(&bytes)
         ));
         Ok(t)
     }
