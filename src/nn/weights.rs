@@ -55,6 +55,16 @@ impl Weights {
         metadata_of_bytes(&self.label, &self.bytes)
     }
 
+    /// Every tensor, on the CPU.
+    pub fn tensors(&self) -> Result<HashMap<String, candle_core::Tensor>> {
+        candle_core::safetensors::load_buffer(&self.bytes, &Device::Cpu).map_err(|e| {
+            Error::input(
+                &self.label,
+                format!("not a readable safetensors file ({e})"),
+            )
+        })
+    }
+
     /// Builds a model, turning a missing or mis-shaped tensor into an input error naming the
     /// file, the model and the tensor.
     pub fn build<M>(
@@ -189,22 +199,10 @@ pub fn read(
     HashMap<String, candle_core::Tensor>,
     HashMap<String, String>,
 )> {
-    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
-    parse(path, &bytes)
-}
-
-/// The tensors (on the CPU) and metadata of safetensors bytes; `path` names them in errors.
-pub fn parse(
-    path: &Path,
-    bytes: &[u8],
-) -> Result<(
-    HashMap<String, candle_core::Tensor>,
-    HashMap<String, String>,
-)> {
-    let meta = metadata_of_bytes(path, bytes)?;
-    let tensors = candle_core::safetensors::load_buffer(bytes, &Device::Cpu)
-        .map_err(|e| Error::input(path, format!("not a readable safetensors file ({e})")))?;
-    Ok((tensors, meta))
+    let w = Weights::open(path)?;
+    // Metadata first: its error says what file to pass.
+    let meta = w.metadata()?;
+    Ok((w.tensors()?, meta))
 }
 
 /// The metadata of a safetensors file (empty when it has none).

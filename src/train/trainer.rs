@@ -290,8 +290,9 @@ impl Trainer {
     /// mean. From a weights file, which has no moments, Adam starts afresh.
     pub fn grow(source: &Path, cfg: &TrainConfig, device: &Device) -> Result<Self> {
         // Read once: the recorded sha256 is that of the tensors loaded.
-        let bytes = std::fs::read(source).map_err(|e| Error::io(source, e))?;
-        let (tensors, meta) = weights::parse(source, &bytes)?;
+        let unet_file = weights::Weights::open(source)?;
+        let meta = unet_file.metadata()?;
+        let tensors = unet_file.tensors()?;
         let bad = |msg: String| Error::input(source, msg);
         match meta.get(weights::MODEL_KEY).map(String::as_str) {
             Some("unet") => {}
@@ -359,7 +360,7 @@ impl Trainer {
             "unet {} at step {} (sha256 {})",
             file,
             t.step,
-            weights::sha256_of(&bytes)
+            unet_file.sha256()
         ));
         Ok(t)
     }
