@@ -106,24 +106,6 @@ impl Learned {
     }
 }
 
-impl Learned {
-    /// The architecture recorded in the weights' metadata by `chimap train` (None for a
-    /// file without it: the published architecture is assumed).
-    fn architecture<C: serde::de::DeserializeOwned>(&self) -> Result<Option<C>> {
-        self.meta
-            .get(weights::MODEL_CONFIG_KEY)
-            .map(|json| {
-                serde_json::from_str(json).map_err(|e| {
-                    Error::input(
-                        &self.weights.label,
-                        format!("unreadable model configuration in the metadata: {e}"),
-                    )
-                })
-            })
-            .transpose()
-    }
-}
-
 fn numerics(name: &str, e: candle_core::Error) -> Error {
     Error::Numerics(format!("{name} inference failed: {e}"))
 }
@@ -151,7 +133,8 @@ impl Method for Learned {
         let mask = Tensor::from_vec(mask, (1, 1, d, h, w), dev).map_err(err)?;
         let chi = match self.kind {
             MethodName::Lpcnn => {
-                let cfg: lpcnn::Config = self.architecture()?.unwrap_or_default();
+                let cfg: lpcnn::Config =
+                    weights::architecture(&self.weights.label, &self.meta)?.unwrap_or_default();
                 let net = self
                     .weights
                     .build("LP-CNN", dev, |vb| LpCnn::new(&cfg, vb))?;
@@ -177,7 +160,7 @@ impl Method for Learned {
                 }
             }
             MethodName::Loopnet | MethodName::Unet => {
-                let cfg = match self.architecture()? {
+                let cfg = match weights::architecture(&self.weights.label, &self.meta)? {
                     Some(cfg) => cfg,
                     None if self.kind == MethodName::Unet => loopnet::Config::unet(),
                     None => loopnet::Config::default(),
@@ -411,7 +394,7 @@ mod tests {
             .as_str()
             .unwrap()
             .to_string();
-        assert_eq!(recorded, weights::sha256_hex(&lp).unwrap());
+        assert_eq!(recorded, weights::sha256_of(&std::fs::read(&lp).unwrap()));
         assert_eq!(recorded.len(), 64);
         let chi = method.invert(&problem).unwrap();
         assert!(chi

@@ -65,7 +65,7 @@ mod tests {
             let p = weights::Provenance::from_metadata(&meta);
             assert!(p.steps.is_some_and(|n| n > 0), "{}: no step count", s.name);
             assert!(
-                p.cpu_hours.is_some_and(|h| h > 0.0),
+                p.cpu_seconds.is_some_and(|s| s > 0.0),
                 "{}: no CPU time",
                 s.name
             );

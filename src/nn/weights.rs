@@ -105,13 +105,25 @@ pub fn build<M>(
     Weights::open(path)?.build(model, device, new)
 }
 
-/// The SHA-256 of a file as lowercase hex (weights files are tens of MB at most).
-pub fn sha256_hex(path: &Path) -> Result<String> {
-    Ok(sha256_of(
-        &std::fs::read(path).map_err(|e| Error::io(path, e))?,
-    ))
+/// The architecture `chimap train` recorded in a weights file's metadata (None for a file
+/// without it); `label` names the file in the error.
+pub fn architecture<C: serde::de::DeserializeOwned>(
+    label: &Path,
+    meta: &HashMap<String, String>,
+) -> Result<Option<C>> {
+    meta.get(MODEL_CONFIG_KEY)
+        .map(|json| {
+            serde_json::from_str(json).map_err(|e| {
+                Error::input(
+                    label,
+                    format!("unreadable model configuration in the metadata: {e}"),
+                )
+            })
+        })
+        .transpose()
 }
 
+/// The SHA-256 of bytes as lowercase hex.
 pub fn sha256_of(bytes: &[u8]) -> String {
     use sha2::{Digest, Sha256};
     Sha256::digest(bytes)
@@ -125,8 +137,8 @@ pub fn sha256_of(bytes: &[u8]) -> String {
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Provenance {
     pub steps: Option<u64>,
-    pub cpu_hours: Option<f64>,
-    pub wall_hours: Option<f64>,
+    pub cpu_seconds: Option<f64>,
+    pub wall_seconds: Option<f64>,
     /// The training configuration (YAML), with its data section.
     pub config: Option<String>,
     pub chimap_version: Option<String>,
@@ -139,8 +151,8 @@ impl Provenance {
         let number = |k: &str| meta.get(k).and_then(|v| v.parse::<f64>().ok());
         Provenance {
             steps: meta.get(STEP_KEY).and_then(|v| v.parse().ok()),
-            cpu_hours: number(CPU_SECONDS_KEY).map(|s| s / 3600.0),
-            wall_hours: number(WALL_SECONDS_KEY).map(|s| s / 3600.0),
+            cpu_seconds: number(CPU_SECONDS_KEY),
+            wall_seconds: number(WALL_SECONDS_KEY),
             config: meta.get(TRAIN_CONFIG_KEY).cloned(),
             chimap_version: meta.get(VERSION_KEY).cloned(),
             grown_from: meta.get(GROWN_FROM_KEY).cloned(),
@@ -153,11 +165,11 @@ impl Provenance {
             .config
             .as_deref()
             .and_then(|y| serde_yaml::from_str::<serde_json::Value>(y).ok());
-        let round = |h: f64| (h * 1000.0).round() / 1000.0;
+        let hours = |s: f64| (s / 3.6).round() / 1000.0;
         serde_json::json!({
             "Steps": self.steps,
-            "CpuHours": self.cpu_hours.map(round),
-            "WallHours": self.wall_hours.map(round),
+            "CpuHours": self.cpu_seconds.map(hours),
+            "WallHours": self.wall_seconds.map(hours),
             "Data": config.as_ref().and_then(|c| c.get("data")).cloned(),
             "Seed": config.as_ref().and_then(|c| c.get("seed")).cloned(),
             "ChimapVersion": self.chimap_version,
@@ -230,12 +242,9 @@ mod tests {
 
     #[test]
     fn sha256_matches_the_standard_test_vector() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("abc");
-        std::fs::write(&path, b"abc").unwrap();
         // FIPS 180-2, appendix B.1.
         assert_eq!(
-            sha256_hex(&path).unwrap(),
+            sha256_of(b"abc"),
             "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
         );
     }

@@ -694,7 +694,7 @@ mod tests {
         // ... and how they were made, with the time of both runs summed.
         let made = crate::nn::weights::Provenance::from_metadata(&meta);
         assert_eq!(made.steps, Some(4));
-        let wall = made.wall_hours.unwrap() * 3600.0;
+        let wall = made.wall_seconds.unwrap();
         assert!(
             (wall - rows[1].seconds).abs() <= 1.0,
             "{wall} s vs the log's {}",
@@ -702,7 +702,7 @@ mod tests {
         );
         assert!(wall >= rows[0].seconds.floor(), "{wall} s");
         if rows[1].cpu_seconds.is_finite() {
-            assert!(made.cpu_hours.is_some());
+            assert!(made.cpu_seconds.is_some());
         }
     }
 }

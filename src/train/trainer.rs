@@ -304,10 +304,8 @@ impl Trainer {
                 )));
             }
         }
-        let unet: crate::nn::loopnet::Config = meta
-            .get(weights::MODEL_CONFIG_KEY)
-            .and_then(|j| serde_json::from_str(j).ok())
-            .ok_or_else(|| bad("lacks a readable U-net configuration in its metadata".into()))?;
+        let unet: crate::nn::loopnet::Config = weights::architecture(source, &meta)?
+            .ok_or_else(|| bad("lacks the U-net's configuration in its metadata".into()))?;
         let target = &cfg.model.loopnet;
         if unet.channels != target.channels || unet.start != target.start {
             return Err(bad(format!(
@@ -316,7 +314,8 @@ impl Trainer {
                 unet.channels, unet.start, target.channels, target.start
             )));
         }
-        let step: u64 = meta.get(STEP_KEY).and_then(|s| s.parse().ok()).unwrap_or(0);
+        let made = weights::Provenance::from_metadata(&meta);
+        let step = made.steps.unwrap_or(0);
         let mut t = Trainer::new(ModelKind::Loopnet, cfg, device)?;
         let mut moments = HashMap::new();
         {
@@ -351,9 +350,8 @@ impl Trainer {
                 .map_err(|e| bad(format!("its Adam moments: {e}")))?;
         }
         t.step = step;
-        let number = |k: &str| meta.get(k).and_then(|v| v.parse::<f64>().ok());
-        if let Some(wall) = number(WALL_SECONDS_KEY) {
-            t.clock = Some((wall, number(CPU_SECONDS_KEY).unwrap_or(f64::NAN)));
+        if let Some(wall) = made.wall_seconds {
+            t.clock = Some((wall, made.cpu_seconds.unwrap_or(f64::NAN)));
         }
         let file = source.file_name().unwrap_or_default().to_string_lossy();
         t.grown_from = Some(format!(
