@@ -210,10 +210,12 @@ impl Method for Learned {
 
     /// Which weights, exactly (name, sha256), what architecture, and how they were trained.
     fn parameters(&self) -> serde_json::Value {
-        let architecture = self
-            .meta
-            .get(weights::MODEL_CONFIG_KEY)
-            .and_then(|j| serde_json::from_str::<serde_json::Value>(j).ok());
+        // Lenient: the sidecar records the architecture when it is readable (building the
+        // network reports it when it is not).
+        let architecture =
+            weights::architecture::<serde_json::Value>(&self.weights.label, &self.meta)
+                .ok()
+                .flatten();
         serde_json::json!({
             "Weights": self.weights.label.display().to_string(),
             "WeightsName": self.weights.name(),
