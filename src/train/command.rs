@@ -459,6 +459,18 @@ fn clock(seconds: f64) -> String {
 mod tests {
     use super::*;
 
+    /// The arguments as `chimap train ARGV` parses them, defaults included, so a new option
+    /// needs no edit here.
+    fn train_args(argv: &[&str]) -> TrainArgs {
+        #[derive(clap::Parser)]
+        struct Cli {
+            #[command(flatten)]
+            train: TrainArgs,
+        }
+        let argv = std::iter::once("train").chain(argv.iter().copied());
+        <Cli as clap::Parser>::try_parse_from(argv).unwrap().train
+    }
+
     #[test]
     fn log_rows_round_trip_and_clock_reads_well() {
         let r = Row {
@@ -507,20 +519,14 @@ mod tests {
                     data:\n  patch: 16\nmodel:\n  lpcnn:\n    channels: 4\n    blocks: 1\n";
         std::fs::write(&cfg_path, yaml).unwrap();
         let out = dir.path().join("run");
-        let args = TrainArgs {
-            model: Some(ModelKind::Lpcnn),
-            config: Some(cfg_path),
-            resume: None,
-            grow_from: None,
-            out: Some(out.clone()),
-            device: crate::nn::device::DeviceChoice::Cpu,
-            // Out of time after the first step.
-            time_budget: Some(1e-9),
-            cpu_budget: None,
-            anneal: false,
-            checkpoint_minutes: 5.0,
-            print_default_config: false,
-        };
+        // Out of time after the first step.
+        let args = train_args(&[
+            "--model=lpcnn",
+            &format!("--config={}", cfg_path.display()),
+            &format!("--out={}", out.display()),
+            "--device=cpu",
+            "--time-budget=1e-9",
+        ]);
         run(&args).unwrap();
         assert!(out.join(CHECKPOINT).is_file() && out.join(LATEST).is_file());
         assert!(!out.join(FINAL).exists());
@@ -582,17 +588,14 @@ mod tests {
                     data:\n  patch: 16\nmodel:\n  unet:\n    channels: [4, 8]\n    loops: 1\n";
         std::fs::write(&cfg_path, yaml).unwrap();
         let args = |out: &Path, anneal: bool, budget: Option<f64>| TrainArgs {
-            model: Some(ModelKind::Unet),
-            config: Some(cfg_path.clone()),
-            resume: None,
-            grow_from: None,
-            out: Some(out.to_path_buf()),
-            device: crate::nn::device::DeviceChoice::Cpu,
             time_budget: budget,
-            cpu_budget: None,
             anneal,
-            checkpoint_minutes: 5.0,
-            print_default_config: false,
+            ..train_args(&[
+                "--model=unet",
+                &format!("--config={}", cfg_path.display()),
+                &format!("--out={}", out.display()),
+                "--device=cpu",
+            ])
         };
         let err = run(&args(&dir.path().join("none"), true, None)).unwrap_err();
         assert!(err.to_string().contains("--time-budget"), "{err}");
@@ -655,19 +658,12 @@ mod tests {
                     data:\n  patch: 16\nmodel:\n  unet:\n    channels: [4, 8]\n    loops: 1\n    ghpa: false\n";
         std::fs::write(&cfg_path, yaml).unwrap();
         let out = dir.path().join("run");
-        let args = TrainArgs {
-            model: Some(ModelKind::Unet),
-            config: Some(cfg_path),
-            resume: None,
-            grow_from: None,
-            out: Some(out.clone()),
-            device: crate::nn::device::DeviceChoice::Cpu,
-            time_budget: None,
-            cpu_budget: None,
-            anneal: false,
-            checkpoint_minutes: 5.0,
-            print_default_config: false,
-        };
+        let args = train_args(&[
+            "--model=unet",
+            &format!("--config={}", cfg_path.display()),
+            &format!("--out={}", out.display()),
+            "--device=cpu",
+        ]);
         run(&args).unwrap();
         for f in [CHECKPOINT, FINAL, LOG, PLOT, "final.json", "config.yaml"] {
             assert!(out.join(f).is_file(), "{f}");
